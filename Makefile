@@ -1,0 +1,43 @@
+# relibra-verl: `make demo` runs the bundled simulation, `make test` runs the whole suite.
+# Both create .venv on first use with the real CPU stack of ../shared/cpu-stack.md.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.relibra-stack-v1
+export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
+export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
+export RAY_TMPDIR ?= /tmp/relibra-ray
+export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+
+.PHONY: demo test venv bench clean
+
+demo: $(STAMP)
+	$(VENV)/bin/relibra-verl simulate --trace bundled:esft_intent --trace bundled:esft_law \
+		--ep 16 --gpus-per-node 8 --replica-slots 2 --tokens-per-rank 1024
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+venv: $(STAMP)
+
+# Order matters (cpu-stack.md): torch first (the CPU wheel on disk), megatron-core with
+# --ignore-requires-python (its metadata says >=3.12, the wheel is cp311), verl in its own pip
+# command, and the project itself last with --no-deps so pip never swaps megatron-core for 0.16.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q "triton==3.7.1" "numpy<3" pytest hypothesis matplotlib
+	$(PIP) install -q --ignore-requires-python "megatron-core==0.19.2"
+	$(PIP) install -q "verl[verl-core]==0.9.1"
+	$(PIP) install -q "ray[default]"
+	$(PIP) install -q --no-deps -e .
+	$(PY) -c "import torch, triton, megatron.core, verl; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert triton.__version__ == '3.7.1', triton.__version__; assert megatron.core.__version__ == '0.19.2', megatron.core.__version__; assert verl.__version__ == '0.9.1', verl.__version__"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(VENV)/bin/relibra-verl bench-planner --preset qwen3-30b-a3b --ep 32 --gpus-per-node 8 \
+		--micro-batches 16 --replica-slots 2
+
+clean:
+	rm -rf $(VENV) .cache
