@@ -1,0 +1,91 @@
+"""`relibra-verl bench-planner`: time relibra's planner on synthetic loads of a real model's shape.
+
+The loads are skewed like real routing (a per-layer Zipf popularity, hottest expert several times the
+mean, per-rank Dirichlet noise) so the replication loop does the work it does in training; the figure
+is the planner's wall time on one CPU core (set OMP_NUM_THREADS=1 to pin it), whole batch and per
+(micro-batch, layer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from relibra_verl.errors import UsageError
+from relibra_verl.planner.relibra import plan_relibra
+from relibra_verl.planner.types import PlanError, Topology
+
+# (MoE layers, routed experts, top-k), from ../shared/reference/facts.md "Model shapes"
+PLANNER_SHAPES = {
+    "qwen3-30b-a3b": (48, 128, 8),
+    "qwen3-235b-a22b": (94, 128, 8),
+    "deepseek-v3": (58, 256, 8),
+    "deepseek-v2-lite": (26, 64, 6),
+}
+
+
+def synthetic_counts(layers: int, experts: int, topk: int, ep: int, micro_batches: int, tokens_per_rank: int,
+                     seed: int = 0) -> np.ndarray:
+    """Skewed loads [M, L, G, E]: per layer a shuffled Zipf(0.9) popularity, per (micro-batch, rank) a
+    Dirichlet draw around it (over-dispersion of long sequences), pairs = tokens_per_rank * topk."""
+    rng = np.random.default_rng(seed)
+    base = 1.0 / np.arange(1, experts + 1) ** 0.9
+    counts = np.empty((micro_batches, layers, ep, experts), dtype=np.int64)
+    for l in range(layers):
+        pop = rng.permutation(base / base.sum())
+        p = rng.dirichlet(pop * 200.0, size=(micro_batches, ep))
+        counts[:, l] = rng.multinomial(tokens_per_rank * topk, p / p.sum(-1, keepdims=True))
+    return counts
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench-planner", help="time the planner on synthetic loads of a model's shape",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PLANNER_SHAPES))
+    p.add_argument("--ep", type=int, default=32)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--micro-batches", type=int, default=16)
+    p.add_argument("--replica-slots", type=int, default=2)
+    p.add_argument("--tokens-per-rank", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
+    p.add_argument("--mode", default="both", choices=("both", "reorder", "replicate"))
+    p.add_argument("--json", default=None, metavar="PATH")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    L, E, K = PLANNER_SHAPES[args.preset]
+    try:
+        topo = Topology(E, args.ep, args.gpus_per_node, args.replica_slots)
+    except PlanError as exc:
+        raise UsageError(str(exc)) from None
+    counts = synthetic_counts(L, E, K, args.ep, args.micro_batches, args.tokens_per_rank)
+    plan_relibra(counts, topo, mode=args.mode)  # warm-up (imports, allocator)
+    times = []
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        plan = plan_relibra(counts, topo, mode=args.mode)
+        times.append(time.perf_counter() - t0)
+    whole_ms = float(np.median(times) * 1e3)
+    pairs = args.micro_batches * L
+    report = {
+        "preset": args.preset, "layers": L, "experts": E, "topk": K, "ep": args.ep,
+        "gpus_per_node": args.gpus_per_node, "micro_batches": args.micro_batches,
+        "replica_slots": args.replica_slots, "tokens_per_rank": args.tokens_per_rank, "mode": args.mode,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "whole_batch_ms": whole_ms, "per_layer_microbatch_us": whole_ms * 1e3 / pairs,
+        "runs_ms": [t * 1e3 for t in times],
+        "replicas_planned": int((plan.replica_expert >= 0).sum()),
+        "moved_experts": int(plan.moved_experts.sum()),
+    }
+    print(f"bench-planner {args.preset}: L={L} E={E} top-{K}, EP {args.ep} ({topo.num_nodes} nodes x {args.gpus_per_node}),"
+          f" {args.micro_batches} micro-batches, R={args.replica_slots}, mode={args.mode}")
+    print(f"  whole_batch_ms          {whole_ms:9.2f}   (median of {len(times)})")
+    print(f"  per_layer_microbatch_us {report['per_layer_microbatch_us']:9.2f}   ({pairs} (micro-batch, layer) pairs)")
+    print(f"  replicas planned {report['replicas_planned']}, experts moved {report['moved_experts']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

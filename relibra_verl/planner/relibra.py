@@ -1,0 +1,347 @@
+"""relibra's planner: per-batch expert reordering (placement) and per-micro-batch replication (quotas).
+
+Both are pure numpy functions of (counts, previous placement, config), vectorized over layers and
+micro-batches so a whole batch plans in milliseconds on one CPU core.
+
+Reorder (once per batch, crosses nodes): each expert's load is a vector over the batch's micro-batches;
+experts are packed heaviest first, each onto the node (then, inside the node, the rank) that adds least
+to the sum of squared per-micro-batch loads, i.e. that keeps every micro-batch balanced, not just the
+batch total. Node and rank labels are then matched to the previous placement so that as few experts as
+possible change rank; a layer whose previous placement is already within `keep_tolerance` of the new
+one keeps it (no moves).
+
+Replicate (per micro-batch and layer, inside each node): the most loaded rank sheds load of its
+hottest home expert to the least loaded rank of the same node that has a free replica slot and no copy
+of that expert, in the amount min(excess, deficit, what is left at home). Each source rank's pairs are
+then split over the copies: a replica holder's own pairs first (they never leave the GPU), the home
+rank's own pairs last (they are local at home), everything else in rank order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationConfig:
+    """Knobs of the replication planner.
+
+    min_replica_tokens: a replica must carry at least this many pairs (time-aware planning sets it to
+        the tokens that repay the replica's weight copy and small GEMM; see relibra_verl.sim).
+    max_copies_per_owner: cap on replicas one owner rank sends per micro-batch and layer (None: R*(g-1)).
+    tolerance: stop when the most loaded rank is within this fraction of its node's mean.
+    """
+
+    min_replica_tokens: int = 1
+    max_copies_per_owner: int | None = None
+    tolerance: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReorderConfig:
+    """keep_tolerance: keep the previous placement of a layer when the new one lowers its squared
+    per-micro-batch node-and-rank load imbalance by less than this fraction.
+    node_stickiness, rank_stickiness: an expert keeps its node (rank) when that costs at most this
+    fraction of its load times the mean node (rank) load in squared imbalance (see _pack_vectors); 0
+    ignores moves. Cross-node balance cannot be repaired per micro-batch (replicas stay inside a node),
+    imbalance inside a node can: so moves inside a node are worth less than the balance they buy.
+    max_moves_per_layer: a layer whose new placement would move more experts keeps its old one."""
+
+    keep_tolerance: float = 0.01
+    max_moves_per_layer: int | None = None
+    node_stickiness: float = 0.0
+    rank_stickiness: float = 1.0
+
+
+def _pack_vectors(weight: np.ndarray, num_bins: int, prev_bin: np.ndarray | None = None,
+                  stickiness: float = 0.0) -> np.ndarray:
+    """Greedy vector packing: items heaviest first, each into the bin (with room) that adds least to the
+    sum of squared bin loads over the vector's dimensions. Every bin takes n / num_bins items.
+
+    An item stays in its previous bin when that costs at most `stickiness` x (its load . the mean
+    bin load) more than the best bin: the price of balance we accept to avoid moving an expert.
+
+    weight: [P, n, D] nonnegative.  prev_bin: [P, n] (-1: none).  Returns bin_of_item [P, n].
+    """
+    P, n, D = weight.shape
+    per_bin = n // num_bins
+    order = np.argsort(-weight.sum(-1), axis=1, kind="stable")
+    mean_bin = weight.sum(1) / num_bins                                   # [P, D]
+    bin_load = np.zeros((P, num_bins, D), dtype=np.float64)
+    bin_items = np.zeros((P, num_bins), dtype=np.int64)
+    bin_of_item = np.empty((P, n), dtype=np.int64)
+    rows = np.arange(P)
+    for i in range(n):
+        item = order[:, i]
+        w = weight[rows, item]                                            # [P, D]
+        score = np.einsum("pbd,pd->pb", bin_load, w)                      # growth of sum of squares (halved)
+        score = np.where(bin_items < per_bin, score, np.inf)
+        b = np.argmin(score, axis=1)
+        if prev_bin is not None and stickiness > 0:
+            pb = prev_bin[rows, item]
+            slack = stickiness * np.einsum("pd,pd->p", w, mean_bin)
+            stay = (pb >= 0) & (score[rows, np.maximum(pb, 0)] <= score[rows, b] + slack)
+            b = np.where(stay, pb, b)
+        bin_of_item[rows, item] = b
+        bin_load[rows, b] += w
+        bin_items[rows, b] += 1
+    return bin_of_item
+
+
+def _match_labels(new_label: np.ndarray, old_label: np.ndarray, num_labels: int) -> np.ndarray:
+    """Rename new labels so they agree with old labels on as many items as possible (greedy matching).
+
+    new_label, old_label: [P, n] in [0, num_labels) (old may be -1: no preference).
+    Returns relabelled [P, n].
+    """
+    P, n = new_label.shape
+    overlap = np.zeros((P, num_labels, num_labels), dtype=np.int64)
+    valid = old_label >= 0
+    p_idx = np.broadcast_to(np.arange(P)[:, None], (P, n))
+    np.add.at(overlap, (p_idx[valid], new_label[valid], old_label[valid]), 1)
+    mapping = np.full((P, num_labels), -1, dtype=np.int64)
+    rows = np.arange(P)
+    work = overlap.astype(np.float64)
+    for _ in range(num_labels):
+        flat = np.argmax(work.reshape(P, -1), axis=1)
+        a, b = flat // num_labels, flat % num_labels
+        mapping[rows, a] = b
+        work[rows, a, :] = -1
+        work[rows, :, b] = -1
+    return np.take_along_axis(mapping, new_label, axis=1)
+
+
+def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None = None,
+                   config: ReorderConfig = ReorderConfig()) -> np.ndarray:
+    """A new placement for the batch from its exact loads: nodes first, then ranks inside each node.
+
+    counts: [M, L, G, E].  prev: [L, E] expert in each home slot (None: Megatron's identity).
+    Returns expert_at_home [L, E].
+    """
+    M, L, G, E = counts.shape
+    S, N, g = topo.S, topo.num_nodes, topo.ranks_per_node
+    prev = identity_placement(topo, L) if prev is None else np.asarray(prev, dtype=np.int64)
+    load = counts.sum(axis=2).transpose(1, 2, 0).astype(np.float64)   # [L, E, M]
+    node_ranks = topo.node_ranks()                                       # [N, g]
+    rank_node = np.asarray(topo.node_of_rank)
+    rank_pos = np.empty(G, dtype=np.int64)                               # position of a rank in its node
+    rank_pos[node_ranks.reshape(-1)] = np.tile(np.arange(g), N)
+
+    prev_home = np.empty_like(prev)
+    np.put_along_axis(prev_home, prev, np.broadcast_to(np.arange(E), (L, E)), axis=1)
+    prev_rank = prev_home // S                                           # [L, E]
+
+    # 1. experts -> nodes
+    if N > 1:
+        node_of = _pack_vectors(load, N, rank_node[prev_rank], config.node_stickiness)
+        node_of = _match_labels(node_of, rank_node[prev_rank], N)
+    else:
+        node_of = np.zeros((L, E), dtype=np.int64)
+
+    # 2. inside each node: its g*S experts -> its g ranks
+    members = np.argsort(node_of, axis=1, kind="stable").reshape(L, N, g * S)   # experts of each node
+    member_load = np.take_along_axis(load, members.reshape(L, N * g * S)[:, :, None], axis=1)
+    member_load = member_load.reshape(L * N, g * S, M)
+    old_rank = prev_rank.reshape(L, E)[np.arange(L)[:, None], members.reshape(L, -1)].reshape(L * N, g * S)
+    same_node = rank_node[old_rank] == np.repeat(np.arange(N)[None], L, 0).reshape(L * N, 1)
+    old_pos = np.where(same_node, rank_pos[old_rank], -1)
+    if g > 1:
+        pos_of = _pack_vectors(member_load, g, old_pos, config.rank_stickiness)
+        pos_of = _match_labels(pos_of, old_pos, g)
+    else:
+        pos_of = np.zeros((L * N, g * S), dtype=np.int64)
+    rank_of = node_ranks[np.repeat(np.tile(np.arange(N), L)[:, None], g * S, 1), pos_of]   # [L*N, g*S]
+
+    # 3. home slots: experts that stay on their rank keep their local slot, the rest fill the gaps
+    rank_of_expert = np.empty((L, E), dtype=np.int64)
+    np.put_along_axis(rank_of_expert, members.reshape(L, -1), rank_of.reshape(L, -1), axis=1)
+    new = _fill_slots(rank_of_expert, prev, prev_home, S)
+
+    # 4. keep the old placement where the new one is not clearly better (or moves too much)
+    moves = (rank_of_expert != prev_rank).sum(1)
+    keep = _placement_cost(load, prev, topo) <= _placement_cost(load, new, topo) * (1 + config.keep_tolerance)
+    if config.max_moves_per_layer is not None:
+        keep |= moves > config.max_moves_per_layer
+    return np.where(keep[:, None], prev, new)
+
+
+def _fill_slots(rank_of_expert: np.ndarray, prev: np.ndarray, prev_home: np.ndarray, S: int) -> np.ndarray:
+    """[L, E] target rank per expert -> [L, E] expert per home slot, keeping unmoved experts in place."""
+    L, E = rank_of_expert.shape
+    out = np.full((L, E), -1, dtype=np.int64)
+    stays = rank_of_expert == prev_home // S
+    for l in range(L):
+        out[l, prev_home[l, stays[l]]] = np.flatnonzero(stays[l])
+        movers = np.flatnonzero(~stays[l])
+        if len(movers):
+            free = np.flatnonzero(out[l] < 0)
+            # a rank's free slots take its incoming experts in ascending expert order
+            order = np.lexsort((movers, rank_of_expert[l, movers]))
+            out[l, free] = movers[order]
+    return out
+
+
+def _placement_cost(load: np.ndarray, expert_at_home: np.ndarray, topo: Topology) -> np.ndarray:
+    """[L] squared deviations from the mean of node loads plus those of rank loads, summed over
+    micro-batches (lower is better; 0 is perfect balance in every micro-batch)."""
+    L, E, M = load.shape
+    per_slot = np.take_along_axis(load, expert_at_home[:, :, None], axis=1)   # [L, E(slot), M]
+    rank_load = per_slot.reshape(L, topo.G, topo.S, M).sum(2)
+    node_load = np.zeros((L, topo.num_nodes, M))
+    np.add.at(node_load, (slice(None), np.asarray(topo.node_of_rank)), rank_load)
+    node_dev = node_load - node_load.mean(1, keepdims=True)
+    rank_dev = rank_load - rank_load.mean(1, keepdims=True)
+    return (node_dev ** 2).sum((1, 2)) + (rank_dev ** 2).sum((1, 2))
+
+
+def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
+                  config: ReplicationConfig = ReplicationConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Replicas and quotas for every (micro-batch, layer), inside each node.
+
+    counts: [M, L, G, E]; expert_at_home: [L, E].
+    Returns replica_expert [M, L, G, R] (-1 empty) and replica_quota [M, L, G, R, G_src].
+    """
+    M, L, G, E = counts.shape
+    S, R, N, g = topo.S, topo.R, topo.num_nodes, topo.ranks_per_node
+    replica_expert = np.full((M, L, G, R), -1, dtype=np.int64)
+    replica_quota = np.zeros((M, L, G, R, G), dtype=np.int64)
+    if R == 0 or g == 1:
+        return replica_expert, replica_quota
+    node_ranks = topo.node_ranks()                                       # [N, g]
+    total = counts.sum(axis=2)                                           # [M, L, E]
+    # home load of each node's home slots, [P = M*L*N, g, S]
+    slot_load = np.take_along_axis(total, np.broadcast_to(expert_at_home, (M, L, E)), axis=2)
+    slot_load = slot_load.reshape(M, L, G, S)[:, :, node_ranks]          # [M, L, N, g, S]
+    P = M * L * N
+    home = slot_load.reshape(P, g, S).astype(np.int64)
+    rank_load = home.sum(-1)
+    target = rank_load.mean(-1)                                          # [P] node mean
+    has_copy = np.zeros((P, g, g * S), dtype=bool)
+    has_copy[:, np.arange(g).repeat(S), np.arange(g * S)] = True
+    used = np.zeros((P, g), dtype=np.int64)
+    sent = np.zeros((P, g), dtype=np.int64)
+    cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
+    min_tokens = max(1, int(config.min_replica_tokens))
+    rows = np.arange(P)
+    active = np.ones(P, dtype=bool)
+    picks = []                                                           # (problems, donor, slot, recv, k, amount)
+    for _ in range(g * R):
+        donor = np.argmax(rank_load, axis=1)
+        excess = rank_load[rows, donor] - target
+        avail_slots = home[rows, donor]                                  # [P, S]
+        s_loc = np.argmax(avail_slots, axis=1)
+        avail = avail_slots[rows, s_loc]
+        x = donor * S + s_loc                                            # node-local expert index
+        free = (used < R) & ~has_copy[rows, :, x]
+        cand = np.where(free, rank_load, np.inf)
+        recv = np.argmin(cand, axis=1)
+        deficit = target - cand[rows, recv]                              # -inf: no receiver
+        with np.errstate(invalid="ignore"):
+            amount = np.floor(np.clip(np.minimum(np.minimum(excess, deficit), avail), -1, None)).astype(np.int64)
+        active &= (amount >= min_tokens) & (excess > config.tolerance * target) & (sent[rows, donor] < cap)
+        if not active.any():
+            break
+        p = rows[active]
+        d, sl, rv, a = donor[active], s_loc[active], recv[active], amount[active]
+        k = used[p, rv]
+        picks.append((p, d, sl, rv, k, a))
+        home[p, d, sl] -= a
+        rank_load[p, d] -= a
+        rank_load[p, rv] += a
+        used[p, rv] += 1
+        sent[p, d] += 1
+        has_copy[p, rv, d * S + sl] = True
+    if not picks:
+        return replica_expert, replica_quota
+    p, d, sl, rv, k, a = (np.concatenate(c) for c in zip(*picks))
+    m, rest = np.divmod(p, L * N)
+    l, n = np.divmod(rest, N)
+    donor_rank, holder = node_ranks[n, d], node_ranks[n, rv]
+    expert = expert_at_home[l, donor_rank * S + sl]
+    replica_expert[m, l, holder, k] = expert
+    replica_quota[m, l, holder, k] = _split_quota(counts[m, l, :, expert], holder, donor_rank, a, m, l, expert)
+    return replica_expert, replica_quota
+
+
+def _split_quota(src: np.ndarray, holder: np.ndarray, home_rank: np.ndarray, amount: np.ndarray,
+                 m: np.ndarray, l: np.ndarray, expert: np.ndarray) -> np.ndarray:
+    """Split each replica's amount over source ranks.
+
+    src: [K, G] pairs of each source rank for the replica's expert; holder, home_rank, amount: [K].
+    (m, l, expert) identify the expert so that replicas of one expert share its sources.
+    Returns quota [K, G] with quota.sum(1) == amount and, per expert, column sums <= src.
+    """
+    K, G = src.shape
+    rows = np.arange(K)
+    own = np.minimum(src[rows, holder], amount)
+    need = amount - own
+    # replicas of the same expert draw from one remaining pool: group them, holders' own pairs removed
+    key = (m * (l.max() + 1) + l) * (expert.max() + 1) + expert
+    order = np.lexsort((holder, key))
+    inv = np.empty(K, dtype=np.int64)
+    inv[order] = np.arange(K)
+    key_sorted = key[order]
+    group_start = np.r_[True, key_sorted[1:] != key_sorted[:-1]]
+    gid = np.cumsum(group_start) - 1
+    taken_self = np.bincount(gid * G + holder[order], weights=own[order], minlength=(gid[-1] + 1) * G)
+    # int32 halves the memory traffic of the [K, G] steps below (pair counts fit easily)
+    remaining = src[order].astype(np.int32) - taken_self.reshape(-1, G).astype(np.int32)[gid]
+    # source order: every rank but the home, ascending, then the home (its pairs are local at home)
+    col = np.arange(G)[None, :]
+    home_sorted = home_rank[order][:, None]
+    src_order = np.where(col == G - 1, home_sorted, col + (col >= home_sorted))
+    pool = np.take_along_axis(remaining, src_order, axis=1)
+    hi = np.cumsum(pool, axis=1)
+    lo = hi - pool
+    need_sorted = need[order].astype(np.int32)
+    csum = np.cumsum(need_sorted)
+    start_of_group = np.maximum.accumulate(np.where(group_start, np.arange(K), 0))
+    end = csum - (csum[start_of_group] - need_sorted[start_of_group])
+    begin = end - need_sorted
+    take = np.minimum(end[:, None], hi)
+    take -= np.maximum(begin[:, None], lo)
+    np.maximum(take, 0, out=take)
+    quota_sorted = np.zeros((K, G), dtype=np.int64)
+    np.put_along_axis(quota_sorted, src_order, take, axis=1)
+    quota_sorted[np.arange(K), holder[order]] += own[order]
+    return quota_sorted[inv]
+
+
+def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.ndarray | None = None,
+                 mode: str = "both", replication: ReplicationConfig = ReplicationConfig(),
+                 reorder: ReorderConfig = ReorderConfig()) -> BatchPlan:
+    """relibra's plan for one batch.
+
+    counts: [M, L, G, E] pairs per (micro-batch, layer, source rank, expert).
+    expert_at_home_prev: [L, E] the placement in force (None: Megatron's identity).
+    mode: "both" | "reorder" | "replicate".
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 4:
+        raise PlanError(f"counts must be [micro_batches, layers, ranks, experts], got shape {counts.shape}")
+    M, L, G, E = counts.shape
+    if (G, E) != (topo.G, topo.E):
+        raise PlanError(f"counts are for G={G}, E={E} but the topology has G={topo.G}, E={topo.E}")
+    if (counts < 0).any():
+        raise PlanError("counts must be nonnegative")
+    if mode not in ("both", "reorder", "replicate"):
+        raise PlanError(f"unknown mode {mode!r}; expected both, reorder or replicate")
+    prev = identity_placement(topo, L) if expert_at_home_prev is None else np.asarray(expert_at_home_prev, dtype=np.int64)
+    if prev.shape != (L, E):
+        raise PlanError(f"previous placement has shape {prev.shape}, expected {(L, E)}")
+    placement = plan_placement(counts, topo, prev, reorder) if mode in ("both", "reorder") else prev
+    if mode in ("both", "replicate"):
+        rep_e, rep_q = plan_replicas(counts, topo, placement, replication)
+    else:
+        rep_e = np.full((M, L, G, topo.R), -1, dtype=np.int64)
+        rep_q = np.zeros((M, L, G, topo.R, G), dtype=np.int64)
+    S = topo.S
+    prev_rank = np.empty_like(prev)
+    np.put_along_axis(prev_rank, prev, np.broadcast_to(np.arange(E) // S, (L, E)), axis=1)
+    new_rank = np.empty_like(placement)
+    np.put_along_axis(new_rank, placement, np.broadcast_to(np.arange(E) // S, (L, E)), axis=1)
+    moved = (prev_rank != new_rank).sum(1)
+    return BatchPlan(topo, placement, rep_e, rep_q, moved)

@@ -1,0 +1,153 @@
+"""The strategies compared by the simulator, behind one function and a registry.
+
+Every strategy turns one batch's loads into a `StrategyResult`: where each routed pair is computed and
+what that costs in traffic and weight movement, so imbalance and step time can be compared on the same
+data with the same cost model.
+
+  megatron           identity placement, no replicas
+  eplb-history       DeepSeek EPLB on the previous batch's loads, G*R redundant experts
+  eplb-oracle        DeepSeek EPLB on this batch's loads, G*R redundant experts
+  relibra-reorder    relibra's per-batch placement, no replicas
+  relibra-replicate  identity placement, relibra's per-micro-batch replicas
+  relibra            both
+  ideal              every rank computes the mean load, traffic spread evenly
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from relibra_verl.planner.eplb import rebalance_experts
+from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig, plan_relibra
+from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
+
+STRATEGIES = ("megatron", "eplb-history", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra", "ideal")
+
+
+@dataclasses.dataclass
+class StrategyResult:
+    """What a strategy does with one batch.
+
+    rank_tokens:   [M, L, G] routed pairs computed on each rank.
+    traffic:       [M, L, G_src, G_dst] pairs sent from the rank holding the token to the computing rank
+                   (diagonal = pairs that stay on their GPU).
+    replicas:      [M, L, G] replica expert weights each rank receives for this micro-batch.
+    redundant:     [L, G] EPLB redundant copies held for the whole batch (their grads are reduced once).
+    moved_experts: [L] experts (or EPLB physical slots) whose content changed since the previous batch.
+    placement:     [L, P] the expert in each home (or EPLB physical) slot; carried into the next batch.
+    plan_ms:       planner wall time for the batch.
+    plan:          the BatchPlan (relibra strategies), else None.
+    """
+
+    name: str
+    rank_tokens: np.ndarray
+    traffic: np.ndarray
+    replicas: np.ndarray
+    redundant: np.ndarray
+    moved_experts: np.ndarray
+    placement: np.ndarray
+    plan_ms: float
+    plan: BatchPlan | None = None
+
+    def imbalance(self) -> np.ndarray:
+        """[M, L] max over ranks / mean over ranks (1.0 for empty pairs)."""
+        mean = self.rank_tokens.mean(-1)
+        peak = self.rank_tokens.max(-1)
+        return np.where(mean > 0, peak / np.where(mean > 0, mean, 1), 1.0)
+
+
+def plan_outcome(plan: BatchPlan, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where a relibra plan computes every pair.
+
+    counts: [M, L, G, E].  Returns rank_tokens [M, L, G] and traffic [M, L, G_src, G_dst].
+    """
+    t = plan.topo
+    M, L, G, E = counts.shape
+    home_rank = plan.home_of_expert() // t.S                                  # [L, E]
+    onehot = np.zeros((L, E, G))
+    np.put_along_axis(onehot, home_rank[:, :, None], 1.0, axis=2)
+    traffic = np.einsum("mlre,leg->mlrg", counts.astype(np.float64), onehot)
+    rep = plan.replica_expert
+    m_i, l_i, r_i, k_i = np.nonzero(rep >= 0)
+    if len(m_i):
+        q = plan.replica_quota[m_i, l_i, r_i, k_i].astype(np.float64)        # [K, G_src]
+        h_i = home_rank[l_i, rep[m_i, l_i, r_i, k_i]]
+        src = np.arange(G)
+        np.add.at(traffic, (m_i[:, None], l_i[:, None], src[None, :], h_i[:, None]), -q)
+        np.add.at(traffic, (m_i[:, None], l_i[:, None], src[None, :], r_i[:, None]), q)
+    return traffic.sum(2), traffic
+
+
+def _relibra(counts, topo, mode, prev, replication, reorder) -> StrategyResult:
+    t0 = time.perf_counter()
+    plan = plan_relibra(counts, topo, prev, mode=mode, replication=replication, reorder=reorder)
+    ms = (time.perf_counter() - t0) * 1e3
+    rank_tokens, traffic = plan_outcome(plan, counts)
+    replicas = (plan.replica_expert >= 0).sum(-1)
+    M, L, G, _ = counts.shape
+    return StrategyResult("", rank_tokens, traffic, replicas, np.zeros((L, G), np.int64), plan.moved_experts,
+                          plan.expert_at_home, ms, plan)
+
+
+def _eplb(counts, topo, weight, prev_phy2log, num_groups) -> StrategyResult:
+    M, L, G, E = counts.shape
+    t0 = time.perf_counter()
+    phy2log, _, logcnt = rebalance_experts(weight, E + G * topo.R, num_groups, topo.num_nodes, G)
+    ms = (time.perf_counter() - t0) * 1e3
+    share = counts.astype(np.float64) / np.take_along_axis(logcnt, np.arange(E)[None], 1)[None, :, None, :]
+    per_phy = np.take_along_axis(share, np.broadcast_to(phy2log[None, :, None, :], (M, L, G, phy2log.shape[1])), axis=3)
+    traffic = per_phy.reshape(M, L, G, G, topo.S + topo.R).sum(-1)          # [m, l, src, dst]
+    redundant = np.full((L, G), topo.R, dtype=np.int64)
+    moved = (phy2log != prev_phy2log).sum(1) if prev_phy2log is not None and prev_phy2log.shape == phy2log.shape \
+        else _eplb_moves_from_identity(phy2log, topo)
+    return StrategyResult("", traffic.sum(2), traffic, np.zeros((M, L, G), np.int64), redundant, moved, phy2log, ms)
+
+
+def _eplb_moves_from_identity(phy2log: np.ndarray, topo: Topology) -> np.ndarray:
+    """[L] physical slots whose expert differs from Megatron's layout (home slots: identity, spares: empty)."""
+    S, R = topo.S, topo.R
+    identity = np.full(phy2log.shape[1], -1)
+    slots = np.arange(phy2log.shape[1]).reshape(topo.G, S + R)[:, :S].reshape(-1)
+    identity[slots] = np.arange(topo.E)
+    return (phy2log != identity[None]).sum(1)
+
+
+def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: np.ndarray | None = None,
+                 prev_placement: np.ndarray | None = None, num_groups: int = 1,
+                 replication: ReplicationConfig = ReplicationConfig(),
+                 reorder: ReorderConfig = ReorderConfig()) -> StrategyResult:
+    """Apply strategy `name` to one batch.
+
+    counts: [M, L, G, E] this batch's loads.  history_counts: [M', L, G, E] the previous batch's loads
+    (eplb-history; None: no history yet, EPLB then sees uniform loads).  prev_placement: the `placement`
+    of this strategy's result for the previous batch (None: Megatron's layout).  num_groups: the model's
+    expert groups (EPLB's hierarchical mode needs groups divisible by nodes).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    M, L, G, E = counts.shape
+    if name == "megatron":
+        res = _relibra(counts, dataclasses.replace(topo, replica_slots=0), "replicate", None, replication, reorder)
+    elif name == "ideal":
+        total = counts.sum(axis=(2, 3)).astype(np.float64)                    # [M, L]
+        rank_tokens = np.repeat((total / G)[:, :, None], G, axis=2)
+        traffic = np.repeat((counts.sum(-1) / G)[:, :, :, None].astype(np.float64), G, axis=3)
+        res = StrategyResult("", rank_tokens, traffic, np.zeros((M, L, G), np.int64), np.zeros((L, G), np.int64),
+                             np.zeros(L, np.int64), identity_placement(topo, L), 0.0)
+    elif name in ("eplb-oracle", "eplb-history"):
+        if name == "eplb-oracle":
+            weight = counts.sum(axis=(0, 2))
+        elif history_counts is None:
+            weight = np.ones((L, E))
+        else:
+            weight = np.asarray(history_counts).sum(axis=(0, 2))
+        res = _eplb(counts, topo, weight, prev_placement, num_groups)
+    elif name in ("relibra", "relibra-reorder", "relibra-replicate"):
+        mode = {"relibra": "both", "relibra-reorder": "reorder", "relibra-replicate": "replicate"}[name]
+        prev = prev_placement if mode != "replicate" else None
+        res = _relibra(counts, topo, mode, prev, replication, reorder)
+    else:
+        raise PlanError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    res.name = name
+    return res
