@@ -1,0 +1,88 @@
+"""The `relibra-verl simulate` and `bench-planner` commands, end to end, and their bad-input exits."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+CLI = [sys.executable, "-m", "relibra_verl.cli"]
+BOTH = ["--trace", "bundled:esft_intent", "--trace", "bundled:esft_law"]
+
+
+def run_cli(*args):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_simulate_on_bundled_traces_one_node(tmp_path):
+    out = tmp_path / "r.json"
+    p = run_cli("simulate", *BOTH, "--ep", "8", "--gpus-per-node", "8", "--replica-slots", "2",
+                "--tokens-per-rank", "1024", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["ep"] == 8 and report["config"]["nodes"] == 1
+    s = report["strategies"]
+    assert set(s) == {"megatron", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra", "ideal"}
+    for name, v in s.items():
+        assert v["imbalance"]["p50"] <= v["imbalance"]["p95"] <= v["imbalance"]["max"], name
+    assert s["ideal"]["imbalance"]["max"] == pytest.approx(1.0)
+    assert s["megatron"]["imbalance"]["p50"] > 1.2            # real routing is skewed
+    for q in ("p50", "p95", "max"):                             # relibra at or below EPLB with oracle loads
+        assert s["relibra"]["imbalance"][q] <= s["eplb-oracle"]["imbalance"][q]
+    assert s["relibra"]["imbalance"]["p50"] <= 1.02
+    assert "relibra" in p.stdout and "p95" in p.stdout
+
+
+def test_simulate_resampled_steps_has_history(tmp_path):
+    out = tmp_path / "r.json"
+    p = run_cli("simulate", *BOTH, "--ep", "16", "--gpus-per-node", "8", "--tokens-per-rank", "512",
+                "--resample", "120", "--steps", "2", "--strategies", "megatron,eplb-history,relibra",
+                "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    s = json.loads(out.read_text())["strategies"]
+    assert list(s) == ["megatron", "eplb-history", "relibra"]
+    assert s["relibra"]["imbalance"]["p50"] < s["eplb-history"]["imbalance"]["p50"]
+
+
+def _bad_npz(tmp_path, **arrays):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: _bad_npz(d, expert_ids=np.full((4, 2, 2), 99, np.int16) + np.arange(2), seq_offsets=np.array([0, 4]),
+                        meta=np.array('{"num_experts": 64}')), ["expert_ids", "outside"]),
+    (lambda d: _bad_npz(d, expert_ids=np.zeros((4, 2), np.int16), seq_offsets=np.array([0, 4])), ["expert_ids", "3-D"]),
+    (lambda d: _bad_npz(d, expert_ids=np.arange(16).reshape(4, 2, 2), seq_offsets=np.array([0, 3])), ["seq_offsets", "token count"]),
+    (lambda d: str(d / "missing.npz"), ["missing.npz", "no such trace file"]),
+])
+def test_bad_trace_exits_2_with_one_line(tmp_path, make, words):
+    path = make(tmp_path)
+    p = run_cli("simulate", "--trace", path, "--ep", "2", "--gpus-per-node", "2", "--tokens-per-rank", "64")
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr
+    assert path in lines[0] and all(w in lines[0] for w in words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ep", "3", "--gpus-per-node", "3"], ["not divisible by the EP size 3"]),
+    (["--ep", "4", "--gpus-per-node", "4", "--strategies", "magic"], ["unknown strategy magic"]),
+    (["--ep", "4", "--gpus-per-node", "4", "--tokens-per-rank", "100"], ["longer than", "sequence"]),
+])
+def test_bad_flags_exit_2(args, words):
+    base = ["--tokens-per-rank", "1024"] if "--tokens-per-rank" not in args else []
+    p = run_cli("simulate", "--trace", "bundled:esft_law", *base, *args)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and all(w in p.stderr for w in words)
+
+
+def test_bench_planner_reports_timings(tmp_path):
+    out = tmp_path / "b.json"
+    p = run_cli("bench-planner", "--preset", "deepseek-v2-lite", "--ep", "16", "--gpus-per-node", "8",
+                "--micro-batches", "4", "--replica-slots", "2", "--repeats", "1", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["whole_batch_ms"] > 0 and r["replicas_planned"] > 0
+    assert r["per_layer_microbatch_us"] == pytest.approx(r["whole_batch_ms"] * 1e3 / (4 * 26))

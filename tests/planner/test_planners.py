@@ -1,0 +1,224 @@
+"""Planners: EPLB reference vector, invariants 1-3 for every strategy, adversarial loads, bad input."""
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relibra_verl.planner.eplb import rebalance_experts
+from relibra_verl.planner.relibra import ReplicationConfig, plan_relibra, plan_replicas
+from relibra_verl.planner.strategies import STRATEGIES, plan_outcome, run_strategy
+from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
+from relibra_verl.planner.validate import check_deterministic, validate_plan
+
+# ../shared/reference/facts.md: the DeepSeek EPLB README example (also vLLM's test_eplb_algo.py)
+EPLB_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+EPLB_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+EPLB_LOGCNT = [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+
+
+def test_eplb_reproduces_reference_vector():
+    phy2log, log2phy, logcnt = rebalance_experts(np.array(EPLB_WEIGHT), 16, 4, 2, 8)
+    assert phy2log.tolist() == EPLB_PHY2LOG
+    assert logcnt.tolist() == EPLB_LOGCNT
+    for l in range(2):
+        for e in range(12):
+            copies = log2phy[l, e][log2phy[l, e] >= 0]
+            assert len(copies) == logcnt[l, e] and (phy2log[l, copies] == e).all()
+
+
+@pytest.mark.parametrize("groups, nodes", [(4, 2), (1, 2), (3, 2)])  # hierarchical, global, global (3 % 2)
+def test_eplb_properties(groups, nodes):
+    w = np.random.default_rng(0).integers(0, 1000, size=(3, 12))
+    phy2log, _, logcnt = rebalance_experts(w, 24, groups, nodes, 8)
+    for l in range(3):
+        assert np.array_equal(np.bincount(phy2log[l], minlength=12), logcnt[l])
+        assert logcnt[l].min() >= 1
+    # more copies go to heavier experts: the max load per copy is no worse than with no redundancy
+    assert (w / logcnt).max() <= w.max()
+
+
+def counts_strategy(max_g=8):
+    @st.composite
+    def build(draw):
+        nodes = draw(st.integers(1, 3))
+        g = draw(st.sampled_from([1, 2, 4]))
+        G = nodes * g
+        S = draw(st.integers(1, 3))
+        E = G * S
+        R = draw(st.integers(0, 3))
+        M = draw(st.integers(1, 3))
+        L = draw(st.integers(1, 3))
+        kind = draw(st.sampled_from(["random", "one_expert", "empty", "zipf", "empty_rank"]))
+        seed = draw(st.integers(0, 2 ** 16))
+        rng = np.random.default_rng(seed)
+        if kind == "random":
+            c = rng.integers(0, 50, size=(M, L, G, E))
+        elif kind == "one_expert":
+            c = np.zeros((M, L, G, E), dtype=np.int64)
+            c[..., rng.integers(E)] = rng.integers(1, 500)
+        elif kind == "empty":
+            c = np.zeros((M, L, G, E), dtype=np.int64)
+        elif kind == "empty_rank":
+            c = rng.integers(0, 100, size=(M, L, G, E))
+            c[:, :, rng.integers(G)] = 0
+            c[rng.integers(M)] = 0
+        else:
+            p = 1.0 / np.arange(1, E + 1) ** 1.5
+            c = rng.multinomial(200, rng.permutation(p / p.sum()), size=(M, L, G))
+        return Topology(E, G, g, R), c.astype(np.int64)
+    return build()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(counts_strategy())
+def test_every_planner_keeps_invariants(case):
+    topo, counts = case
+    M, L, G, E = counts.shape
+    for name in STRATEGIES:
+        res = run_strategy(name, counts, topo, history_counts=counts[::-1])
+        # invariant 1: every routed pair is computed exactly once
+        np.testing.assert_allclose(res.rank_tokens.sum(-1), counts.sum((2, 3)))
+        np.testing.assert_allclose(res.traffic.sum(-1), counts.sum(-1))
+        assert (res.traffic >= -1e-9).all()
+        if res.plan is not None:
+            validate_plan(res.plan, counts)
+            check_deterministic(lambda: run_strategy(name, counts, topo).plan)
+    base = run_strategy("megatron", counts, topo).rank_tokens.max(-1)
+    # replication only ever moves load off the busiest rank of a node: never raises the peak
+    rep = run_strategy("relibra-replicate", counts, topo).rank_tokens.max(-1)
+    assert (rep <= base).all()
+
+
+def test_replication_balances_one_node_exactly_enough():
+    rng = np.random.default_rng(0)
+    p = 1.0 / np.arange(1, 65) ** 1.2
+    counts = rng.multinomial(8192 * 6, rng.permutation(p / p.sum()), size=(4, 5, 8))
+    topo = Topology(64, 8, 8, 2)
+    res = run_strategy("relibra-replicate", counts, topo)
+    before = run_strategy("megatron", counts, topo).imbalance()
+    assert np.median(before) > 1.2
+    assert res.imbalance().max() < 1.01
+
+
+def test_all_tokens_on_one_expert_spread_over_the_node():
+    counts = np.zeros((1, 1, 4, 8), dtype=np.int64)
+    counts[0, 0, :, 5] = 1000                       # every rank sends everything to expert 5 (home rank 2)
+    topo = Topology(8, 4, 4, 1)
+    plan = plan_relibra(counts, topo, mode="replicate")
+    validate_plan(plan, counts)
+    tokens, traffic = plan_outcome(plan, counts)
+    assert tokens[0, 0].tolist() == [1000, 1000, 1000, 1000]
+    # each replica holder computes its own pairs locally first
+    for r in (0, 1, 3):
+        assert traffic[0, 0, r, r] == 1000
+
+
+def test_replicas_stay_on_the_home_node():
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 10, size=(2, 3, 8, 16))
+    counts[:, :, :, 3] += 500
+    topo = Topology(16, 8, 4, 2)
+    plan = plan_relibra(counts, topo, mode="both")
+    validate_plan(plan, counts)
+    nodes = np.asarray(topo.node_of_rank)
+    home_rank = plan.home_of_expert() // topo.S
+    m, l, r, k = np.nonzero(plan.replica_expert >= 0)
+    assert len(m) > 0
+    assert (nodes[r] == nodes[home_rank[l, plan.replica_expert[m, l, r, k]]]).all()
+
+
+def test_min_replica_tokens_and_owner_cap():
+    rng = np.random.default_rng(2)
+    counts = rng.integers(0, 40, size=(2, 4, 8, 32))
+    counts[..., 0] += 300
+    topo = Topology(32, 8, 8, 3)
+    free = plan_relibra(counts, topo, mode="replicate")
+    q = free.replica_quota.sum(-1)
+    assert q[free.replica_expert >= 0].min() < 200
+    strict = plan_relibra(counts, topo, mode="replicate", replication=ReplicationConfig(min_replica_tokens=200))
+    assert strict.replica_quota.sum(-1)[strict.replica_expert >= 0].min() >= 200
+    capped = plan_relibra(counts, topo, mode="replicate", replication=ReplicationConfig(max_copies_per_owner=1))
+    home_rank = capped.home_of_expert() // topo.S
+    m, l, r, k = np.nonzero(capped.replica_expert >= 0)
+    owners = home_rank[l, capped.replica_expert[m, l, r, k]]
+    _, per_owner = np.unique(np.stack([m, l, owners]), axis=1, return_counts=True)
+    assert per_owner.max() == 1
+
+
+def test_reorder_balances_nodes_and_prefers_few_moves():
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 20, size=(4, 6, 16, 64))
+    counts[:, :, :, :8] += 200                          # experts 0-7 are hot and all homed on node 0
+    topo = Topology(64, 16, 8, 0)
+    plan = plan_relibra(counts, topo, mode="reorder")
+    validate_plan(plan, counts)
+    before = run_strategy("megatron", counts, topo).imbalance()
+    after = run_strategy("relibra-reorder", counts, topo).imbalance()
+    assert after.mean() < before.mean() - 0.2
+    again = plan_relibra(counts, topo, plan.expert_at_home, mode="reorder")
+    assert again.moved_experts.sum() == 0              # the same loads need no further moves
+
+
+def test_copy_tables_follow_the_plan():
+    counts = np.zeros((1, 1, 4, 8), dtype=np.int64)
+    counts[0, 0, :, 1] = [30, 30, 30, 30]
+    topo = Topology(8, 4, 4, 2)
+    plan = plan_relibra(counts, topo, mode="replicate")
+    for src in range(4):
+        slots, quota = plan.copy_tables(0, 0, src)
+        assert slots[1, 0] == 1                          # home of expert 1: rank 0, slot 1 of (S+R) = 4
+        assert quota[1, 0] == 0 and quota[1].sum() <= 30
+        assert (slots[quota > 0] >= 0).all()
+        assert np.array_equal(slots[:, 0], [0, 1, 4, 5, 8, 9, 12, 13])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_experts=10, ep_size=4, gpus_per_node=2), "not divisible by the EP size"),
+    (dict(num_experts=8, ep_size=6, gpus_per_node=4), "not divisible by the EP size"),
+    (dict(num_experts=12, ep_size=6, gpus_per_node=4), "not a multiple of gpus_per_node"),
+    (dict(num_experts=8, ep_size=0, gpus_per_node=1), "G >= 1"),
+])
+def test_bad_topologies(kwargs, message):
+    with pytest.raises(PlanError, match=message):
+        Topology(**kwargs)
+
+
+def test_bad_counts_and_plans_are_named():
+    topo = Topology(8, 4, 2, 1)
+    with pytest.raises(PlanError, match="counts are for G=2, E=8"):
+        plan_relibra(np.zeros((1, 1, 2, 8)), topo)
+    with pytest.raises(PlanError, match="must be \\[micro_batches"):
+        plan_relibra(np.zeros((1, 4, 8)), topo)
+    counts = np.random.default_rng(0).integers(0, 100, size=(1, 2, 4, 8))
+    counts[..., 0] += 900
+    plan = plan_relibra(counts, topo)
+    m, l, r, k = [int(x[0]) for x in np.nonzero(plan.replica_expert >= 0)]
+    e = int(plan.replica_expert[m, l, r, k])
+    off_node = dataclasses.replace(plan, replica_expert=plan.replica_expert.copy())
+    other = [x for x in range(4) if topo.node_of_rank[x] != topo.node_of_rank[r]][0]
+    off_node.replica_expert[m, l, other, 0] = e
+    off_node.replica_expert[m, l, r, k] = -1
+    with pytest.raises(PlanError, match="invariant 2 violated: replica of expert"):
+        validate_plan(off_node, counts)
+    greedy = dataclasses.replace(plan, replica_quota=plan.replica_quota * 5)
+    with pytest.raises(PlanError, match="invariant 1 violated"):
+        validate_plan(greedy, counts)
+    broken = dataclasses.replace(plan, expert_at_home=np.zeros_like(plan.expert_at_home))
+    with pytest.raises(PlanError, match="invariant 2 violated: placement of layer 0"):
+        validate_plan(broken, counts)
+    flaky = iter([plan, dataclasses.replace(plan, replica_quota=plan.replica_quota + 1)])
+    with pytest.raises(PlanError, match="invariant 3 violated"):
+        check_deterministic(lambda: next(flaky))
+
+
+def test_degenerate_topologies():
+    counts = np.random.default_rng(0).integers(0, 50, size=(2, 2, 1, 4))
+    for name in STRATEGIES:                              # G = 1: nothing to balance, nothing breaks
+        res = run_strategy(name, counts, Topology(4, 1, 1, 2))
+        assert np.allclose(res.imbalance(), 1.0)
+    plan = plan_relibra(np.zeros((2, 2, 4, 8), dtype=np.int64), Topology(8, 4, 4, 0))
+    assert (plan.replica_expert == -1).all() and plan.replica_expert.shape[-1] == 0
