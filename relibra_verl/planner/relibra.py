@@ -47,13 +47,14 @@ class ReorderConfig:
     node_stickiness, rank_stickiness: an expert keeps its node (rank) when that costs at most this
     fraction of its load times the mean node (rank) load in squared imbalance (see _pack_vectors); 0
     ignores moves. Cross-node balance cannot be repaired per micro-batch (replicas stay inside a node),
-    imbalance inside a node can: so moves inside a node are worth less than the balance they buy.
+    imbalance inside a node can: so when replicas follow (mode "both") moves inside a node are worth less
+    than the balance they buy, and rank_stickiness=None means 1.0 there and 0.0 for reorder alone.
     max_moves_per_layer: a layer whose new placement would move more experts keeps its old one."""
 
     keep_tolerance: float = 0.01
     max_moves_per_layer: int | None = None
     node_stickiness: float = 0.0
-    rank_stickiness: float = 1.0
+    rank_stickiness: float | None = None
 
 
 def _pack_vectors(weight: np.ndarray, num_bins: int, prev_bin: np.ndarray | None = None,
@@ -228,19 +229,25 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     rows = np.arange(P)
     active = np.ones(P, dtype=bool)
     picks = []                                                           # (problems, donor, slot, recv, k, amount)
+    slot_ids = np.arange(S)
     for _ in range(g * R):
         donor = np.argmax(rank_load, axis=1)
         excess = rank_load[rows, donor] - target
-        avail_slots = home[rows, donor]                                  # [P, S]
-        s_loc = np.argmax(avail_slots, axis=1)
-        avail = avail_slots[rows, s_loc]
-        x = donor * S + s_loc                                            # node-local expert index
-        free = (used < R) & ~has_copy[rows, :, x]
-        cand = np.where(free, rank_load, np.inf)
-        recv = np.argmin(cand, axis=1)
-        deficit = target - cand[rows, recv]                              # -inf: no receiver
+        avail = home[rows, donor].astype(np.float64)                     # [P, S] left at home
+        x_all = donor[:, None] * S + slot_ids[None, :]                   # [P, S] node-local expert ids
+        # receiver r may take expert x: a free slot and no copy of x yet (never the donor: it has one)
+        ok = (used < R)[:, None, :] & ~has_copy[rows[:, None], :, x_all]  # [P, S, g]
+        deficit = np.where(ok, (target[:, None] - rank_load)[:, None, :], -np.inf)
+        # a receiver's last free slot takes as much as fills it, even if the donor then drops below the
+        # mean: the donor has free slots of its own to be refilled, the receiver would have none
+        last_slot = (used == R - 1)[:, None, :]
+        limit = np.where(last_slot, np.inf, excess[:, None, None])
+        # the largest single move: fewest replicas for the same balance
+        amount_all = np.minimum(np.minimum(deficit, avail[:, :, None]), limit)
+        best = np.argmax(amount_all.reshape(P, S * g), axis=1)
+        s_loc, recv = np.divmod(best, g)
         with np.errstate(invalid="ignore"):
-            amount = np.floor(np.clip(np.minimum(np.minimum(excess, deficit), avail), -1, None)).astype(np.int64)
+            amount = np.floor(np.clip(amount_all[rows, s_loc, recv], -1, None)).astype(np.int64)
         active &= (amount >= min_tokens) & (excess > config.tolerance * target) & (sent[rows, donor] < cap)
         if not active.any():
             break
@@ -332,6 +339,8 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     prev = identity_placement(topo, L) if expert_at_home_prev is None else np.asarray(expert_at_home_prev, dtype=np.int64)
     if prev.shape != (L, E):
         raise PlanError(f"previous placement has shape {prev.shape}, expected {(L, E)}")
+    if reorder.rank_stickiness is None:
+        reorder = dataclasses.replace(reorder, rank_stickiness=1.0 if mode == "both" and topo.R > 0 else 0.0)
     placement = plan_placement(counts, topo, prev, reorder) if mode in ("both", "reorder") else prev
     if mode in ("both", "replicate"):
         rep_e, rep_q = plan_replicas(counts, topo, placement, replication)
