@@ -226,33 +226,34 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     sent = np.zeros((P, g), dtype=np.int64)
     cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
     min_tokens = max(1, int(config.min_replica_tokens))
-    rows = np.arange(P)
-    active = np.ones(P, dtype=bool)
     picks = []                                                           # (problems, donor, slot, recv, k, amount)
     slot_ids = np.arange(S)
+    live = np.arange(P)                                                  # problems still improving
     for _ in range(g * R):
-        donor = np.argmax(rank_load, axis=1)
-        excess = rank_load[rows, donor] - target
-        avail = home[rows, donor].astype(np.float64)                     # [P, S] left at home
-        x_all = donor[:, None] * S + slot_ids[None, :]                   # [P, S] node-local expert ids
+        n_live = len(live)
+        sub = np.arange(n_live)
+        load_l, used_l = rank_load[live], used[live]
+        donor = np.argmax(load_l, axis=1)
+        excess = load_l[sub, donor] - target[live]
+        avail = home[live, donor].astype(np.float64)                     # [P', S] left at home
+        x_all = donor[:, None] * S + slot_ids[None, :]                   # [P', S] node-local expert ids
         # receiver r may take expert x: a free slot and no copy of x yet (never the donor: it has one)
-        ok = (used < R)[:, None, :] & ~has_copy[rows[:, None], :, x_all]  # [P, S, g]
-        deficit = np.where(ok, (target[:, None] - rank_load)[:, None, :], -np.inf)
+        ok = (used_l < R)[:, None, :] & ~has_copy[live[:, None], :, x_all]  # [P', S, g]
+        deficit = np.where(ok, (target[live, None] - load_l)[:, None, :], -np.inf)
         # a receiver's last free slot takes as much as fills it, even if the donor then drops below the
         # mean: the donor has free slots of its own to be refilled, the receiver would have none
-        last_slot = (used == R - 1)[:, None, :]
-        limit = np.where(last_slot, np.inf, excess[:, None, None])
+        limit = np.where((used_l == R - 1)[:, None, :], np.inf, excess[:, None, None])
         # the largest single move: fewest replicas for the same balance
         amount_all = np.minimum(np.minimum(deficit, avail[:, :, None]), limit)
-        best = np.argmax(amount_all.reshape(P, S * g), axis=1)
+        best = np.argmax(amount_all.reshape(n_live, S * g), axis=1)
         s_loc, recv = np.divmod(best, g)
         with np.errstate(invalid="ignore"):
-            amount = np.floor(np.clip(amount_all[rows, s_loc, recv], -1, None)).astype(np.int64)
-        active &= (amount >= min_tokens) & (excess > config.tolerance * target) & (sent[rows, donor] < cap)
-        if not active.any():
+            amount = np.floor(np.clip(amount_all[sub, s_loc, recv], -1, None)).astype(np.int64)
+        go = (amount >= min_tokens) & (excess > config.tolerance * target[live]) & (sent[live, donor] < cap)
+        if not go.any():
             break
-        p = rows[active]
-        d, sl, rv, a = donor[active], s_loc[active], recv[active], amount[active]
+        p = live[go]
+        d, sl, rv, a = donor[go], s_loc[go], recv[go], amount[go]
         k = used[p, rv]
         picks.append((p, d, sl, rv, k, a))
         home[p, d, sl] -= a
@@ -261,6 +262,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         used[p, rv] += 1
         sent[p, d] += 1
         has_copy[p, rv, d * S + sl] = True
+        live = p
     if not picks:
         return replica_expert, replica_quota
     p, d, sl, rv, k, a = (np.concatenate(c) for c in zip(*picks))
