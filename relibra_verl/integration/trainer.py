@@ -1,0 +1,309 @@
+"""relibra in verl's Megatron actor engine: loads -> one all-gather -> plan -> layers, per mini-batch.
+
+One `RelibraTrainer` lives on the actor's `MegatronEngine` (`engine._relibra`); the ref engine has none
+and runs natively. The verl patches (relibra_verl/patches/verl_engine.py) call, per mini-batch:
+
+  begin(engine, data, forward_only)     in forward_backward_batch, before verl splits the mini-batch
+  on_micro_batches(micro_batches)       right after verl's prepare_micro_batches: counts of every
+                                        micro-batch (routes replayed by R3 only), all-gathered over EP
+                                        once, planned (lead's planner), plan installed in the runtime;
+                                        each micro-batch is tagged with its index
+  on_forward(batch, output)             in forward_step: select the micro-batch's plan before its
+                                        forward, and again when its backward starts (PP / recompute)
+  finish(output)                        metrics into verl's metrics dict
+  after_optimizer_step(engine)          apply the next placement (reordering) via the runtime
+
+Without routes (R3 off, or a micro-batch without `routed_experts`) the mini-batch runs Megatron's plain
+dispatch, a warning is logged once and `relibra/fallbacks` counts the micro-batches; with
+`on_missing_routing=error` it raises instead.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import socket
+import time
+
+import numpy as np
+import torch
+
+from relibra_verl.config import RelibraConfig
+from relibra_verl.integration import runtime_bridge as rb
+from relibra_verl.integration.microbatch import micro_batch_loads
+from relibra_verl.integration.routes import RoutesError, moe_layers_of
+from relibra_verl.planner.relibra import ReorderConfig, plan_relibra
+from relibra_verl.planner.strategies import plan_outcome
+from relibra_verl.planner.types import BatchPlan, Topology
+
+logger = logging.getLogger("relibra_verl")
+
+MB_KEY = "relibra_micro_batch"  # non-tensor tag verl carries on each micro-batch
+_active: contextvars.ContextVar = contextvars.ContextVar("relibra_active", default=None)
+
+
+class RelibraError(RuntimeError):
+    """relibra cannot run this mini-batch and the user asked for strict mode."""
+
+
+def active() -> "RelibraTrainer | None":
+    """The trainer of the forward_backward_batch now running in this thread, if any."""
+    return _active.get()
+
+
+def imbalance(rank_tokens: np.ndarray) -> float:
+    """Mean over (micro-batch, layer) of max over ranks / mean over ranks. rank_tokens: [M, L, G]."""
+    mean = rank_tokens.mean(-1)
+    ratio = np.where(mean > 0, rank_tokens.max(-1) / np.where(mean > 0, mean, 1), 1.0)
+    return float(ratio.mean()) if ratio.size else 1.0
+
+
+class RelibraTrainer:
+    """relibra's state on one actor engine (see the module docstring for the call order)."""
+
+    def __init__(self, cfg: RelibraConfig, *, engine=None):
+        self.cfg = cfg
+        self.engine = engine
+        self.runtime = None
+        self.topo: Topology | None = None
+        self.moe_layers: np.ndarray | None = None
+        self.num_layers: int | None = None
+        self.ep_group = None
+        self.ready = False
+        self.disabled_reason: str | None = None
+        self.plan: BatchPlan | None = None
+        self.next_placement: np.ndarray | None = None
+        self.optimizer_steps = 0
+        self.fallbacks_total = 0
+        self._mb: dict = {}
+        self._metrics: dict[str, float] = {}
+        self._moved_last = 0
+        self._token = None
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _setup(self, engine) -> None:
+        """Topology and runtime from the built model (first mini-batch, after verl's model build)."""
+        from megatron.core import parallel_state as mpu
+
+        tf = engine.tf_config
+        self.num_layers = int(tf.num_layers)
+        self.moe_layers = moe_layers_of(tf)
+        E = int(tf.num_moe_experts)
+        self.ep_group = mpu.get_expert_model_parallel_group()
+        G = mpu.get_expert_model_parallel_world_size()
+        g = min(self.cfg.gpus_per_node, G)
+        self.topo = Topology(num_experts=E, ep_size=G, gpus_per_node=g,
+                             replica_slots=self.cfg.replica_slots if self.cfg.replicates else 0,
+                             node_of_rank=self._node_layout(G, g))
+        self.runtime = rb.build(engine.module, self.topo, self.cfg, self.ep_group)
+        self.ready = True
+        logger.warning("relibra-verl: engine ready: E=%d EP=%d nodes=%d R=%d mode=%s MoE layers=%d runtime=%s",
+                       E, G, self.topo.num_nodes, self.topo.R, self.cfg.mode, len(self.moe_layers),
+                       type(self.runtime).__name__ if self.runtime is not None else "none (plain dispatch)")
+
+    def _node_layout(self, G: int, g: int):
+        """node_of_rank from the EP ranks' host names when each host holds exactly g ranks, else r // g."""
+        if G == 1 or not torch.distributed.is_initialized():
+            return None
+        hosts = [None] * G
+        torch.distributed.all_gather_object(hosts, socket.gethostname(), group=self.ep_group)
+        order = {h: i for i, h in enumerate(dict.fromkeys(hosts))}
+        nodes = [order[h] for h in hosts]
+        sizes = np.bincount(nodes)
+        if (sizes == g).all():
+            return tuple(nodes)
+        return None
+
+    # ---- per mini-batch -------------------------------------------------------------------------
+    def begin(self, engine, data, forward_only: bool):
+        self.engine = engine
+        self._forward_only = forward_only
+        self._replay = bool(getattr(engine, "enable_routing_replay", False)) and self._data_flag(data)
+        self._r3 = getattr(getattr(engine.engine_config, "router_replay", None), "mode", "disabled") == "R3"
+        self._metrics = {}
+        self.plan = None
+        if getattr(engine.engine_config, "dynamic_context_parallel", False):
+            # verl's DynamicCPScheduler splits this mini-batch without prepare_micro_batches: no plan
+            self._fallback([None], "dynamic context parallel is not supported by relibra yet")
+        self._token = _active.set(self)
+
+    def end(self) -> None:
+        if self._token is not None:
+            _active.reset(self._token)
+            self._token = None
+
+    @staticmethod
+    def _data_flag(data) -> bool:
+        try:
+            from verl.utils import tensordict_utils as tu
+
+            return bool(tu.get_non_tensor_data(data, key="enable_routing_replay", default=False))
+        except Exception:
+            return True
+
+    def _fallback(self, micro_batches, reason: str) -> None:
+        if self.cfg.strict:
+            raise RelibraError(f"relibra: {reason} (actor_rollout_ref.relibra.on_missing_routing=error)")
+        rb._warn_once(f"fallback:{reason}", f"{reason}; plain Megatron dispatch, counted in relibra/fallbacks")
+        n = len(micro_batches)
+        self.fallbacks_total += n
+        self._metrics["relibra/fallbacks"] = float(n)
+        self.plan = None
+        if self.runtime is not None:
+            rb.set_plan(self.runtime, None)
+
+    def on_micro_batches(self, micro_batches) -> None:
+        """Plan the mini-batch from verl's micro-batches (the list verl will run, in order)."""
+        from verl.utils import tensordict_utils as tu
+
+        engine = self.engine
+        if not self.ready and self.disabled_reason is None:
+            try:
+                self._setup(engine)
+            except Exception as exc:  # unsupported model/parallel config: native path, said once, loudly
+                if self.cfg.strict:
+                    raise
+                self.disabled_reason = f"relibra disabled for this engine: {type(exc).__name__}: {exc}"
+                self.runtime = None
+                logger.error("relibra-verl: %s", self.disabled_reason)
+        for m, mb in enumerate(micro_batches):
+            tu.assign_non_tensor(mb, **{MB_KEY: m})
+        if self.disabled_reason is not None:
+            return self._fallback(micro_batches, self.disabled_reason)
+        if self.runtime is None:
+            return self._fallback(micro_batches, "relibra runtime unavailable: MoE layers keep Megatron's dispatch")
+        if not self._r3 or not getattr(engine, "enable_routing_replay", False):
+            return self._fallback(micro_batches, "routing replay R3 is off (actor.megatron.router_replay.mode "
+                                                 "!= R3): loads are not known in advance")
+        if not self._replay:
+            return self._fallback(micro_batches, "this call does not replay routes (enable_routing_replay=False)")
+        t0 = time.perf_counter()
+        E, L = self.topo.E, len(self.moe_layers)
+        local = np.zeros((len(micro_batches), L, E), dtype=np.int64)
+        unknown = 0
+        missing = 0
+        error = None
+        fp8 = getattr(engine.tf_config, "fp8", None) in ("e4m3", "hybrid")
+        for m, mb in enumerate(micro_batches):
+            if mb.get("routed_experts", None) is None:
+                missing += 1
+                continue
+            try:
+                local[m], unk = micro_batch_loads(mb, num_experts=E, moe_layers=self.moe_layers,
+                                                  num_layers=self.num_layers, fp8_padding=fp8)
+            except RoutesError as exc:
+                error = RoutesError(f"relibra: micro-batch {m}: {exc}")
+                break
+            unknown += int(unk.sum())
+        # One all-gather per mini-batch. A rank's missing (-1) or malformed (-2) routes travel as a flag so
+        # that every rank takes the same decision (no rank may skip a collective the others enter).
+        flag = np.full((len(micro_batches), L, 1), -2 if error else -1 if missing else 0, dtype=np.int64)
+        counts = self._all_gather(np.concatenate([local, flag], axis=2))   # [G, M, L, E+1]
+        flags = counts[..., E].min(axis=(1, 2))                              # [G]
+        if (flags == -2).any():
+            if error is not None:
+                raise error
+            bad = np.flatnonzero(flags == -2).tolist()
+            raise RoutesError(f"relibra: malformed routed_experts on EP ranks {bad}")
+        if (flags < 0).any():
+            bad = np.flatnonzero(flags < 0).tolist()
+            return self._fallback(micro_batches, f"micro-batches without routed_experts on EP ranks {bad}")
+        counts = counts[..., :E].transpose(1, 2, 0, 3)                      # [M, L, G, E]
+        placement = rb.applied_placement(self.runtime, L, self.topo)
+        if self.cfg.replicates:  # this mini-batch: replicas on the placement the layers hold now
+            plan = plan_relibra(counts, self.topo, placement, mode="replicate")
+        else:
+            plan = _static_plan(self.topo, placement, len(micro_batches))
+        if self.cfg.reorders and not self._forward_only and self._reorder_due():
+            nxt = plan_relibra(counts, self.topo, placement, mode="reorder",
+                               reorder=ReorderConfig(max_moves_per_layer=None if self.cfg.max_moved_experts < 0
+                                                     else self.cfg.max_moved_experts))
+            self.next_placement = nxt.expert_at_home
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        rb.set_plan(self.runtime, plan)
+        self.plan = plan
+        if self.cfg.metrics:
+            static = _static_plan(self.topo, placement, len(micro_batches))
+            self._metrics.update({
+                "relibra/imbalance_before": imbalance(plan_outcome(static, counts)[0]),
+                "relibra/imbalance_after": imbalance(plan_outcome(plan, counts)[0]),
+                "relibra/plan_ms": plan_ms,
+                "relibra/replicas": float((plan.replica_expert >= 0).sum()) / max(1, len(micro_batches)),
+                "relibra/unknown_pairs": float(unknown),
+                "relibra/fallbacks": 0.0,
+            })
+
+    def _reorder_due(self) -> bool:
+        return (self.optimizer_steps % self.cfg.reorder_every) == 0
+
+    def _all_gather(self, local: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(local))
+        G = self.topo.G
+        if G == 1 or not torch.distributed.is_initialized():
+            return local[None]
+        dev = _collective_device(self.ep_group)
+        out = [torch.empty_like(t, device=dev) for _ in range(G)]
+        torch.distributed.all_gather(out, t.to(dev), group=self.ep_group)
+        return torch.stack(out).cpu().numpy()
+
+    def on_forward(self, batch, output=None) -> None:
+        """Before a micro-batch's forward (output None) and, via a grad hook, before its backward."""
+        m = _mb_index(batch)
+        if m is None or self.plan is None or self.runtime is None:
+            return
+        rb.set_micro_batch(self.runtime, m)
+
+    def finish(self, output) -> None:
+        """relibra/* metrics (one value per mini-batch) into verl's metrics dict on the output ranks."""
+        if not self.cfg.metrics or self._forward_only or not isinstance(output, dict):
+            return
+        metrics = output.get("metrics")
+        if metrics is None:
+            return
+        values = dict(self._metrics)
+        values.setdefault("relibra/fallbacks", 0.0)
+        for key, val in values.items():
+            metrics[key] = [float(val)]
+
+    def add_step_metrics(self, output) -> None:
+        """relibra/moved_experts of the reorder applied after this mini-batch's optimizer step."""
+        if self.cfg.metrics and isinstance(output, dict) and output.get("metrics") is not None:
+            output["metrics"]["relibra/moved_experts"] = [float(self._moved_last)]
+
+    def after_optimizer_step(self, engine) -> None:
+        self.optimizer_steps += 1
+        self._moved_last = 0
+        if self.next_placement is None:
+            return
+        placement, self.next_placement = self.next_placement, None
+        current = rb.applied_placement(self.runtime, placement.shape[0], self.topo)
+        if (placement == current).all():
+            return
+        moved = rb.apply_placement(self.runtime, placement, optimizer=getattr(engine, "optimizer", None))
+        self._moved_last = moved or 0
+
+    def export_context(self):
+        return rb.canonical_export(self.runtime, getattr(self.engine, "optimizer", None))
+
+
+def _static_plan(topo: Topology, placement: np.ndarray, M: int) -> BatchPlan:
+    """The plan that changes nothing: `placement`, no replicas."""
+    L = placement.shape[0]
+    return BatchPlan(topo, placement, np.full((M, L, topo.G, topo.R), -1, dtype=np.int64),
+                     np.zeros((M, L, topo.G, topo.R, topo.G), dtype=np.int64), np.zeros(L, dtype=np.int64))
+
+
+def _mb_index(batch):
+    try:
+        from verl.utils import tensordict_utils as tu
+
+        return tu.get_non_tensor_data(batch, key=MB_KEY, default=None)
+    except Exception:
+        return None
+
+
+def _collective_device(group) -> str:
+    try:
+        backend = torch.distributed.get_backend(group)
+    except Exception:
+        backend = "gloo"
+    return "cpu" if backend == "gloo" else f"cuda:{torch.cuda.current_device()}"

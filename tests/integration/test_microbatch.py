@@ -1,0 +1,167 @@
+"""verl's own micro-batch preparation feeding relibra's loads and planner (single process)."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from _data import v1_batch
+from relibra_verl.config import RelibraConfig
+from relibra_verl.integration.microbatch import MissingRoutes, local_route_rows, micro_batch_loads
+from relibra_verl.planner.types import Topology
+from relibra_verl.planner.validate import validate_plan
+
+E, K, L = 8, 2, 2
+MOE = np.arange(L)
+
+
+def test_loads_from_verl_micro_batches_exclude_unreplayed_rows():
+    from verl.workers.engine.utils import prepare_micro_batches
+
+    data = v1_batch(0, 6, E, K, L)
+    micro_batches, _ = prepare_micro_batches(data, dp_group=None)
+    assert len(micro_batches) >= 2
+    total = 0
+    for mb in micro_batches:
+        lens = mb["input_ids"].offsets().diff().tolist()
+        rows = local_route_rows(mb, num_experts=E, moe_layers=MOE, num_layers=L)
+        assert rows.shape == (sum(lens), L, K)
+        ends = np.cumsum(lens) - 1
+        assert (rows[ends] == -1).all()                       # each sequence's last row: live router
+        assert (np.delete(rows, ends, axis=0) >= 0).all()     # every other row is replayed, id known
+        counts, unknown = micro_batch_loads(mb, num_experts=E, moe_layers=MOE, num_layers=L)
+        assert counts.shape == (L, E) and (counts.sum(1) == (sum(lens) - len(lens)) * K).all()
+        assert (unknown == len(lens) * K).all()
+        total += counts.sum()
+    assert total == sum((n - 1) * K * L for n in data["input_ids"].offsets().diff().tolist())
+    mb = micro_batches[0].exclude("routed_experts")
+    with pytest.raises(MissingRoutes):
+        micro_batch_loads(mb, num_experts=E, moe_layers=MOE, num_layers=L)
+
+
+def _trainer(cfg, G=2):
+    from relibra_verl.integration.trainer import RelibraTrainer
+
+    st = RelibraTrainer(cfg)
+    st.topo = Topology(num_experts=E, ep_size=G, gpus_per_node=G, replica_slots=cfg.replica_slots)
+    st.moe_layers, st.num_layers, st.ready = MOE, L, True
+    plans = []
+    st.runtime = types.SimpleNamespace(topo=st.topo, expert_at_home=np.tile(np.arange(E), (L, 1)), plans=plans,
+                                       set_plan=plans.append, set_micro_batch=lambda m: None)  # runtime stand-in
+    st._all_gather = lambda local: np.stack([local] * G)  # G ranks with the same (skewed) loads
+    return st
+
+
+def _engine(mode="R3", replay=True):
+    return types.SimpleNamespace(engine_config=types.SimpleNamespace(router_replay=types.SimpleNamespace(mode=mode)),
+                                 enable_routing_replay=replay, tf_config=types.SimpleNamespace(fp8=None),
+                                 optimizer=None)
+
+
+def test_patched_prepare_micro_batches_plans_every_micro_batch():
+    import relibra_verl.integration.plugin  # noqa: F401  (registers the patches)
+    from verl.workers.engine.megatron import transformer_impl as ti
+    from verl.utils import tensordict_utils as tu
+
+    assert getattr(ti.prepare_micro_batches, "_relibra_wrapped", False)
+    st = _trainer(RelibraConfig(enable=True, replica_slots=1))
+    data = v1_batch(1, 8, E, K, L, skew=1.0)
+    st.begin(_engine(), data, forward_only=False)
+    try:
+        micro_batches, _ = ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        st.end()
+    M = len(micro_batches)
+    tags = [tu.get_non_tensor_data(mb, key="relibra_micro_batch", default=None) for mb in micro_batches]
+    assert tags == list(range(M))
+    plan = st.plan
+    assert plan is not None and plan.num_micro_batches == M and plan.num_layers == L
+    assert st.runtime.plans == [plan]                                       # installed in the runtime
+    counts = np.stack([micro_batch_loads(mb, num_experts=E, moe_layers=MOE, num_layers=L)[0]
+                       for mb in micro_batches])                            # [M, L, E] of "rank 0"
+    full = np.stack([counts, counts], axis=2)                               # the two ranks all-gathered
+    validate_plan(plan, full)
+    m = st._metrics
+    assert m["relibra/imbalance_after"] <= m["relibra/imbalance_before"] and m["relibra/imbalance_before"] > 1.0
+    assert m["relibra/replicas"] > 0 and m["relibra/fallbacks"] == 0 and m["relibra/plan_ms"] >= 0
+    assert st.next_placement is not None and st.next_placement.shape == (L, E)   # reorder due after the step
+    out = {"metrics": {}}
+    st.finish(out)
+    assert set(out["metrics"]) >= {"relibra/imbalance_before", "relibra/imbalance_after", "relibra/plan_ms",
+                                   "relibra/replicas", "relibra/fallbacks"}
+
+
+@pytest.mark.parametrize("engine_kw, reason", [({"mode": "disabled"}, "R3 is off"),
+                                               ({"mode": "R3", "replay": True}, "without routed_experts")])
+def test_no_routes_falls_back_or_raises_in_strict_mode(engine_kw, reason, caplog):
+    import relibra_verl.integration.plugin  # noqa: F401
+    from verl.workers.engine.megatron import transformer_impl as ti
+
+    from relibra_verl.integration.trainer import RelibraError
+
+    data = v1_batch(2, 6, E, K, L, with_routes=engine_kw["mode"] != "R3")
+    st = _trainer(RelibraConfig(enable=True))
+    st.begin(_engine(**engine_kw), data, forward_only=False)
+    try:
+        with caplog.at_level("WARNING", logger="relibra_verl"):
+            mbs, _ = ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        st.end()
+    assert st.plan is None and st._metrics["relibra/fallbacks"] == len(mbs) == st.fallbacks_total
+    assert st.runtime.plans == [None]                                       # layers told: plain dispatch
+    assert reason in caplog.text
+    strict = _trainer(RelibraConfig(enable=True, on_missing_routing="error"))
+    strict.begin(_engine(**engine_kw), data, forward_only=False)
+    try:
+        with pytest.raises(RelibraError, match="on_missing_routing=error"):
+            ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        strict.end()
+
+
+def test_malformed_routes_raise_naming_micro_batch_sample_and_layer():
+    import torch
+
+    import relibra_verl.integration.plugin  # noqa: F401
+    from verl.workers.engine.megatron import transformer_impl as ti
+
+    from relibra_verl.integration.routes import RoutesError
+
+    data = v1_batch(3, 6, E, K, L)
+    parts = list(data["routed_experts"].unbind())
+    parts[4] = parts[4].clone()
+    parts[4][1, 1, 0] = E + 3  # sample 4, MoE layer 1
+    data["routed_experts"] = torch.nested.as_nested_tensor(parts, layout=torch.jagged)
+    st = _trainer(RelibraConfig(enable=True))
+    st.begin(_engine(), data, forward_only=False)
+    try:
+        with pytest.raises(RoutesError, match=r"micro-batch \d+: sample \d+, layer 1 \(MoE layer 1\), token 1: "
+                                              r"expert id 11 >= num_experts 8"):
+            ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        st.end()
+
+
+def test_worker_attach_validates_and_attaches_to_the_actor_engine_only(caplog):
+    from omegaconf import OmegaConf
+    from verl.workers.engine.megatron.transformer_impl import MegatronEngine
+
+    from relibra_verl.config import RelibraConfigError
+    from relibra_verl.integration.plugin import attach_from_worker
+    from relibra_verl.integration.trainer import RelibraTrainer
+
+    def worker(section, engine):
+        cfg = OmegaConf.create({"actor": {"strategy": "megatron"}, "relibra": section})
+        return types.SimpleNamespace(config=cfg, actor=types.SimpleNamespace(engine=engine))
+
+    with pytest.raises(RelibraConfigError, match="did you mean 'mode'"):
+        attach_from_worker(worker({"enable": True, "mdoe": "both"}, None), validate_only=True)
+    eng = object.__new__(MegatronEngine)
+    assert attach_from_worker(worker({"enable": False}, eng)) is None and not hasattr(eng, "_relibra")
+    st = attach_from_worker(worker({"enable": True, "replica_slots": 1}, eng))
+    assert isinstance(st, RelibraTrainer) and eng._relibra is st and st.cfg.replica_slots == 1
+    assert attach_from_worker(worker({"enable": True}, eng)) is st          # idempotent (update_actor)
+    with caplog.at_level("WARNING", logger="relibra_verl"):
+        assert attach_from_worker(worker({"enable": True}, types.SimpleNamespace())) is None
+    assert "Megatron engine only" in caplog.text
