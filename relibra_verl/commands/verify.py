@@ -1,0 +1,165 @@
+"""`relibra-verl verify`: check that relibra's runtime reproduces stock Megatron on this installation.
+
+Spawns `--ep` gloo ranks on this machine (nodes simulated by grouping `--gpus-per-node` ranks), builds
+small real Megatron-Core MoE layers (SequentialMLP experts, all-to-all dispatcher) with the trace's expert
+count and top-k, forces the trace's routing with Megatron's router replay (trace tokens are dealt to ranks
+in order, `--tokens-per-rank` each, a few MoE layers evenly spread over the trace's), runs forward+backward
+with and without relibra on identical inputs, and reports balance, differences and overheads. Exit 0 when
+exact (max relative difference <= --tolerance), 1 when not, 2 for bad input.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from relibra_verl.errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="check relibra's Megatron runtime against stock Megatron on gloo ranks",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--ep", type=int, required=True, help="EP ranks to spawn (gloo processes)")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="ranks per simulated node")
+    p.add_argument("--trace", required=True, help="routing trace: PATH or bundled:NAME")
+    p.add_argument("--replica-slots", type=int, default=2, help="replica slots R per rank (default 2)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout only)")
+    p.add_argument("--layers", type=int, default=4, help="MoE layers of the trace to use (default 4)")
+    p.add_argument("--tokens-per-rank", type=int, default=256, help="trace tokens per rank (default 256)")
+    p.add_argument("--hidden", type=int, default=32, help="hidden size of the test layer (default 32)")
+    p.add_argument("--ffn", type=int, default=16, help="expert FFN size (default 16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max relative difference counted as exact (default 1e-5 fp32, 2e-2 bf16)")
+    p.add_argument("--mode", choices=("both", "replicate", "reorder"), default="both",
+                   help="planner mode: reorder experts across ranks and/or replicate inside nodes (default both)")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                   help="slot assignment: relibra_verl.kernels (auto: Triton on CUDA, torch reference on CPU) or torch")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
+    p.set_defaults(func=run)
+
+
+def _select(trace, G: int, T: int, L: int):
+    """[G, T, L, K] routes: tokens with every selected layer known, dealt to ranks in trace order."""
+    layers = np.unique(np.linspace(0, trace.num_layers - 1, num=min(L, trace.num_layers)).round().astype(int))
+    ids = trace.expert_ids[:, layers]
+    ids = ids[(ids >= 0).all(axis=(1, 2))]
+    if ids.shape[0] < G:
+        raise UsageError(f"{trace.name}: only {ids.shape[0]} fully routed tokens, need at least one per rank")
+    T = min(T, ids.shape[0] // G)
+    return ids[: G * T].reshape(G, T, len(layers), -1).astype(np.int64), layers
+
+
+def run(args) -> int:
+    from relibra_verl.planner.relibra import plan_relibra
+    from relibra_verl.planner.types import PlanError, Topology
+    from relibra_verl.routing.trace import load_trace
+
+    if args.ep < 2:
+        raise UsageError("--ep must be at least 2")
+    if args.gpus_per_node < 1 or args.ep % args.gpus_per_node:
+        raise UsageError(f"--ep {args.ep} must be a multiple of --gpus-per-node {args.gpus_per_node}")
+    if args.replica_slots < 0 or args.layers < 1 or args.tokens_per_rank < 1:
+        raise UsageError("--replica-slots must be >= 0, --layers and --tokens-per-rank >= 1")
+    trace = load_trace(args.trace)
+    E = int(trace.num_experts)
+    try:
+        topo = Topology(num_experts=E, ep_size=args.ep, gpus_per_node=args.gpus_per_node,
+                        replica_slots=args.replica_slots)
+    except PlanError as exc:
+        raise UsageError(str(exc)) from None
+    if trace.topk > E:
+        raise UsageError(f"{trace.name}: top-k {trace.topk} > {E} experts")
+    ids, layers = _select(trace, topo.G, args.tokens_per_rank, args.layers)
+    G, T, L, K = ids.shape
+    counts = np.zeros((1, L, G, E), dtype=np.int64)
+    for r in range(G):
+        for l in range(L):
+            np.add.at(counts[0, l, r], ids[r, :, l].reshape(-1), 1)
+    plan = plan_relibra(counts, topo, mode=args.mode)
+    before, after = _balance(topo, plan, ids)
+    tol = args.tolerance if args.tolerance is not None else (1e-5 if args.dtype == "float32" else 2e-2)
+    job = {"topo": topo, "plan": plan, "ids": ids, "hidden": args.hidden, "ffn": args.ffn,
+           "dtype": args.dtype, "kernels": args.kernels}
+
+    from relibra_verl.runtime.launch import RankError, spawn_ranks
+    from relibra_verl.runtime.verify_run import run_rank
+
+    t0 = time.perf_counter()
+    try:
+        res = spawn_ranks(run_rank, G, job, timeout=args.timeout)
+    except (RankError, TimeoutError) as exc:
+        print(f"relibra-verl verify: ranks failed: {exc}", file=sys.stderr)
+        return 1
+    wall = time.perf_counter() - t0
+    worst: dict = {}
+    for r in res:
+        for name, (ad, rel) in r["diffs"].items():
+            key = name.split(".", 1)[1].split(".")[0] if ".expert_grad." not in name else "expert_weight_grad"
+            key = {"output": "output", "input_grad": "input_grad", "router_grad": "router_grad"}.get(key, key)
+            a, b = worst.get(key, (0.0, 0.0))
+            worst[key] = (max(a, ad), max(b, rel))
+    max_rel = max(v[1] for v in worst.values())
+    imb = lambda load: float(np.mean(load.max(axis=1) / load.mean(axis=1)))  # noqa: E731
+    report = {
+        "exact": bool(max_rel <= tol), "max_rel_diff": max_rel, "tolerance": tol,
+        "imbalance_before": imb(before), "imbalance_after": imb(after),
+        "imbalance_before_per_layer": [float(x) for x in before.max(1) / before.mean(1)],
+        "imbalance_after_per_layer": [float(x) for x in after.max(1) / after.mean(1)],
+        "tokens_per_rank_before": before.sum(0).tolist(), "tokens_per_rank_after": after.sum(0).tolist(),
+        "diffs": {k: {"max_abs": v[0], "max_rel": v[1]} for k, v in worst.items()},
+        "replica_sync_bytes": int(sum(r["replica_sync_bytes"] for r in res)),
+        "grad_reduce_bytes": int(sum(r["grad_reduce_bytes"] for r in res)),
+        "migration_bytes": int(sum(r["migration_bytes"] for r in res)),
+        "experts_moved": int(plan.moved_experts.sum()),
+        "peak_extra_memory_bytes": int(max(r["pool_bytes"] + r["peak_send_bytes"] for r in res)),
+        "replica_pool_bytes_per_rank": int(max(r["pool_bytes"] for r in res)),
+        "config": {"ep": G, "gpus_per_node": args.gpus_per_node, "replica_slots": topo.R, "experts": E,
+                   "topk": K, "trace": args.trace, "trace_layers": layers.tolist(), "tokens_per_rank": T,
+                   "hidden": args.hidden, "ffn": args.ffn, "dtype": args.dtype, "mode": args.mode,
+                   "experts_impl": "SequentialMLP", "dispatcher": "alltoall"},
+        "seconds": {"wall": wall, "stock_step_max": max(r["seconds_stock"] for r in res),
+                    "relibra_step_max": max(r["seconds_relibra"] for r in res)},
+    }
+    _print(report)
+    if args.json and args.json != "-":
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    elif args.json == "-":
+        print(json.dumps(report))
+    return 0 if report["exact"] else 1
+
+
+def _balance(topo, plan, ids):
+    """Pairs computed per rank [L, G] with Megatron's placement and under the plan."""
+    import torch
+
+    from relibra_verl.runtime import harness
+
+    G, T, L, K = ids.shape
+    before = np.zeros((L, G), dtype=np.int64)
+    after = np.zeros((L, G), dtype=np.int64)
+    for l in range(L):
+        per_rank = [torch.as_tensor(ids[r, :, l]) for r in range(G)]
+        before[l] = harness.tokens_per_rank(topo, None, per_rank)
+        after[l] = harness.tokens_per_rank(topo, plan, per_rank, layer=l)
+    return before, after
+
+
+def _print(rep: dict) -> None:
+    c = rep["config"]
+    print(f"relibra-verl verify: EP {c['ep']} ({c['ep'] // c['gpus_per_node']} nodes x {c['gpus_per_node']}), "
+          f"R={c['replica_slots']}, {c['experts']} experts top-{c['topk']}, trace {c['trace']} layers "
+          f"{c['trace_layers']}, {c['tokens_per_rank']} tokens/rank, {c['dtype']}, {c['experts_impl']}")
+    print(f"  tokens per rank before: {rep['tokens_per_rank_before']}")
+    print(f"  tokens per rank after:  {rep['tokens_per_rank_after']}")
+    print(f"  imbalance (max/mean, mean over layers): {rep['imbalance_before']:.3f} -> {rep['imbalance_after']:.3f}")
+    for k, v in rep["diffs"].items():
+        print(f"  {k:<18} max abs {v['max_abs']:.3e}  max rel {v['max_rel']:.3e}")
+    print(f"  replica weight sync {rep['replica_sync_bytes']} B, replica grad reduction {rep['grad_reduce_bytes']} B, "
+          f"peak extra memory {rep['peak_extra_memory_bytes']} B/rank")
+    print(f"  reordering: {rep['experts_moved']} experts moved, {rep['migration_bytes']} B migrated (weights only)")
+    print(f"  {'EXACT' if rep['exact'] else 'NOT EXACT'} (max rel diff {rep['max_rel_diff']:.3e}, "
+          f"tolerance {rep['tolerance']:.0e})")

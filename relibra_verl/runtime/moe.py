@@ -1,0 +1,515 @@
+"""Replication-aware execution of Megatron-Core 0.19 MoE layers (all-to-all dispatcher).
+
+The runtime executes plans; it never decides them. Per patched MoE layer:
+
+* dispatcher: a `MoEAlltoAllTokenDispatcher` subclass whose `dispatch_preprocess` (on every call path:
+  MoELayer and the EP-overlap schedule) widens the routing map from logical experts [T, E] to physical
+  slots [T, G*(S+R)], rank-major (rank r owns [r*(S+R), (r+1)*(S+R)), homes first). Only the dispatcher
+  sees the widened config; the layer's own config stays logical.
+* experts: the existing experts module keeps its class behaviour for the S home slots (stock code runs
+  them) and gains replica slots: the same module structure run by `torch.func.functional_call` with the
+  local expert's parameters swapped for fetched replica weights. The only structural assumption is how a
+  local expert's parameters are named: `local_experts.{i}.*` (SequentialMLP) or `*weight{i}` /
+  `*bias{i}` (TEGroupedMLP-style); see `_expert_param_names`. Exercised on CPU: SequentialMLP only.
+* replica weights: fetched from the home rank inside the node group by `_ReplicaExperts`, an autograd
+  function that also takes the dispatched tokens (so every rank of the node joins the backward
+  collective, even with empty replica slots) and returns the replica gradients to the owner's parameters
+  (straight into `main_grad` when Megatron's DDP gave the parameter one). Weights live only in a pool of R
+  expert slots per rank shared by all layers: the forward fetches, computes without saving weights, and the
+  backward fetches again and recomputes the (small) replica GEMMs.
+
+Not supported yet (refused at patch time with a clear error): EP-overlap schedule, delayed wgrad,
+CUDA-graph capture of the MoE preprocess, permute fusion, drop-and-pad, router padding for quantization,
+expert TP > 1. MoE-layer recompute works (micro-batches are replayed FIFO in the recompute, as Megatron's
+RouterReplay does).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from relibra_verl.planner.types import BatchPlan, PlanError, Topology, invert_placement
+from relibra_verl.runtime.slots import physical_routing
+
+
+class RelibraRuntimeError(PlanError):
+    """A plan or configuration the runtime cannot execute; raised identically on every EP rank."""
+
+
+@dataclasses.dataclass
+class RuntimeMetrics:
+    """Counters read at step boundaries (no host sync added to the forward for them)."""
+
+    fallback_micro_batches: int = 0  # layer calls without a plan (home-only dispatch)
+    replica_sync_bytes: int = 0      # weights received into replica slots (forward + backward refetch)
+    grad_reduce_bytes: int = 0       # replica gradients sent back to owners
+    pool_bytes: int = 0              # replica pool (R expert slots, shared by all layers)
+    peak_send_bytes: int = 0         # largest transient send buffer of one fetch / reduction
+    migration_bytes: int = 0         # expert state moved by reordering
+
+
+# --------------------------------------------------------------------------------------------------
+# runtime state
+# --------------------------------------------------------------------------------------------------
+class RelibraRuntime:
+    """Plan execution state of one EP group (one instance per process).
+
+    Usage (verl glue): build the model, `rt = RelibraRuntime(topo, ep_group)`, `rt.patch_layer(layer, l)` for
+    each MoE layer l in model order; per batch `rt.set_plan(plan)` (collective: validates and hash-checks on
+    every EP rank); per micro-batch `rt.set_micro_batch(m)` before its forward.
+    """
+
+    def __init__(self, topo: Topology, ep_group=None, kernels: str = "auto", strict: bool = False):
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be auto, triton or torch; got {kernels!r}")
+        self.topo = topo
+        self.ep_group = ep_group if ep_group is not None else dist.group.WORLD
+        self.ep_rank = dist.get_rank(self.ep_group)
+        if dist.get_world_size(self.ep_group) != topo.G:
+            raise RelibraRuntimeError(
+                f"EP group has {dist.get_world_size(self.ep_group)} ranks, topology says {topo.G}")
+        self.kernels = kernels
+        self.strict = strict
+        self.global_ranks = dist.get_process_group_ranks(self.ep_group)
+        # one group per node; every process must create every group, in the same order
+        self.node_ranks = topo.node_ranks()  # [N, g] EP ranks
+        self.node = topo.node_of_rank[self.ep_rank]
+        self.node_group = None
+        if topo.R > 0:
+            for n in range(topo.num_nodes):
+                grp = dist.new_group([self.global_ranks[r] for r in self.node_ranks[n]])
+                if n == self.node:
+                    self.node_group = grp
+        self.layers: list = []
+        self.plan: BatchPlan | None = None
+        self.micro_batch = 0
+        self.expert_at_home: np.ndarray | None = None  # [L, E] current placement
+        self.metrics = RuntimeMetrics()
+        self._pool: torch.Tensor | None = None
+        self._tables: dict = {}
+
+    # ---- layers ----------------------------------------------------------------------------------
+    def patch_layer(self, layer, layer_index: int) -> None:
+        """Swap in the replication-aware dispatcher and experts on an existing Megatron MoELayer."""
+        if layer_index != len(self.layers):
+            raise RelibraRuntimeError(f"patch MoE layers in model order: expected index {len(self.layers)}")
+        _check_supported(layer.config)
+        t = self.topo
+        if layer.config.num_moe_experts != t.E or layer.num_local_experts != t.S:
+            raise RelibraRuntimeError(
+                f"layer has {layer.config.num_moe_experts} experts ({layer.num_local_experts} local), "
+                f"topology E={t.E} S={t.S}")
+        old = layer.token_dispatcher
+        if not isinstance(old, _alltoall_cls()):
+            raise RelibraRuntimeError("relibra needs moe_token_dispatcher_type='alltoall'")
+        state = _LayerState(self, layer_index, layer)
+        layer.token_dispatcher = _make_dispatcher(old, t, self.ep_rank, state)
+        if hasattr(layer, "_training_token_dispatcher"):
+            layer._training_token_dispatcher = layer.token_dispatcher
+        if old.shared_experts is not None:
+            layer.token_dispatcher.set_shared_experts(old.shared_experts)
+        experts = layer.experts
+        experts.__class__ = _relibra_experts_class(type(experts))
+        experts._relibra = state
+        experts._relibra_plain = False
+        state.param_names = [_expert_param_names(experts, i) for i in range(t.S)]
+        state.numel = sum(dict(experts.named_parameters())[n].numel() for n in state.param_names[0])
+        self.layers.append(state)
+        if self.expert_at_home is None or self.expert_at_home.shape[0] < len(self.layers):
+            ident = np.arange(t.E, dtype=np.int64)[None]
+            self.expert_at_home = (ident if self.expert_at_home is None
+                                   else np.concatenate([self.expert_at_home, ident]))
+
+    # ---- plans -----------------------------------------------------------------------------------
+    def set_plan(self, plan: BatchPlan | None) -> None:
+        """Install the batch plan on every EP rank (collective). Raises the same error on every rank
+        if any rank's plan is invalid or the ranks' plans differ; None means home-only dispatch."""
+        err = None if plan is None else self._validate(plan)
+        digest = None if plan is None else plan.digest()
+        gathered = [None] * self.topo.G
+        dist.all_gather_object(gathered, (digest, err), group=self.ep_group)
+        bad = [(r, e) for r, (_, e) in enumerate(gathered) if e is not None]
+        if bad:
+            ranks = [r for r, _ in bad]
+            raise RelibraRuntimeError(f"relibra plan rejected on EP ranks {ranks}: {bad[0][1]}")
+        digests = [d for d, _ in gathered]
+        if len(set(digests)) != 1:
+            groups: dict = {}
+            for r, d in enumerate(digests):
+                groups.setdefault(d, []).append(r)
+            raise RelibraRuntimeError(
+                "EP ranks hold different relibra plans (digest mismatch; the planner must be a deterministic "
+                f"function of the all-gathered loads): rank groups {sorted(groups.values())}")
+        self.plan = plan
+        self.micro_batch = 0
+        self._tables = {}
+
+    def set_micro_batch(self, m: int) -> None:
+        """Select the micro-batch whose replicas/quotas the next layer calls execute."""
+        if self.plan is not None and not 0 <= m < self.plan.num_micro_batches:
+            raise RelibraRuntimeError(f"micro-batch {m} outside the plan's {self.plan.num_micro_batches}")
+        self.micro_batch = m
+
+    def _validate(self, plan: BatchPlan) -> str | None:
+        """Local checks; returns an error line or None."""
+        t, p = self.topo, plan.topo
+        if (p.E, p.G, p.R, tuple(p.node_of_rank)) != (t.E, t.G, t.R, tuple(t.node_of_rank)):
+            return (f"plan is for E={p.E} G={p.G} R={p.R} nodes={list(p.node_of_rank)}, the runtime has "
+                    f"E={t.E} G={t.G} R={t.R} nodes={list(t.node_of_rank)}")
+        L, M = len(self.layers), plan.num_micro_batches
+        shapes = {"expert_at_home": (plan.expert_at_home.shape, (L, t.E)),
+                  "replica_expert": (plan.replica_expert.shape, (M, L, t.G, t.R)),
+                  "replica_quota": (plan.replica_quota.shape, (M, L, t.G, t.R, t.G))}
+        for name, (got, want) in shapes.items():
+            if tuple(got) != want:
+                return f"plan.{name} has shape {tuple(got)}, expected {want} ({L} patched MoE layers)"
+        eah = plan.expert_at_home
+        if not (np.sort(eah, axis=1) == np.arange(t.E)).all():
+            return "plan.expert_at_home is not a permutation of the experts in every layer"
+        if not (eah == self.expert_at_home).all():
+            return "plan placement differs from the applied one: call apply_placement() after optimizer.step()"
+        rep, quota = plan.replica_expert, plan.replica_quota
+        if ((rep < -1) | (rep >= t.E)).any():
+            return "plan.replica_expert holds ids outside [-1, E)"
+        if (quota < 0).any():
+            return "plan.replica_quota is negative"
+        if (quota[rep < 0] != 0).any():
+            return "plan gives tokens to an empty replica slot"
+        home_rank = invert_placement(eah) // t.S  # [L, E]
+        nodes = np.asarray(t.node_of_rank)
+        for m, l, r, k in zip(*np.nonzero(rep >= 0)):
+            e = rep[m, l, r, k]
+            h = home_rank[l, e]
+            if nodes[h] != nodes[r]:
+                return (f"replica of expert {e} (micro-batch {m}, layer {l}) on rank {r} is off its home node "
+                        f"(home rank {h}): replicas must stay inside the node")
+            if h == r or (rep[m, l, r] == e).sum() > 1:
+                return f"rank {r} holds two copies of expert {e} (micro-batch {m}, layer {l})"
+        return None
+
+    # ---- per layer call --------------------------------------------------------------------------
+    def tables(self, layer_index: int, m: int | None = None):
+        """(copy_slot [E, C], quota [E, C], replica_expert [G, R]) of this rank for micro-batch m (default:
+        the current one) and a layer; home-only tables when no plan is set."""
+        m = self.micro_batch if m is None else m
+        key = (m, layer_index)
+        if key not in self._tables:
+            t = self.topo
+            if self.plan is None:
+                if self.strict:
+                    raise RelibraRuntimeError("no relibra plan set and strict mode is on")
+                home = invert_placement(self.expert_at_home)[layer_index]
+                copy_slot = np.full((t.E, t.max_copies), -1, dtype=np.int64)
+                copy_slot[:, 0] = (home // t.S) * (t.S + t.R) + home % t.S
+                quota = np.zeros_like(copy_slot)
+                rep = np.full((t.G, t.R), -1, dtype=np.int64)
+            else:
+                copy_slot, quota = self.plan.copy_tables(m, layer_index, self.ep_rank)
+                rep = self.plan.replica_expert[m, layer_index]
+            self._tables[key] = (torch.from_numpy(copy_slot), torch.from_numpy(quota), rep)
+        if self.plan is None:
+            self.metrics.fallback_micro_batches += 1
+        return self._tables[key]
+
+    def pool(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The shared replica pool: R expert slots of `numel` elements (grown to the largest expert)."""
+        need = self.topo.R * numel
+        if self._pool is None or self._pool.numel() < need or self._pool.dtype != dtype:
+            self._pool = torch.empty(need, dtype=dtype, device=device)
+            self.metrics.pool_bytes = self._pool.numel() * self._pool.element_size()
+        return self._pool
+
+
+def _check_supported(cfg) -> None:
+    bad = []
+    if getattr(cfg, "overlap_moe_expert_parallel_comm", False):
+        bad.append("overlap_moe_expert_parallel_comm (EP-overlap schedule)")
+    if getattr(cfg, "delay_wgrad_compute", False) or getattr(cfg, "overlap_dispatch_backward_with_experts_wgrad", False):
+        bad.append("delayed weight-gradient computation")
+    if getattr(cfg, "moe_permute_fusion", False):
+        bad.append("moe_permute_fusion")
+    if getattr(cfg, "moe_pad_expert_input_to_capacity", False):
+        bad.append("moe_pad_expert_input_to_capacity (drop-and-pad)")
+    if getattr(cfg, "moe_router_padding_for_quantization", False):
+        bad.append("moe_router_padding_for_quantization")
+    if (getattr(cfg, "expert_tensor_parallel_size", 1) or 1) > 1:
+        bad.append("expert_tensor_parallel_size > 1")
+    if getattr(cfg, "cuda_graph_impl", "none") != "none":
+        bad.append("CUDA-graph capture")
+    if bad:
+        raise RelibraRuntimeError("relibra does not support yet: " + ", ".join(bad))
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatcher
+# --------------------------------------------------------------------------------------------------
+def _alltoall_cls():
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    return MoEAlltoAllTokenDispatcher
+
+
+_DISPATCHER_CLS = None
+
+
+def _dispatcher_cls():
+    global _DISPATCHER_CLS
+    if _DISPATCHER_CLS is None:
+
+        class RelibraAlltoAllTokenDispatcher(_alltoall_cls()):
+            """All-to-all over physical slots: logical -> physical remap in dispatch_preprocess."""
+
+            def dispatch_preprocess(self, hidden_states, routing_map, probs):
+                state = self._relibra
+                m = state.runtime.micro_batch
+                if getattr(state.layer, "moe_layer_recompute", False) and state.layer.training:
+                    # checkpointed layer: the first forward runs without grad, the recompute (during the
+                    # backward, maybe after other micro-batches) with grad; replay micro-batches FIFO,
+                    # as Megatron's RouterReplay does for the routing
+                    if not torch.is_grad_enabled():
+                        state.recompute_queue.append(m)
+                    elif state.recompute_queue:
+                        m = state.recompute_queue.pop(0)
+                copy_slot, quota, rep = state.runtime.tables(state.index, m)
+                state.active = (m, rep)
+                routing_map, probs = physical_routing(
+                    routing_map, probs, copy_slot.to(routing_map.device), quota.to(routing_map.device),
+                    self.num_experts, kernels=state.runtime.kernels)
+                return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+        _DISPATCHER_CLS = RelibraAlltoAllTokenDispatcher
+    return _DISPATCHER_CLS
+
+
+def _make_dispatcher(old, topo: Topology, ep_rank: int, state):
+    wide = copy.copy(old.config)  # shallow: only the dispatcher sees the widened slot space
+    wide.num_moe_experts = topo.G * (topo.S + topo.R)
+    spr = topo.S + topo.R
+    pgs = types.SimpleNamespace(ep=old.ep_group, expt_tp=old.tp_group, tp_ep=old.tp_ep_group)
+    new = _dispatcher_cls()(spr, list(range(ep_rank * spr, (ep_rank + 1) * spr)), config=wide, pg_collection=pgs)
+    new._relibra = state
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# experts
+# --------------------------------------------------------------------------------------------------
+class _LayerState:
+    def __init__(self, runtime: RelibraRuntime, index: int, layer):
+        self.runtime = runtime
+        self.index = index
+        self.layer = layer
+        self.active = None  # (micro-batch, replica_expert [G, R]) used by the last dispatch
+        self.recompute_queue: list[int] = []  # micro-batches awaiting their recompute (MoE recompute)
+        self.param_names: list[list[str]] = []
+        self.numel = 0
+
+
+def _expert_param_names(experts, i: int) -> list[str]:
+    """Names of local expert i's parameters; the only structural assumption about the experts module."""
+    names = [n for n, _ in experts.named_parameters()]
+    seq = [n for n in names if n.startswith(f"local_experts.{i}.")]
+    if seq:
+        return seq
+    grouped = [n for n in names if n.endswith((f".weight{i}", f".bias{i}"))]
+    if grouped:
+        return grouped
+    raise RelibraRuntimeError(f"cannot find the parameters of local expert {i} in {type(experts).__name__}")
+
+
+class _RelibraExpertsMixin:
+    """Home slots through the stock forward; replica slots through the same structure, fetched weights."""
+
+    def forward(self, hidden, tokens_per_expert, probs, **kwargs):
+        state = getattr(self, "_relibra", None)
+        if state is None or self._relibra_plain:
+            return super().forward(hidden, tokens_per_expert, probs, **kwargs)
+        rt = state.runtime
+        S = rt.topo.S
+        tpe = tokens_per_expert.cpu() if torch.is_tensor(tokens_per_expert) else torch.as_tensor(tokens_per_expert)
+        n_home = int(tpe[:S].sum())
+        out_home, bias = super().forward(hidden[:n_home], tpe[:S], probs[:n_home], **kwargs)
+        _, rep = state.active
+        plan = _sync_plan(rt, state, rep)
+        if plan is None:  # no replica in this node for this (micro-batch, layer): nothing to join
+            return out_home, bias
+        owner = [p for names in state.param_names for p in (dict(self.named_parameters())[n] for n in names)]
+        out_rep = _ReplicaExperts.apply(self, plan, tpe[S:].tolist(), hidden[n_home:], probs[n_home:], *owner)
+        return torch.cat([out_home, out_rep.to(out_home.dtype)]), bias
+
+
+_EXPERT_CLASSES: dict = {}
+
+
+def _relibra_experts_class(cls):
+    if issubclass(cls, _RelibraExpertsMixin):
+        return cls
+    if cls not in _EXPERT_CLASSES:
+        _EXPERT_CLASSES[cls] = type("Relibra" + cls.__name__, (_RelibraExpertsMixin, cls), {})
+    return _EXPERT_CLASSES[cls]
+
+
+@dataclasses.dataclass
+class _SyncPlan:
+    """Who sends which expert to whom inside this rank's node for one (micro-batch, layer)."""
+
+    send: list        # [(dest node-local index, replica slot k, local expert i)] in (dest, k) order
+    recv: list        # [(src node-local index, replica slot k)] in (src, k) order
+    send_splits: list  # experts sent to each node peer
+    recv_splits: list  # experts received from each node peer
+    slot_expert: list  # [R] logical expert of each of my replica slots (-1 empty)
+
+
+def _sync_plan(rt: RelibraRuntime, state: _LayerState, rep: np.ndarray) -> _SyncPlan | None:
+    t = rt.topo
+    if t.R == 0:
+        return None
+    peers = list(rt.node_ranks[rt.node])
+    if (rep[peers] < 0).all():
+        return None
+    home = invert_placement(rt.expert_at_home)[state.index]  # [E] home slot of each expert
+    me = rt.ep_rank
+    send, recv = [], []
+    for j, r in enumerate(peers):
+        for k in range(t.R):
+            e = int(rep[r, k])
+            if e < 0:
+                continue
+            owner = int(home[e]) // t.S
+            if owner == me:
+                send.append((j, k, int(home[e]) % t.S))
+            if r == me:
+                recv.append((peers.index(owner), k))
+    recv.sort()
+    send_splits = [sum(1 for s in send if s[0] == j) for j in range(len(peers))]
+    recv_splits = [sum(1 for s in recv if s[0] == j) for j in range(len(peers))]
+    return _SyncPlan(send, recv, send_splits, recv_splits, [int(e) for e in rep[me]])
+
+
+def _a2a(rt: RelibraRuntime, send: torch.Tensor, send_splits, recv_splits, out: torch.Tensor, numel: int):
+    dist.all_to_all_single(out, send, [s * numel for s in recv_splits], [s * numel for s in send_splits],
+                           group=rt.node_group)
+
+
+def _fetch(experts, plan: _SyncPlan) -> dict:
+    """Receive replica weights from their owners into the shared pool. Returns {slot k: flat weights}."""
+    state = experts._relibra
+    rt = state.runtime
+    params = dict(experts.named_parameters())
+    first = params[state.param_names[0][0]]
+    numel = state.numel
+    flats = [torch.cat([params[n].detach().reshape(-1) for n in state.param_names[i]]) for i in
+             sorted({i for _, _, i in plan.send})]
+    idx = {i: j for j, i in enumerate(sorted({i for _, _, i in plan.send}))}
+    send = (torch.cat([flats[idx[i]] for _, _, i in plan.send]) if plan.send
+            else first.new_empty(0))
+    pool = rt.pool(numel, first.dtype, first.device)
+    out = pool[: len(plan.recv) * numel]
+    _a2a(rt, send, plan.send_splits, plan.recv_splits, out, numel)
+    rt.metrics.replica_sync_bytes += out.numel() * out.element_size()
+    rt.metrics.peak_send_bytes = max(rt.metrics.peak_send_bytes, send.numel() * send.element_size())
+    return {k: out[j * numel:(j + 1) * numel] for j, (_, k) in enumerate(plan.recv)}
+
+
+def _run_replicas(experts, flat_by_slot: dict, tpe_rep: list, hidden, probs):
+    """Run replica slots through the experts module's own forward with swapped weights (functional call)."""
+    state = experts._relibra
+    S = state.runtime.topo.S
+    params = dict(experts.named_parameters())
+    active = [k for k in sorted(flat_by_slot)]
+    assert sum(tpe_rep[k] for k in range(len(tpe_rep)) if k not in flat_by_slot) == 0, "tokens in empty slot"
+    rows = np.cumsum([0] + list(tpe_rep))
+    outs = []
+    experts._relibra_plain = True
+    try:
+        for start in range(0, len(active), S):  # up to S replica slots per stock call
+            chunk = active[start:start + S]
+            swapped, counts = {}, []
+            for i, k in enumerate(chunk):
+                off = 0
+                for n in state.param_names[i]:
+                    p = params[n]
+                    swapped[n] = flat_by_slot[k][off:off + p.numel()].view_as(p)
+                    off += p.numel()
+                counts.append(tpe_rep[k])
+            lo, hi = int(rows[chunk[0]]), int(rows[chunk[-1] + 1])
+            counts += [0] * (S - len(chunk))
+            out, _ = torch.func.functional_call(
+                experts, swapped, (hidden[lo:hi], torch.tensor(counts, dtype=torch.long), probs[lo:hi]),
+                strict=False)
+            outs.append(out)
+    finally:
+        experts._relibra_plain = False
+    if not outs:
+        return hidden.new_zeros((0, hidden.shape[-1]))
+    return torch.cat(outs)
+
+
+class _ReplicaExperts(torch.autograd.Function):
+    """Replica slots of one layer call. Inputs: the dispatched replica tokens (so every rank of the node
+    runs the backward collective) and the owner's expert parameters (so replica gradients flow home)."""
+
+    @staticmethod
+    def forward(ctx, experts, plan, tpe_rep, hidden, probs, *owner_params):
+        ctx.experts, ctx.plan, ctx.tpe_rep = experts, plan, tpe_rep
+        ctx.save_for_backward(hidden, probs)
+        flat = _fetch(experts, plan)
+        with torch.no_grad():
+            return _run_replicas(experts, flat, tpe_rep, hidden, probs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        experts, plan = ctx.experts, ctx.plan
+        state = experts._relibra
+        rt = state.runtime
+        hidden, probs = ctx.saved_tensors
+        flat = _fetch(experts, plan)  # the pool was reused by other layers: fetch again, recompute
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in flat.items()}
+            h = hidden.detach().requires_grad_(hidden.requires_grad)
+            p = probs.detach().requires_grad_(probs.requires_grad)
+            out = _run_replicas(experts, leaves, ctx.tpe_rep, h, p)
+            inputs = [h, p] + [leaves[k] for _, k in plan.recv]
+            need = [x for x in inputs if x.requires_grad]
+            if need and out.requires_grad:
+                grads = torch.autograd.grad(out, need, grad_out.to(out.dtype), allow_unused=True)
+            else:  # no replica weights here (all my slots empty): nothing flows, but still join the reduction
+                grads = [None] * len(need)
+        it = iter(grads)
+        g = {id(x): (next(it) if x.requires_grad else None) for x in inputs}
+        if g[id(h)] is None and hidden.requires_grad:
+            g[id(h)] = torch.zeros_like(hidden)
+        g_h, g_p = g[id(h)], g[id(p)]
+        numel = state.numel
+        send = [g[id(leaves[k])] if g[id(leaves[k])] is not None else torch.zeros_like(leaves[k])
+                for _, k in plan.recv]
+        send = torch.cat(send) if send else hidden.new_empty(0, dtype=next(iter(experts.parameters())).dtype)
+        # reverse direction of the fetch: replica holders -> owners
+        recv = send.new_empty(len(plan.send) * numel)
+        _a2a(rt, send, plan.recv_splits, plan.send_splits, recv, numel)
+        rt.metrics.grad_reduce_bytes += send.numel() * send.element_size()
+        owner_grads: list = [None] * (rt.topo.S * len(state.param_names[0]))
+        params = dict(experts.named_parameters())
+        per_expert = {}
+        for j, (_, _, i) in enumerate(plan.send):  # (dest, k) order: deterministic sum
+            chunk = recv[j * numel:(j + 1) * numel]
+            per_expert[i] = chunk.clone() if i not in per_expert else per_expert[i].add_(chunk)
+        npe = len(state.param_names[0])
+        for i, flat_g in per_expert.items():
+            off = 0
+            for j, n in enumerate(state.param_names[i]):
+                prm = params[n]
+                gi = flat_g[off:off + prm.numel()].view_as(prm)
+                off += prm.numel()
+                if hasattr(prm, "main_grad"):
+                    # Megatron DDP: main_grad is where every gradient ends; adding there in fp32 also keeps
+                    # gradient_accumulation_fusion (which drops param.grad) correct
+                    prm.main_grad.add_(gi.to(prm.main_grad.dtype))
+                else:
+                    owner_grads[i * npe + j] = gi
+        return (None, None, None, g_h, g_p, *owner_grads)

@@ -1,0 +1,470 @@
+"""Cases run inside 4 gloo ranks (EP 4 = 2 nodes x 2). Each returns plain data; the tests assert on it.
+
+Every rank runs every case in the same order; a case that raises records its error and the next case runs
+(errors are raised identically on every rank after an agreed collective, so the group stays in step).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+E, K, T, H, FFN = 8, 2, 12, 16, 8
+
+
+def _ids(rng: np.random.Generator, world: int, skew: str | None = None) -> list[torch.Tensor]:
+    out = []
+    for r in range(world):
+        rows = []
+        for _ in range(T):
+            if skew == "one" or (skew == "half" and r < world // 2):
+                rest = 1 + rng.permutation(E - 1)[: K - 1]
+                rows.append(np.concatenate([[0], rest]))
+            else:
+                rows.append(rng.permutation(E)[:K])
+        out.append(torch.as_tensor(np.stack(rows), dtype=torch.long))
+    return out
+
+
+def _counts(ids: list[torch.Tensor], M: int = 1, L: int = 1) -> np.ndarray:
+    c = np.zeros((M, L, len(ids), E), dtype=np.int64)
+    for r, i in enumerate(ids):
+        np.add.at(c[0, 0, r], i.reshape(-1).numpy(), 1)
+    return c
+
+
+def _compare(rank, world, *, R, plan_fn, skew=None, dtype=torch.float32, seed=0, rt_kwargs=None):
+    from relibra_verl.planner.types import Topology
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime
+
+    rng = np.random.default_rng(seed)
+    ids = _ids(rng, world, skew)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
+    layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed)
+    x = torch.as_tensor(np.random.default_rng(1000 + rank).standard_normal((T, 1, H)), dtype=dtype)
+    w = torch.as_tensor(np.random.default_rng(2000 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
+    ref = harness.fwd_bwd(layer, x, ids[rank], w)
+    rt = RelibraRuntime(topo, **(rt_kwargs or {}))
+    rt.patch_layer(layer, 0)
+    plan = plan_fn(topo, _counts(ids), rng, rank)
+    rt.set_plan(plan)
+    rt.set_micro_batch(0)
+    got = harness.fwd_bwd(layer, x, ids[rank], w)
+    d = harness.diffs(ref, got)
+    before = harness.tokens_per_rank(topo, None, ids)
+    after = harness.tokens_per_rank(topo, plan, ids) if plan is not None else before
+    return {"diffs": d, "before": before.tolist(), "after": after.tolist(),
+            "sync_bytes": rt.metrics.replica_sync_bytes, "grad_bytes": rt.metrics.grad_reduce_bytes,
+            "pool_bytes": rt.metrics.pool_bytes, "fallback": rt.metrics.fallback_micro_batches}
+
+
+def _random(topo, counts, rng, rank):
+    from relibra_verl.runtime import harness
+
+    return harness.random_plan(topo, counts, rng)
+
+
+def _adversarial(topo, counts, rng, rank):
+    """Every token to expert 0: replicas of expert 0 on rank 1 (node 0), quotas = all pairs of each source."""
+    from relibra_verl.runtime import harness
+
+    plan = harness.random_plan(topo, counts * 0, rng)
+    plan.replica_expert[:] = -1
+    plan.replica_quota[:] = 0
+    plan.replica_expert[0, 0, 1, 0] = 0
+    plan.replica_quota[0, 0, 1, 0, :] = counts[0, 0, :, 0] // 2
+    return plan
+
+
+def _mismatched(topo, counts, rng, rank):
+    """A plan made for other loads (random counts): balance may suffer, tokens never."""
+    from relibra_verl.runtime import harness
+
+    fake = np.random.default_rng(99).integers(0, 30, size=counts.shape)
+    return harness.random_plan(topo, fake, np.random.default_rng(5))
+
+
+def _none(topo, counts, rng, rank):
+    return None
+
+
+def _other_E(topo, counts, rng, rank):
+    from relibra_verl.planner.types import Topology
+    from relibra_verl.runtime import harness
+
+    t2 = Topology(num_experts=2 * E, ep_size=topo.G, gpus_per_node=2, replica_slots=topo.R)
+    return harness.random_plan(t2, np.zeros((1, 1, topo.G, 2 * E), dtype=np.int64), rng)
+
+
+def _off_node(topo, counts, rng, rank):
+    from relibra_verl.runtime import harness
+
+    plan = harness.random_plan(topo, counts, rng)
+    plan.replica_expert[0, 0, 0, :] = -1
+    plan.replica_quota[0, 0, 0] = 0
+    plan.replica_expert[0, 0, 0, 0] = E - 1  # home rank 3, node 1; rank 0 is on node 0
+    return plan
+
+
+def _diverging(topo, counts, rng, rank):
+    from relibra_verl.runtime import harness
+
+    plan = harness.random_plan(topo, counts, np.random.default_rng(11))
+    if rank == 2:
+        plan.replica_quota[plan.replica_expert >= 0] += 1  # a nondeterministic planner
+    return plan
+
+
+def _two_layers(rank, world, *, R, seed=3):
+    """Two MoE layers in a row, two micro-batches with different plans: the replica pool is shared by the
+    layers, so each backward fetches its weights again."""
+    from relibra_verl.planner.types import BatchPlan, Topology
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime
+
+    rng = np.random.default_rng(seed)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
+    layers = [harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed + i) for i in range(2)]
+    ids = [[_ids(rng, world, "half") for _ in range(2)] for _ in range(2)]  # [mb][layer][rank]
+    xs = [torch.as_tensor(np.random.default_rng(3000 + 10 * m + rank).standard_normal((T, 1, H)),
+                          dtype=torch.float32) for m in range(2)]
+
+    def run():
+        outs = []
+        for p in (q for lay in layers for q in lay.parameters()):
+            p.grad = None
+        for m in range(2):
+            if rt is not None:
+                rt.set_micro_batch(m)
+            for li, lay in enumerate(layers):
+                harness.replay(lay, ids[m][li][rank])
+            x = xs[m].clone().requires_grad_()
+            y, _ = layers[0](x)
+            y, _ = layers[1](y)
+            (y * y).sum().backward()
+            outs.append(y.detach().clone())
+            outs.append(x.grad.clone())
+        outs += [p.grad.clone() for lay in layers for p in lay.parameters()]
+        return outs
+
+    rt = None
+    ref = run()
+    rt = RelibraRuntime(topo)
+    for i, lay in enumerate(layers):
+        rt.patch_layer(lay, i)
+    counts = np.zeros((2, 2, world, E), dtype=np.int64)
+    for m in range(2):
+        for li in range(2):
+            for r in range(world):
+                np.add.at(counts[m, li, r], ids[m][li][r].reshape(-1).numpy(), 1)
+    plan = harness.random_plan(topo, counts, rng, num_layers=2)
+    rt.set_plan(plan)
+    got = run()
+    rel = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(ref, got))
+    return {"max_rel": rel, "sync_bytes": rt.metrics.replica_sync_bytes, "pool_bytes": rt.metrics.pool_bytes}
+
+
+CASES = {
+    "random_r2_s0": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=0),
+    "random_r2_s1": lambda r, w: _compare(r, w, R=2, plan_fn=_random, seed=1),
+    "random_r1_s2": lambda r, w: _compare(r, w, R=1, plan_fn=_random, skew="half", seed=2),
+    "adversarial": lambda r, w: _compare(r, w, R=1, plan_fn=_adversarial, skew="one", seed=4),
+    "mismatched": lambda r, w: _compare(r, w, R=2, plan_fn=_mismatched, skew="half", seed=5),
+    "r0": lambda r, w: _compare(r, w, R=0, plan_fn=_random, skew="half", seed=6),
+    "no_plan": lambda r, w: _compare(r, w, R=2, plan_fn=_none, skew="half", seed=7),
+    "bf16": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", dtype=torch.bfloat16, seed=8),
+    "two_layers": lambda r, w: _two_layers(r, w, R=2),
+    "bad_other_E": lambda r, w: _compare(r, w, R=2, plan_fn=_other_E, seed=9),
+    "bad_off_node": lambda r, w: _compare(r, w, R=2, plan_fn=_off_node, seed=10),
+    "bad_diverging": lambda r, w: _compare(r, w, R=2, plan_fn=_diverging, seed=12),
+}
+
+
+def run_cases(rank: int, world: int, names: list[str]) -> dict:
+    from relibra_verl.runtime import harness
+
+    harness.init_megatron(world)
+    out = {}
+    for name in names:
+        try:
+            out[name] = CASES[name](rank, world)
+        except Exception as exc:  # recorded; the tests check that every rank raised the same error
+            out[name] = {"error": type(exc).__name__, "message": str(exc)}
+    return out
+
+
+def _reorder_steps(rank, world, *, R=1, steps=3, seed=21, dtype=torch.float32):
+    """Three Adam steps with a new placement (weights + Adam state moved) before each == three plain steps;
+    then a canonical-order checkpoint loads into a plain Megatron layer."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    from relibra_verl.planner.types import Topology
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime
+    from relibra_verl.runtime.reorder import apply_placement, canonical_order
+
+    rng = np.random.default_rng(seed)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
+    ids = [_ids(rng, world, "half") for _ in range(steps)]
+    xs = [torch.as_tensor(np.random.default_rng(4000 + 10 * s + rank).standard_normal((T, 1, H)), dtype=dtype)
+          for s in range(steps)]
+    w = torch.as_tensor(np.random.default_rng(5000 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
+    placements = [np.stack([rng.permutation(E)]) for _ in range(steps)]
+
+    def train(relibra: bool):
+        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed)
+        opt = torch.optim.Adam(list(layer.experts.parameters()), lr=1e-2)
+        rt = None
+        if relibra:
+            rt = RelibraRuntime(topo)
+            rt.patch_layer(layer, 0)
+        losses = []
+        for s in range(steps):
+            if rt is not None:
+                apply_placement(rt, placements[s], opt)
+                plan = harness.random_plan(topo, _counts(ids[s]), np.random.default_rng(s), expert_at_home=placements[s])
+                rt.set_plan(plan)
+                rt.set_micro_batch(0)
+            res = harness.fwd_bwd(layer, xs[s], ids[s][rank], w)
+            loss = torch.tensor([(res["output"].float() * w).sum().item()], dtype=torch.float64)
+            dist.all_reduce(loss)
+            losses.append(loss.item())
+            opt.step()
+        return layer, opt, rt, losses
+
+    ref_layer, ref_opt, _, ref_losses = train(False)
+    layer, opt, rt, losses = train(True)
+    ref_sd = {k: v.clone() for k, v in ref_layer.state_dict().items() if torch.is_tensor(v)}
+    ref_state = [ref_opt.state[p]["exp_avg"].clone() for p in ref_layer.experts.parameters()]
+    with canonical_order(rt, opt):
+        sd = {k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+        state = [opt.state[p]["exp_avg"].clone() for p in layer.experts.parameters()]
+        path = os.path.join(tempfile.mkdtemp(), f"ckpt{rank}.pt")
+        torch.save(layer.state_dict(), path)
+    placed = {k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+    plain = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed + 1)  # other weights
+    plain.load_state_dict(torch.load(path, weights_only=False))
+    loaded = {k: v for k, v in plain.state_dict().items() if torch.is_tensor(v)}
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()  # noqa
+    return {
+        "ref_losses": ref_losses, "losses": losses,
+        "weights_rel": max(rel(ref_sd[k], sd[k]) for k in ref_sd),
+        "adam_rel": max(rel(a, b) for a, b in zip(ref_state, state)),
+        "ckpt_rel": max(rel(ref_sd[k], loaded[k]) for k in ref_sd),
+        "placed_differs": any(not torch.equal(sd[k], placed[k]) for k in sd if "local_experts" in k),
+        "migration_bytes": rt.metrics.migration_bytes,
+        "same_keys": sorted(sd) == sorted(ref_sd),
+    }
+
+
+CASES["reorder_steps"] = lambda r, w: _reorder_steps(r, w)
+
+
+def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True):
+    """Megatron DDP (overlap_grad_reduce: replica grads must reach main_grad before the bucket is reduced),
+    2 micro-batches with different plans, reordering before each step, torch Adam fed from main_grad
+    (Megatron's DistributedOptimizer hard-codes CUDA tensors; not runnable on CPU): 3 steps equal stock."""
+    import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from relibra_verl.planner.types import Topology
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime
+    from relibra_verl.runtime.reorder import apply_placement, canonical_order
+
+    rng = np.random.default_rng(seed)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
+    ids = [[_ids(rng, world, "half") for _ in range(2)] for _ in range(steps)]  # [step][micro-batch][rank]
+    xs = [[torch.as_tensor(np.random.default_rng(6000 + 100 * s + 10 * m + rank).standard_normal((T, 1, H)),
+                           dtype=torch.float32) for m in range(2)] for s in range(steps)]
+    w = torch.as_tensor(np.random.default_rng(7000 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
+    placements = [np.stack([rng.permutation(E) if reorder else np.arange(E)]) for _ in range(steps)]
+
+    def train(relibra: bool):
+        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed)
+        rt = None
+        if relibra:
+            rt = RelibraRuntime(topo)
+            rt.patch_layer(layer, 0)
+        ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=False, overlap_grad_reduce=overlap,
+                                                bucket_size=None)
+        model = DistributedDataParallel(layer.config, ddp_cfg, layer)
+        opt = torch.optim.Adam(list(layer.parameters()), lr=1e-2)
+        losses = []
+        for s in range(steps):
+            if rt is not None:
+                apply_placement(rt, placements[s], opt)
+                c = np.zeros((2, 1, world, E), dtype=np.int64)
+                for m in range(2):
+                    c[m, 0] = _counts(ids[s][m])[0, 0]
+                rt.set_plan(harness.random_plan(topo, c, np.random.default_rng(s), expert_at_home=placements[s]))
+            model.zero_grad_buffer()
+            opt.zero_grad()
+            loss = torch.zeros((), dtype=torch.float64)
+            for m in range(2):
+                if rt is not None:
+                    rt.set_micro_batch(m)
+                harness.replay(layer, ids[s][m][rank])
+                out, _ = model(xs[s][m].clone().requires_grad_())
+                lm = (out * w).sum()
+                lm.backward()
+                loss += lm.detach().double()
+            model.finish_grad_sync()
+            for p in layer.parameters():
+                p.grad = p.main_grad.clone()
+            opt.step()
+            dist.all_reduce(loss)
+            losses.append(loss.item())
+        return layer, opt, rt, losses
+
+    ref_layer, _, _, ref_losses = train(False)
+    layer, opt, rt, losses = train(True)
+    ref_sd = {k: v.clone() for k, v in ref_layer.state_dict().items() if torch.is_tensor(v)}
+    with canonical_order(rt, opt):
+        sd = {k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()  # noqa
+    return {"ref_losses": ref_losses, "losses": losses, "weights_rel": max(rel(ref_sd[k], sd[k]) for k in ref_sd),
+            "sync_bytes": rt.metrics.replica_sync_bytes}
+
+
+CASES["ddp_steps"] = lambda r, w: _ddp_steps(r, w)
+
+
+def _recompute(rank, world, *, R=2, seed=41):
+    """MoE-layer recompute, two micro-batches forwarded before either backward (pipeline order), each with
+    its own plan: the recompute must use each micro-batch's plan (and RouterReplay its routing)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    from relibra_verl.planner.types import Topology
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime
+
+    rng = np.random.default_rng(seed)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
+    ids = [_ids(rng, world, "half") for _ in range(2)]
+    xs = [torch.as_tensor(np.random.default_rng(8000 + 10 * m + rank).standard_normal((T, 1, H)),
+                          dtype=torch.float32) for m in range(2)]
+    layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed, recompute_granularity="selective",
+                                    recompute_modules=["moe"])
+    assert layer.moe_layer_recompute
+
+    def run(rt):
+        for p in layer.parameters():
+            p.grad = None
+        rr = layer.router.router_replay
+        rr.clear_indices()
+        rr.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        losses, xg = [], []
+        for m in range(2):
+            if rt is not None:
+                rt.set_micro_batch(m)
+            rr.set_target_indices(ids[m][rank])
+            x = xs[m].clone().requires_grad_()
+            out, _ = layer(x)
+            losses.append(((out * out).sum(), x))
+        rr.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+        if rt is not None:
+            rt.set_micro_batch(1)  # a stale current micro-batch must not matter
+        for loss, x in losses:
+            loss.backward()
+            xg.append(x.grad.clone())
+        return xg + [p.grad.clone() for p in layer.parameters()]
+
+    ref = run(None)
+    rt = RelibraRuntime(topo)
+    rt.patch_layer(layer, 0)
+    c = np.zeros((2, 1, world, E), dtype=np.int64)
+    for m in range(2):
+        c[m, 0] = _counts(ids[m])[0, 0]
+    rt.set_plan(harness.random_plan(topo, c, rng))
+    got = run(rt)
+    rel = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(ref, got))
+    return {"max_rel": rel, "sync_bytes": rt.metrics.replica_sync_bytes}
+
+
+CASES["recompute"] = lambda r, w: _recompute(r, w)
+
+
+class _DistOptLike:
+    """Mirrors the parts of Megatron's DistributedOptimizer that reordering uses (fp32 main params held
+    by the optimizer, Adam states keyed by them, `model_param_group_index_map`, `_get_model_param_range_map`,
+    `_get_main_param_and_optimizer_states`), for bf16 model params: the real one hard-codes CUDA tensors."""
+
+    def __init__(self, params, lr=1e-2):
+        import types
+
+        self.params = list(params)
+        self.main = [p.detach().float().clone() for p in self.params]
+        self.optimizer = torch.optim.Adam(self.main, lr=lr)
+        self.model_param_group_index_map = {p: (0, i) for i, p in enumerate(self.params)}
+        self._range = {p: {"param": types.SimpleNamespace(size=p.numel())} for p in self.params}
+
+    def _get_model_param_range_map(self, p):
+        return self._range[p]
+
+    def _get_main_param_and_optimizer_states(self, p):
+        gi, go = self.model_param_group_index_map[p]
+        main = self.optimizer.param_groups[gi]["params"][go]
+        return {"param": main, **{k: v for k, v in self.optimizer.state[main].items() if torch.is_tensor(v)}}
+
+    def step(self):
+        for p, m in zip(self.params, self.main):
+            m.grad = p.grad.float()
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.main):
+                p.copy_(m)
+
+
+def _reorder_distopt(rank, world, *, steps=3, seed=51):
+    """bf16 weights, fp32 main params + Adam states in a DistributedOptimizer-like object, reordering only
+    (R = 0, so computation is unchanged): fp32 main params and moments equal the plain run exactly."""
+    import torch.distributed as dist
+
+    from relibra_verl.planner.types import Topology
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime
+    from relibra_verl.runtime.reorder import apply_placement, canonical_order
+
+    rng = np.random.default_rng(seed)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=0)
+    ids = [_ids(rng, world, "half") for _ in range(steps)]
+    xs = [torch.as_tensor(np.random.default_rng(9000 + 10 * s + rank).standard_normal((T, 1, H)),
+                          dtype=torch.bfloat16) for s in range(steps)]
+    w = torch.as_tensor(np.random.default_rng(9500 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
+    placements = [np.stack([rng.permutation(E)]) for _ in range(steps)]
+
+    def train(relibra):
+        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=torch.bfloat16, seed=seed)
+        opt = _DistOptLike(layer.experts.parameters())
+        rt = None
+        if relibra:
+            rt = RelibraRuntime(topo)
+            rt.patch_layer(layer, 0)
+        losses = []
+        for s in range(steps):
+            if rt is not None:
+                apply_placement(rt, placements[s], opt)
+                rt.set_plan(harness.random_plan(topo, _counts(ids[s]), rng, expert_at_home=placements[s]))
+            res = harness.fwd_bwd(layer, xs[s], ids[s][rank], w)
+            loss = torch.tensor([(res["output"].float() * w).sum().item()], dtype=torch.float64)
+            dist.all_reduce(loss)
+            losses.append(loss.item())
+            opt.step()
+        return layer, opt, rt, losses
+
+    _, ref_opt, _, ref_losses = train(False)
+    _, opt, rt, losses = train(True)
+    ref = [t.clone() for p in ref_opt.params for t in ref_opt._get_main_param_and_optimizer_states(p).values()
+           if t.dim() > 0]
+    with canonical_order(rt, opt):
+        got = [t.clone() for p in opt.params for t in opt._get_main_param_and_optimizer_states(p).values()
+               if t.dim() > 0]
+    return {"ref_losses": ref_losses, "losses": losses, "n_tensors": len(ref),
+            "bitwise": all(torch.equal(a, b) for a, b in zip(ref, got)) and len(ref) == len(got)}
+
+
+CASES["reorder_distopt"] = lambda r, w: _reorder_distopt(r, w)
