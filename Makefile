@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check
+PIP := $(PY) -m pip --disable-pip-version-check --no-input
 STAMP := $(VENV)/.relibra-stack-v1
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q "verl[verl-core]==0.9.1"
 	$(PIP) install -q "ray[default]"
 	$(PIP) install -q --no-deps -e .
-	$(PY) -c "import torch, triton, megatron.core, verl; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert triton.__version__ == '3.7.1', triton.__version__; assert megatron.core.__version__ == '0.19.2', megatron.core.__version__; assert verl.__version__ == '0.9.1', verl.__version__"
+	$(PY) -c "from importlib.metadata import version as v; got = {p: v(p) for p in ('torch', 'triton', 'megatron-core', 'verl')}; want = {'torch': '2.13.0', 'triton': '3.7.1', 'megatron-core': '0.19.2', 'verl': '0.9.1'}; bad = {p: g for p, g in got.items() if not g.startswith(want[p])}; assert not bad, f'wrong versions installed: {bad}'"
 	touch $(STAMP)
 
 bench: $(STAMP)
