@@ -9,12 +9,20 @@ micro-batches as verl's dynamic batching does (relibra_verl.routing.loads).
 History: `eplb-history` plans a batch on the previous batch's loads: the warm-up draw for the first
 resampled step, the last batch (cyclically) for the first of several shuffled steps. With one shuffled
 batch there is no previous batch, and eplb-history is left out with a note rather than faked.
+
+Step time (relibra_verl.sim): with `--model PRESET` each strategy's plans go through the cost model of
+`--profile NAME|PATH` and the report adds step time and throughput vs `megatron` and vs `ideal`. The relibra
+planners then get the cost model's `min_replica_tokens` / `max_copies_per_owner` (time-aware planning)
+unless given, and the report shows relibra's step time without them too. `--synthetic --seqs N` replaces
+`--trace` by the calibrated generator (relibra_verl.sim.synth): one fresh batch of N sequences per step plus
+a warm-up batch for eplb-history, drifting between steps. `--plot PATH` writes a PNG.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -34,11 +42,17 @@ class ReplayRun:
     counts: list[np.ndarray]
     results: dict[str, list[StrategyResult]]
     notes: list[str]
+    model: object = None          # relibra_verl.sim.presets.ModelPreset with --model
+    profile: object = None        # relibra_verl.sim.profiles.HardwareProfile with --model
+    limits: dict = dataclasses.field(default_factory=dict)   # the relibra planner's replica limits
+    num_groups: int = 1
+    seq_lens: np.ndarray | None = None                         # [S] all steps' sequence lengths
+    untimed: dict = dataclasses.field(default_factory=dict)  # relibra planners without time-aware limits
 
 
 def add_replay_arguments(p) -> None:
     """Flags shared by every command that replays traces through the planners."""
-    p.add_argument("--trace", action="append", required=True, metavar="PATH|bundled:NAME",
+    p.add_argument("--trace", action="append", default=None, metavar="PATH|bundled:NAME",
                    help="routing trace (npz); repeat to mix traces into one batch")
     p.add_argument("--ep", type=int, required=True, metavar="G", help="expert-parallel ranks")
     p.add_argument("--gpus-per-node", type=int, required=True, metavar="g", help="EP ranks per node")
@@ -50,19 +64,38 @@ def add_replay_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=1, metavar="S", help="batches (RL steps) to simulate (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of: " + ", ".join(STRATEGIES))
-    p.add_argument("--min-replica-tokens", type=int, default=1, metavar="N",
-                   help="relibra: a replica must carry at least N routed pairs (default 1)")
+    p.add_argument("--min-replica-tokens", type=int, default=None, metavar="N",
+                   help="relibra: a replica must carry at least N routed pairs (default 1; with --model: from the cost model)")
     p.add_argument("--max-copies-per-owner", type=int, default=None, metavar="N",
-                   help="relibra: replicas one rank may send per micro-batch and layer (default unlimited)")
-    p.add_argument("--num-groups", type=int, default=1, metavar="N",
-                   help="expert groups of the model, for EPLB's hierarchical mode (default 1: global EPLB)")
+                   help="relibra: replicas one rank may send per micro-batch and layer (default unlimited; "
+                        "with --model: from the cost model)")
+    p.add_argument("--num-groups", type=int, default=None, metavar="N",
+                   help="expert groups of the model, for EPLB's hierarchical mode (default 1: global EPLB; "
+                        "with --model: the preset's)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+
+
+def add_timing_arguments(p) -> None:
+    """Step-time flags (relibra_verl.sim)."""
+    p.add_argument("--model", default=None, metavar="PRESET",
+                   help="model preset for step time: qwen3-30b-a3b, qwen3-235b-a22b, deepseek-v3, deepseek-v2-lite")
+    p.add_argument("--profile", default="h100-ib400", metavar="NAME|PATH",
+                   help="hardware profile: h100-ib400 (default), h800-ib400, or a JSON/YAML file")
+    p.add_argument("--synthetic", action="store_true", help="synthetic routing of --model instead of --trace")
+    p.add_argument("--seqs", type=int, default=None, metavar="N", help="--synthetic: sequences per step")
+    p.add_argument("--mean-len", type=float, default=None, metavar="T",
+                   help="--synthetic: mean tokens per sequence (default 1500, capped by --tokens-per-rank)")
+    p.add_argument("--online-copies", action="store_true",
+                   help="replica weights on the critical path (online planning, UltraEP) instead of sent ahead")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG: imbalance per micro-batch, throughput bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="replay routing traces through the balancing strategies",
                               description=__doc__.split("\n\n")[0])
     add_replay_arguments(p)
+    add_timing_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -89,39 +122,148 @@ def build_batches(traces: list[Trace], args) -> tuple[list[Trace], Trace | None]
     return [select_sequences(batch, p) for p in parts], None
 
 
-def replay(args) -> ReplayRun:
-    """Load traces, form batches, count loads and run every requested strategy on every step."""
-    strategies = parse_strategies(args.strategies)
-    traces = [load_trace(spec) for spec in args.trace]
-    E = traces[0].num_experts
-    try:
-        topo = Topology(E, args.ep, args.gpus_per_node, args.replica_slots)
-    except PlanError as exc:
-        raise UsageError(str(exc)) from None
-    notes = []
-    long_seqs = sum(int((t.seq_lens() > args.tokens_per_rank).sum()) for t in traces)
-    if args.resample is not None and long_seqs:
-        notes.append(f"{long_seqs} recorded sequence(s) longer than --tokens-per-rank {args.tokens_per_rank} are not drawn")
-    batches, warmup = build_batches(traces, args)
-    counts = [count_loads(b, split_micro_batches(b.seq_lens(), args.ep, args.tokens_per_rank)) for b in batches]
-    history = [count_loads(warmup, split_micro_batches(warmup.seq_lens(), args.ep, args.tokens_per_rank))] if warmup else []
-    if "eplb-history" in strategies and warmup is None and len(counts) == 1:
-        strategies.remove("eplb-history")
-        notes.append("eplb-history left out: one shuffled batch has no previous batch (use --steps >= 2 or --resample)")
-    replication = ReplicationConfig(min_replica_tokens=args.min_replica_tokens,
-                                    max_copies_per_owner=args.max_copies_per_owner)
+def synthetic_batches(args, model) -> tuple[list[Trace], Trace | None]:
+    """--synthetic: one generated batch of --seqs sequences per step, plus the warm-up batch (eplb-history)."""
+    from relibra_verl.sim.synth import RoutingGenerator, params_for
+
+    if args.seqs is None or args.seqs < 1:
+        raise UsageError("--synthetic needs --seqs N >= 1 (sequences per step)")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    over = {"max_len": args.tokens_per_rank}
+    base = params_for(model)
+    over["mean_len"] = min(args.mean_len or base.mean_len, args.tokens_per_rank / 2)
+    gen = RoutingGenerator(model, seed=args.seed, params=params_for(model, **over))
+    bar = Progress(args.steps + 1, "generate", enabled=not args.no_progress)
+    draws = []
+    for i in range(args.steps + 1):
+        draws.append(gen.batch(args.seqs))
+        bar.update(i + 1)
+    bar.close()
+    return draws[1:], draws[0]
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only on a terminal and for runs over ~2 s."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label = max(total, 1), label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.shown = False
+
+    def update(self, done: int, what: str = "") -> None:
+        if not self.enabled or (not self.shown and time.perf_counter() - self.t0 < 2.0 and done < self.total):
+            return
+        self.shown = True
+        n = int(30 * done / self.total)
+        sys.stderr.write(f"\r{self.label} [{'#' * n}{'.' * (30 - n)}] {done}/{self.total} {what:<24}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+def run_strategies(strategies, counts, history, topo, num_groups, replication, progress=None) -> dict[str, list[StrategyResult]]:
+    """Every strategy on every step's counts [M, L, G, E]; placements carried from step to step."""
     results: dict[str, list[StrategyResult]] = {}
+    done = 0
     for name in strategies:
         prev = None
         per_step = []
         for i, c in enumerate(counts):
             hist = counts[i - 1] if i > 0 else (history[0] if history else counts[-1])
             res = run_strategy(name, c, topo, history_counts=hist, prev_placement=prev,
-                               num_groups=args.num_groups, replication=replication)
+                               num_groups=num_groups, replication=replication)
             prev = res.placement
             per_step.append(res)
+            done += 1
+            if progress is not None:
+                progress.update(done, f"{name} step {i + 1}")
         results[name] = per_step
-    return ReplayRun(topo, counts, results, notes)
+    return results
+
+
+def resolve_model(args):
+    """The --model preset (None without it); checks --synthetic needs it."""
+    from relibra_verl.sim.presets import get_preset
+
+    model = get_preset(args.model) if getattr(args, "model", None) else None
+    if getattr(args, "synthetic", False):
+        if model is None:
+            raise UsageError("--synthetic needs --model PRESET")
+        if args.trace:
+            raise UsageError("--synthetic and --trace exclude each other")
+    elif not args.trace:
+        raise UsageError("give --trace PATH|bundled:NAME (repeatable) or --synthetic --model PRESET")
+    return model
+
+
+def replication_config(args, model, profile) -> tuple[ReplicationConfig, dict]:
+    """The relibra planner's limits: the flags, or the cost model's (time-aware) when --model is given."""
+    from relibra_verl.sim.planning import max_copies_per_owner, min_replica_tokens
+
+    mrt, mco, src = args.min_replica_tokens, args.max_copies_per_owner, "flags"
+    if model is not None:
+        prefetch = not args.online_copies
+        if mrt is None:
+            mrt, src = min_replica_tokens(model, profile, prefetch=prefetch), "cost model"
+        if mco is None:
+            mco = max_copies_per_owner(model, profile, args.tokens_per_rank)
+    mrt = 1 if mrt is None else mrt
+    return ReplicationConfig(min_replica_tokens=mrt, max_copies_per_owner=mco), \
+        {"min_replica_tokens": mrt, "max_copies_per_owner": mco, "source": src}
+
+
+def replay(args) -> ReplayRun:
+    """Load traces (or generate them), form batches, count loads and run every requested strategy on every step."""
+    from relibra_verl.sim.profiles import load_profile
+
+    strategies = parse_strategies(args.strategies)
+    model = resolve_model(args)
+    profile = load_profile(args.profile) if model is not None else None
+    notes = []
+    if model is not None and getattr(args, "synthetic", False):
+        batches, warmup = synthetic_batches(args, model)
+        E = model.num_experts
+    else:
+        traces = [load_trace(spec) for spec in args.trace]
+        E = traces[0].num_experts
+        if model is not None and E != model.num_experts:
+            raise UsageError(f"{traces[0].name}: the trace has {E} experts per layer but preset {model.name} has "
+                             f"{model.num_experts}")
+        if model is not None and traces[0].num_layers != model.num_moe_layers:
+            raise UsageError(f"{traces[0].name}: the trace has {traces[0].num_layers} MoE layers but preset "
+                             f"{model.name} has {model.num_moe_layers}")
+        long_seqs = sum(int((t.seq_lens() > args.tokens_per_rank).sum()) for t in traces)
+        if args.resample is not None and long_seqs:
+            notes.append(f"{long_seqs} recorded sequence(s) longer than --tokens-per-rank {args.tokens_per_rank} are not drawn")
+        batches, warmup = build_batches(traces, args)
+    try:
+        topo = Topology(E, args.ep, args.gpus_per_node, args.replica_slots)
+    except PlanError as exc:
+        raise UsageError(str(exc)) from None
+    counts = [count_loads(b, split_micro_batches(b.seq_lens(), args.ep, args.tokens_per_rank)) for b in batches]
+    history = [count_loads(warmup, split_micro_batches(warmup.seq_lens(), args.ep, args.tokens_per_rank))] if warmup else []
+    if "eplb-history" in strategies and warmup is None and len(counts) == 1:
+        strategies.remove("eplb-history")
+        notes.append("eplb-history left out: one shuffled batch has no previous batch (use --steps >= 2 or --resample)")
+    replication, limits = replication_config(args, model, profile)
+    num_groups = args.num_groups if args.num_groups is not None else (model.num_expert_groups if model else 1)
+    bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
+    results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar)
+    run = ReplayRun(topo, counts, results, notes)
+    run.model, run.profile, run.limits, run.num_groups = model, profile, limits, num_groups
+    run.seq_lens = np.concatenate([b.seq_lens() for b in batches])
+    if model is not None and limits["source"] == "cost model" and any(n.startswith("relibra") and n != "relibra-reorder" for n in strategies):
+        # the same planners without the time-aware limits, to show what they change
+        plain = ReplicationConfig(min_replica_tokens=1, max_copies_per_owner=None)
+        names = [n for n in strategies if n in ("relibra", "relibra-replicate")]
+        run.untimed = run_strategies(names, counts, history, topo, num_groups, plain, bar)
+    bar.close()
+    return run
 
 
 def summarize(run: ReplayRun) -> dict[str, dict]:
@@ -138,7 +280,8 @@ def summarize(run: ReplayRun) -> dict[str, dict]:
     return out
 
 
-def print_table(summary: dict[str, dict], header: str, file=sys.stdout) -> None:
+def print_table(summary: dict[str, dict], header: str, file=None) -> None:
+    file = file or sys.stdout  # resolved at call time (tests swap sys.stdout)
     print(header, file=file)
     print(f"{'strategy':<19}{'p50':>8}{'p95':>8}{'max':>8}  {'replicas/mb/layer':>17}  {'moved/step':>10}  {'plan ms':>8}", file=file)
     for name, s in summary.items():
@@ -149,29 +292,88 @@ def print_table(summary: dict[str, dict], header: str, file=sys.stdout) -> None:
 
 def config_dict(args, run: ReplayRun) -> dict:
     c = run.counts[0]
-    return {
-        "traces": args.trace, "ep": args.ep, "gpus_per_node": args.gpus_per_node, "nodes": run.topo.num_nodes,
+    cfg = {
+        "traces": args.trace if args.trace else [f"synthetic:{args.model}"], "ep": args.ep,
+        "gpus_per_node": args.gpus_per_node, "nodes": run.topo.num_nodes,
         "replica_slots": args.replica_slots, "tokens_per_rank": args.tokens_per_rank, "resample": args.resample,
         "steps": args.steps, "seed": args.seed, "num_experts": run.topo.E, "moe_layers": int(c.shape[1]),
         "micro_batches_per_step": [int(x.shape[0]) for x in run.counts],
         "routed_pairs_per_step": [int(x.sum()) for x in run.counts],
-        "min_replica_tokens": args.min_replica_tokens, "max_copies_per_owner": args.max_copies_per_owner,
+        "min_replica_tokens": run.limits.get("min_replica_tokens", 1),
+        "max_copies_per_owner": run.limits.get("max_copies_per_owner"),
+        "num_groups": run.num_groups,
         "notes": run.notes,
     }
+    if run.model is not None:
+        cfg.update(model=run.model.name, profile=run.profile.name, synthetic=bool(args.synthetic), seqs=args.seqs,
+                   replica_limits_from=run.limits["source"], replica_copies="critical path" if args.online_copies else "sent ahead")
+    return cfg
+
+
+def timing_report(args, run: ReplayRun) -> dict | None:
+    """simulate_timing over the run (None without --model), plus relibra without time-aware limits."""
+    if run.model is None:
+        return None
+    from relibra_verl.sim.report import mean_context, simulate_timing
+
+    ctx = mean_context(run.seq_lens)
+    timing = simulate_timing(run.results, run.model, run.profile, run.topo, mean_context=ctx, prefetch=not args.online_copies)
+    if run.untimed:
+        plain = simulate_timing({**run.results, **run.untimed}, run.model, run.profile, run.topo, mean_context=ctx,
+                                prefetch=not args.online_copies)["strategies"]
+        timing["time_aware"] = {n: {"step_time_s": timing["strategies"][n]["step_time_s"],
+                                    "step_time_s_without": plain[n]["step_time_s"],
+                                    "replicas_per_microbatch_layer": _replicas(run.results[n]),
+                                    "replicas_per_microbatch_layer_without": _replicas(run.untimed[n])}
+                                for n in run.untimed}
+    return timing
+
+
+def _replicas(steps) -> float:
+    return float(np.mean([r.replicas.sum((0, 2)).mean() / r.replicas.shape[0] for r in steps]))
 
 
 def run(args) -> int:
     result = replay(args)
     summary = summarize(result)
     cfg = config_dict(args, result)
-    header = (f"relibra-verl simulate: {' + '.join(args.trace)} | EP {args.ep} on {result.topo.num_nodes} node(s) x "
+    timing = timing_report(args, result)
+    src = " + ".join(args.trace) if args.trace else f"synthetic {args.model} ({args.seqs} seqs/step)"
+    header = (f"relibra-verl simulate: {src} | EP {args.ep} on {result.topo.num_nodes} node(s) x "
               f"{args.gpus_per_node} | R={args.replica_slots} | {args.tokens_per_rank} tokens/rank/micro-batch | "
               f"{args.steps} step(s), micro-batches {cfg['micro_batches_per_step']}, layers {cfg['moe_layers']}\n"
               "imbalance = max / mean routed pairs per rank, over every (step, micro-batch, MoE layer)")
     print_table(summary, header)
     for note in result.notes:
         print(f"note: {note}")
+    if timing is not None:
+        from relibra_verl.sim.report import format_timing
+
+        for name, t in timing["strategies"].items():
+            summary[name].update({k: t[k] for k in ("step_time_s", "throughput_vs_megatron", "throughput_vs_ideal")})
+        print()
+        print(format_timing(timing))
+        lim = result.limits
+        for name, t in timing.get("time_aware", {}).items():
+            print(f"time-aware planning ({name}): {t['step_time_s']:.4f} s/step with min_replica_tokens="
+                  f"{lim['min_replica_tokens']}, max_copies_per_owner={lim['max_copies_per_owner']} "
+                  f"({t['replicas_per_microbatch_layer']:.1f} replicas/mb/layer); {t['step_time_s_without']:.4f} s/step "
+                  f"without ({t['replicas_per_microbatch_layer_without']:.1f})")
+    if args.plot:
+        if timing is None:
+            raise UsageError("--plot needs --model PRESET (the throughput bars come from the cost model)")
+        from relibra_verl.sim.report import plot_report
+
+        try:
+            plot_report(result.results, timing, args.plot, title=f"{src} | EP {args.ep} ({result.topo.num_nodes} x "
+                        f"{args.gpus_per_node}) | {timing['model']} on {timing['profile']}")
+        except OSError as exc:
+            raise UsageError(f"{args.plot}: cannot write the plot ({exc.strerror or exc})") from None
+        print(f"plot: {args.plot}")
     if args.json:
+        report = {"config": cfg, "strategies": summary}
+        if timing is not None:
+            report["timing"] = timing
         with open(args.json, "w") as f:
-            json.dump({"config": cfg, "strategies": summary}, f, indent=2)
+            json.dump(report, f, indent=2)
     return 0
