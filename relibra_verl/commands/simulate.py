@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from relibra_verl.errors import UsageError
-from relibra_verl.planner.relibra import ReplicationConfig
+from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig
 from relibra_verl.planner.strategies import STRATEGIES, StrategyResult, run_strategy
 from relibra_verl.planner.types import PlanError, Topology
 from relibra_verl.routing.loads import count_loads, form_batch, select_sequences, split_micro_batches
@@ -166,7 +166,8 @@ class Progress:
             sys.stderr.flush()
 
 
-def run_strategies(strategies, counts, history, topo, num_groups, replication, progress=None) -> dict[str, list[StrategyResult]]:
+def run_strategies(strategies, counts, history, topo, num_groups, replication, progress=None,
+                   reorder: ReorderConfig = ReorderConfig()) -> dict[str, list[StrategyResult]]:
     """Every strategy on every step's counts [M, L, G, E]; placements carried from step to step."""
     results: dict[str, list[StrategyResult]] = {}
     done = 0
@@ -176,7 +177,7 @@ def run_strategies(strategies, counts, history, topo, num_groups, replication, p
         for i, c in enumerate(counts):
             hist = counts[i - 1] if i > 0 else (history[0] if history else counts[-1])
             res = run_strategy(name, c, topo, history_counts=hist, prev_placement=prev,
-                               num_groups=num_groups, replication=replication)
+                               num_groups=num_groups, replication=replication, reorder=reorder)
             prev = res.placement
             per_step.append(res)
             done += 1
@@ -201,20 +202,28 @@ def resolve_model(args):
     return model
 
 
-def replication_config(args, model, profile) -> tuple[ReplicationConfig, dict]:
-    """The relibra planner's limits: the flags, or the cost model's (time-aware) when --model is given."""
-    from relibra_verl.sim.planning import max_copies_per_owner, min_replica_tokens
+def replication_config(args, model, profile) -> tuple[ReplicationConfig, ReorderConfig, dict]:
+    """The relibra planner's limits: the flags, or the cost model's (time-aware) when --model is given:
+    replica limits, each replica's GEMM-call overhead, and the cost of moving an expert across nodes."""
+    from relibra_verl.sim.planning import (max_copies_per_owner, min_replica_tokens, move_cost_pairs,
+                                           replica_overhead_tokens)
 
     mrt, mco, src = args.min_replica_tokens, args.max_copies_per_owner, "flags"
+    overhead, move_cost = 0, 0.0
     if model is not None:
         prefetch = not args.online_copies
         if mrt is None:
-            mrt, src = min_replica_tokens(model, profile, prefetch=prefetch), "cost model"
+            # the GEMM call is charged to the receiver below (replica_overhead_pairs): count the copies only
+            mrt, src = min_replica_tokens(model, profile, prefetch=prefetch, include_call=False), "cost model"
         if mco is None:
             mco = max_copies_per_owner(model, profile, args.tokens_per_rank)
+        overhead = replica_overhead_tokens(model, profile)
+        move_cost = move_cost_pairs(model, profile)
     mrt = 1 if mrt is None else mrt
-    return ReplicationConfig(min_replica_tokens=mrt, max_copies_per_owner=mco), \
-        {"min_replica_tokens": mrt, "max_copies_per_owner": mco, "source": src}
+    return (ReplicationConfig(min_replica_tokens=mrt, max_copies_per_owner=mco, replica_overhead_pairs=overhead),
+            ReorderConfig(move_cost_pairs=move_cost),
+            {"min_replica_tokens": mrt, "max_copies_per_owner": mco, "replica_overhead_pairs": overhead,
+             "move_cost_pairs": round(move_cost, 1), "source": src})
 
 
 def replay(args) -> ReplayRun:
@@ -250,17 +259,18 @@ def replay(args) -> ReplayRun:
     if "eplb-history" in strategies and warmup is None and len(counts) == 1:
         strategies.remove("eplb-history")
         notes.append("eplb-history left out: one shuffled batch has no previous batch (use --steps >= 2 or --resample)")
-    replication, limits = replication_config(args, model, profile)
+    replication, reorder, limits = replication_config(args, model, profile)
     num_groups = args.num_groups if args.num_groups is not None else (model.num_expert_groups if model else 1)
     bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
-    results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar)
+    results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar, reorder)
     run = ReplayRun(topo, counts, results, notes)
     run.model, run.profile, run.limits, run.num_groups = model, profile, limits, num_groups
     run.seq_lens = np.concatenate([b.seq_lens() for b in batches])
-    if model is not None and limits["source"] == "cost model" and any(n.startswith("relibra") and n != "relibra-reorder" for n in strategies):
-        # the same planners without the time-aware limits, to show what they change
+    if model is not None and limits["source"] == "cost model" and any(n.startswith("relibra") for n in strategies):
+        # the same planners planning token counts only (no limits, overheads or move costs): what time-aware
+        # planning changes
         plain = ReplicationConfig(min_replica_tokens=1, max_copies_per_owner=None)
-        names = [n for n in strategies if n in ("relibra", "relibra-replicate")]
+        names = [n for n in strategies if n in ("relibra", "relibra-replicate", "relibra-reorder")]
         run.untimed = run_strategies(names, counts, history, topo, num_groups, plain, bar)
     bar.close()
     return run

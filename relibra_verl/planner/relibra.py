@@ -33,28 +33,42 @@ class ReplicationConfig:
         the tokens that repay the replica's weight copy and small GEMM; see relibra_verl.sim).
     max_copies_per_owner: cap on replicas one owner rank sends per micro-batch and layer (None: R*(g-1)).
     tolerance: stop when the most loaded rank is within this fraction of its node's mean.
+    replica_overhead_pairs: what one more expert GEMM call costs its receiver, in routed pairs
+        (relibra_verl.sim.planning.replica_overhead_tokens): receivers are filled to the mean of time,
+        not of pairs.
     """
 
     min_replica_tokens: int = 1
     max_copies_per_owner: int | None = None
     tolerance: float = 0.0
+    replica_overhead_pairs: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class ReorderConfig:
-    """keep_tolerance: keep the previous placement of a layer when the new one lowers its squared
-    per-micro-batch node-and-rank load imbalance by less than this fraction.
+    """Knobs of the reordering planner.
+
+    keep_tolerance: keep the previous placement of a layer when the new one lowers its squared
+        per-micro-batch node-and-rank load imbalance by less than this fraction.
+    max_moves_per_layer: a layer whose new placement would move more experts keeps its old one.
     node_stickiness, rank_stickiness: an expert keeps its node (rank) when that costs at most this
-    fraction of its load times the mean node (rank) load in squared imbalance (see _pack_vectors); 0
-    ignores moves. Cross-node balance cannot be repaired per micro-batch (replicas stay inside a node),
-    imbalance inside a node can: so when replicas follow (mode "both") moves inside a node are worth less
-    than the balance they buy, and rank_stickiness=None means 1.0 there and 0.0 for reorder alone.
-    max_moves_per_layer: a layer whose new placement would move more experts keeps its old one."""
+        fraction of its load times the mean node (rank) load in squared imbalance (see _pack_vectors);
+        0 ignores moves. Moves inside a node go over NVLink and are cheap, so rank_stickiness is 0.
+    move_cost_pairs: what moving one expert's state across nodes costs, in routed pairs of one rank's
+        expert compute (relibra_verl.sim.planning.move_cost_pairs derives it from a hardware profile).
+        When > 0, each layer takes, among node assignments of increasing stickiness and the previous
+        one, the one with the least sum over micro-batches of (max node load / g) + moves / G * cost.
+    """
 
     keep_tolerance: float = 0.01
     max_moves_per_layer: int | None = None
     node_stickiness: float = 0.0
-    rank_stickiness: float | None = None
+    rank_stickiness: float = 0.0
+    move_cost_pairs: float = 0.0
+
+
+# stickiness values tried by the move-cost-aware node assignment (0: balance only ... 1: strongly sticky)
+_NODE_STICKINESS_CANDIDATES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def _pack_vectors(weight: np.ndarray, num_bins: int, prev_bin: np.ndarray | None = None,
@@ -136,9 +150,9 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     prev_rank = prev_home // S                                           # [L, E]
 
     # 1. experts -> nodes
+    prev_node = rank_node[prev_rank]                                     # [L, E]
     if N > 1:
-        node_of = _pack_vectors(load, N, rank_node[prev_rank], config.node_stickiness)
-        node_of = _match_labels(node_of, rank_node[prev_rank], N)
+        node_of = _assign_nodes(load, N, prev_node, config, topo)
     else:
         node_of = np.zeros((L, E), dtype=np.int64)
 
@@ -167,6 +181,31 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     if config.max_moves_per_layer is not None:
         keep |= moves > config.max_moves_per_layer
     return np.where(keep[:, None], prev, new)
+
+
+def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: ReorderConfig,
+                  topo: Topology) -> np.ndarray:
+    """Experts -> nodes for every layer. load: [L, E, M]; prev_node: [L, E]. Returns node_of [L, E].
+
+    Without a move cost: one greedy packing at config.node_stickiness. With one: per layer, the cheapest
+    of several stickiness levels and of keeping the previous assignment, where cost = sum over
+    micro-batches of the busiest node's load per rank plus the moves' cost (moves run in parallel over
+    the G ranks)."""
+    if config.move_cost_pairs <= 0:
+        node_of = _pack_vectors(load, N, prev_node, config.node_stickiness)
+        return _match_labels(node_of, prev_node, N)
+    L, E, M = load.shape
+    g = topo.G // N
+    candidates = [prev_node]
+    for stick in sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}):
+        candidates.append(_match_labels(_pack_vectors(load, N, prev_node, stick), prev_node, N))
+    stacked = np.stack(candidates)                                       # [C, L, E]
+    onehot = stacked[..., None] == np.arange(N)                          # [C, L, E, N]
+    node_load = np.einsum("clen,lem->clnm", onehot, load)                # [C, L, N, M]
+    moves = (stacked != prev_node[None]).sum(-1)                         # [C, L]
+    cost = node_load.max(axis=2).sum(-1) / g + moves * config.move_cost_pairs / topo.G
+    best = np.argmin(cost, axis=0)                                       # ties: the previous assignment
+    return stacked[best, np.arange(L)]
 
 
 def _fill_slots(rank_of_expert: np.ndarray, prev: np.ndarray, prev_home: np.ndarray, S: int) -> np.ndarray:
@@ -218,7 +257,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     slot_load = slot_load.reshape(M, L, G, S)[:, :, node_ranks]          # [M, L, N, g, S]
     P = M * L * N
     home = slot_load.reshape(P, g, S).astype(np.int64)
-    rank_load = home.sum(-1)
+    rank_load = home.sum(-1).astype(np.float64)                          # pairs + replica overheads
     target = rank_load.mean(-1)                                          # [P] node mean
     has_copy = np.zeros((P, g, g * S), dtype=bool)
     has_copy[:, np.arange(g).repeat(S), np.arange(g * S)] = True
@@ -226,6 +265,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     sent = np.zeros((P, g), dtype=np.int64)
     cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
     min_tokens = max(1, int(config.min_replica_tokens))
+    overhead = float(config.replica_overhead_pairs)
     picks = []                                                           # (problems, donor, slot, recv, k, amount)
     slot_ids = np.arange(S)
     live = np.arange(P)                                                  # problems still improving
@@ -239,12 +279,19 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         x_all = donor[:, None] * S + slot_ids[None, :]                   # [P', S] node-local expert ids
         # receiver r may take expert x: a free slot and no copy of x yet (never the donor: it has one)
         ok = (used_l < R)[:, None, :] & ~has_copy[live[:, None], :, x_all]  # [P', S, g]
-        deficit = np.where(ok, (target[live, None] - load_l)[:, None, :], -np.inf)
+        # fill the receiver up to the node mean (less its GEMM-call overhead); a receiver too close to the
+        # mean for that may still take load above the mean, up to where it meets the donor (the busiest
+        # of the two sets the time), as long as the donor stays above the mean
+        deficit = np.where(ok, (target[live, None] - load_l - overhead)[:, None, :], -np.inf)
+        meet = ((load_l[sub, donor][:, None] - load_l - overhead) / 2)[:, None, :]
         # a receiver's last free slot takes as much as fills it, even if the donor then drops below the
         # mean: the donor has free slots of its own to be refilled, the receiver would have none
         limit = np.where((used_l == R - 1)[:, None, :], np.inf, excess[:, None, None])
+        to_mean = np.minimum(deficit, limit)
+        above_mean = np.where(ok, np.minimum(meet, excess[:, None, None]), -np.inf)
+        take = np.where(deficit >= min_tokens, to_mean, above_mean)
         # the largest single move: fewest replicas for the same balance
-        amount_all = np.minimum(np.minimum(deficit, avail[:, :, None]), limit)
+        amount_all = np.minimum(take, avail[:, :, None])
         best = np.argmax(amount_all.reshape(n_live, S * g), axis=1)
         s_loc, recv = np.divmod(best, g)
         with np.errstate(invalid="ignore"):
@@ -258,7 +305,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         picks.append((p, d, sl, rv, k, a))
         home[p, d, sl] -= a
         rank_load[p, d] -= a
-        rank_load[p, rv] += a
+        rank_load[p, rv] += a + overhead
         used[p, rv] += 1
         sent[p, d] += 1
         has_copy[p, rv, d * S + sl] = True
@@ -271,52 +318,86 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     donor_rank, holder = node_ranks[n, d], node_ranks[n, rv]
     expert = expert_at_home[l, donor_rank * S + sl]
     replica_expert[m, l, holder, k] = expert
-    replica_quota[m, l, holder, k] = _split_quota(counts[m, l, :, expert], holder, donor_rank, a, m, l, expert)
+    key = (m * L + l) * E + expert
+    replica_quota[m, l, holder, k] = _split_quota(counts[m, l, :, expert], holder, donor_rank, a, key,
+                                                  np.asarray(topo.node_of_rank))
     return replica_expert, replica_quota
 
 
+def _northwest(pool: np.ndarray, size: np.ndarray, group_start: np.ndarray) -> np.ndarray:
+    """Fill consecutive entries of each group from its sources in rank order (northwest corner rule).
+
+    pool: [n, G] pairs available from each source (the entry's group's row); size: [n] pairs each entry
+    takes; group_start: [n] True at the first entry of a group (entries sorted by group).
+    Returns take [n, G] with take.sum(1) == size where the pool suffices.
+    """
+    n = len(size)
+    csum = np.cumsum(size)
+    first = np.maximum.accumulate(np.where(group_start, np.arange(n), 0))
+    end = csum - (csum[first] - size[first])
+    begin = end - size
+    hi = np.cumsum(pool, axis=1)
+    take = np.minimum(end[:, None], hi)
+    take -= np.maximum(begin[:, None], hi - pool)
+    np.maximum(take, 0, out=take)
+    return take
+
+
 def _split_quota(src: np.ndarray, holder: np.ndarray, home_rank: np.ndarray, amount: np.ndarray,
-                 m: np.ndarray, l: np.ndarray, expert: np.ndarray) -> np.ndarray:
+                 key: np.ndarray, node_of_rank: np.ndarray) -> np.ndarray:
     """Split each replica's amount over source ranks.
 
-    src: [K, G] pairs of each source rank for the replica's expert; holder, home_rank, amount: [K].
-    (m, l, expert) identify the expert so that replicas of one expert share its sources.
+    src: [K, G] pairs of each source rank for the replica's expert; holder, home_rank, amount: [K];
+    key: [K] identifies the expert's (micro-batch, layer, expert): replicas of one expert share sources.
+    Every copy (replicas and the home, which keeps what the replicas do not take) first takes its own
+    rank's pairs (they never leave the GPU). Pairs from other nodes cross InfiniBand whatever copy they
+    reach, so they are spread over the copies in proportion to what each still needs (no home rank
+    becomes the one NIC that receives them all); pairs from the home node fill the rest, in rank order.
     Returns quota [K, G] with quota.sum(1) == amount and, per expert, column sums <= src.
     """
     K, G = src.shape
-    rows = np.arange(K)
-    own = np.minimum(src[rows, holder], amount)
-    need = amount - own
-    # replicas of the same expert draw from one remaining pool: group them, holders' own pairs removed
-    key = (m * (l.max() + 1) + l) * (expert.max() + 1) + expert
     order = np.lexsort((holder, key))
-    inv = np.empty(K, dtype=np.int64)
-    inv[order] = np.arange(K)
-    key_sorted = key[order]
-    group_start = np.r_[True, key_sorted[1:] != key_sorted[:-1]]
-    gid = np.cumsum(group_start) - 1
-    taken_self = np.bincount(gid * G + holder[order], weights=own[order], minlength=(gid[-1] + 1) * G)
-    # int32 halves the memory traffic of the [K, G] steps below (pair counts fit easily)
-    remaining = src[order].astype(np.int32) - taken_self.reshape(-1, G).astype(np.int32)[gid]
-    # source order: every rank but the home, ascending, then the home (its pairs are local at home)
-    col = np.arange(G)[None, :]
-    home_sorted = home_rank[order][:, None]
-    src_order = np.where(col == G - 1, home_sorted, col + (col >= home_sorted))
-    pool = np.take_along_axis(remaining, src_order, axis=1)
-    hi = np.cumsum(pool, axis=1)
-    lo = hi - pool
-    need_sorted = need[order].astype(np.int32)
-    csum = np.cumsum(need_sorted)
-    start_of_group = np.maximum.accumulate(np.where(group_start, np.arange(K), 0))
-    end = csum - (csum[start_of_group] - need_sorted[start_of_group])
-    begin = end - need_sorted
-    take = np.minimum(end[:, None], hi)
-    take -= np.maximum(begin[:, None], lo)
-    np.maximum(take, 0, out=take)
-    quota_sorted = np.zeros((K, G), dtype=np.int64)
-    np.put_along_axis(quota_sorted, src_order, take, axis=1)
-    quota_sorted[np.arange(K), holder[order]] += own[order]
-    return quota_sorted[inv]
+    key_s = key[order]
+    new_group = np.r_[True, key_s[1:] != key_s[:-1]]
+    gid = np.cumsum(new_group) - 1
+    n_groups = int(gid[-1]) + 1
+    first = np.flatnonzero(new_group)
+    src_g = src[order][first].astype(np.int64)                            # [n_groups, G]
+    home_g = home_rank[order][first]
+    # entries: each group's replicas (by holder), then its home copy
+    amount_s = amount[order]
+    home_amount = src_g.sum(1) - np.bincount(gid, weights=amount_s, minlength=n_groups).astype(np.int64)
+    e_gid = np.r_[gid, np.arange(n_groups)]
+    e_holder = np.r_[holder[order], home_g]
+    e_amount = np.r_[amount_s, home_amount]
+    e_order = np.lexsort((np.r_[np.zeros(K), np.ones(n_groups)], e_gid))
+    e_gid, e_holder, e_amount = e_gid[e_order], e_holder[e_order], e_amount[e_order]
+    n = len(e_gid)
+    start = np.r_[True, e_gid[1:] != e_gid[:-1]]
+    rows = np.arange(n)
+    own = np.minimum(src_g[e_gid, e_holder], e_amount)
+    need = e_amount - own
+    rem = src_g - np.bincount(e_gid * G + e_holder, weights=own, minlength=n_groups * G).reshape(n_groups, G).astype(np.int64)
+    node = np.asarray(node_of_rank)
+    remote = node[None, :] != node[home_g][:, None]                       # [n_groups, G]
+    remote_pool = (rem * remote).sum(1)
+    need_total = np.bincount(e_gid, weights=need, minlength=n_groups).astype(np.int64)
+    # proportional shares of the remote pool by cumulative rounding: they sum to the pool exactly
+    cum = np.cumsum(need)
+    first_of = np.maximum.accumulate(np.where(start, rows, 0))
+    cum_in_group = cum - (cum[first_of] - need[first_of])
+    total = np.maximum(need_total[e_gid], 1)
+    share_hi = remote_pool[e_gid] * cum_in_group // total
+    share_lo = remote_pool[e_gid] * (cum_in_group - need) // total
+    from_remote = share_hi - share_lo
+    take = _northwest((rem * remote)[e_gid], from_remote, start)
+    take += _northwest((rem * ~remote)[e_gid], need - from_remote, start)
+    take[rows, e_holder] += own
+    # back to the replicas' original order (home entries are implied: they take the rest)
+    is_replica = e_order < K                                              # e_order: sorted -> [replicas, homes]
+    quota = np.empty((K, G), dtype=np.int64)
+    quota[order[e_order[is_replica]]] = take[is_replica]
+    return quota
 
 
 def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.ndarray | None = None,
@@ -341,8 +422,6 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     prev = identity_placement(topo, L) if expert_at_home_prev is None else np.asarray(expert_at_home_prev, dtype=np.int64)
     if prev.shape != (L, E):
         raise PlanError(f"previous placement has shape {prev.shape}, expected {(L, E)}")
-    if reorder.rank_stickiness is None:
-        reorder = dataclasses.replace(reorder, rank_stickiness=1.0 if mode == "both" and topo.R > 0 else 0.0)
     placement = plan_placement(counts, topo, prev, reorder) if mode in ("both", "reorder") else prev
     if mode in ("both", "replicate"):
         rep_e, rep_q = plan_replicas(counts, topo, placement, replication)

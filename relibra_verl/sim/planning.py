@@ -31,15 +31,19 @@ def replica_copy_seconds(model: ModelPreset, profile: HardwareProfile) -> tuple[
             model.expert_params * profile.grad_bytes_per_param / p2p)
 
 
-def min_replica_tokens(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True) -> int:
-    """Fewest routed pairs a replica must carry to repay its copies and its extra GEMM call (>= 1)."""
+def min_replica_tokens(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True,
+                       include_call: bool = True) -> int:
+    """Fewest routed pairs a replica must carry to repay its copies and its extra GEMM call (>= 1).
+    include_call=False: the copies only, for a planner that already charges each replica's GEMM call to
+    its receiver (ReplicationConfig.replica_overhead_pairs)."""
     a, b = expert_gemm_coeffs(model, profile)
     f = profile.bwd_compute_factor
     w, g = replica_copy_seconds(model, profile)
     copy = 2.0 * w + g  # forward copy, backward re-copy, gradient reduce
     exposed = copy * (profile.replica_contention_share if prefetch else 1.0)
     saving = (1.0 + f) * b + 4.0 * model.hidden * profile.act_bytes / (profile.nvlink_a2a_GBps * 1e9)
-    return max(1, math.ceil(((1.0 + f) * a + exposed) / saving))
+    call = (1.0 + f) * a if include_call else 0.0
+    return max(1, math.ceil((call + exposed) / saving))
 
 
 def replica_overhead_tokens(model: ModelPreset, profile: HardwareProfile) -> int:
@@ -65,3 +69,11 @@ def migration_seconds_per_expert(model: ModelPreset, profile: HardwareProfile) -
     what a reordering move must repay (relibra_verl.sim.cost, migration term)."""
     return (model.expert_params * profile.state_bytes_per_param / (profile.ib_bulk_GBps * 1e9)
             * profile.migration_exposed_share)
+
+
+def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
+    """A reordering move's critical-path cost in routed pairs of one rank's expert compute (forward +
+    backward): the planner's ReorderConfig.move_cost_pairs. It trades a node assignment's balance,
+    measured in pairs on the busiest rank, against the experts it moves across nodes."""
+    _, b = expert_gemm_coeffs(model, profile)
+    return migration_seconds_per_expert(model, profile) / ((1.0 + profile.bwd_compute_factor) * b)
