@@ -281,17 +281,15 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         ok = (used_l < R)[:, None, :] & ~has_copy[live[:, None], :, x_all]  # [P', S, g]
         # fill the receiver up to the node mean (less its GEMM-call overhead); a receiver too close to the
         # mean for that may still take load above the mean, up to where it meets the donor (the busiest
-        # of the two sets the time), as long as the donor stays above the mean
-        deficit = np.where(ok, (target[live, None] - load_l - overhead)[:, None, :], -np.inf)
-        meet = ((load_l[sub, donor][:, None] - load_l - overhead) / 2)[:, None, :]
+        # of the two sets the time), as long as the donor stays above the mean. Per receiver: [P', g].
+        deficit = target[live, None] - load_l - overhead
+        meet = (load_l[sub, donor][:, None] - load_l - overhead) / 2
         # a receiver's last free slot takes as much as fills it, even if the donor then drops below the
         # mean: the donor has free slots of its own to be refilled, the receiver would have none
-        limit = np.where((used_l == R - 1)[:, None, :], np.inf, excess[:, None, None])
-        to_mean = np.minimum(deficit, limit)
-        above_mean = np.where(ok, np.minimum(meet, excess[:, None, None]), -np.inf)
-        take = np.where(deficit >= min_tokens, to_mean, above_mean)
-        # the largest single move: fewest replicas for the same balance
-        amount_all = np.minimum(take, avail[:, :, None])
+        limit = np.where(used_l == R - 1, np.inf, excess[:, None])
+        take = np.where(deficit >= min_tokens, np.minimum(deficit, limit), np.minimum(meet, excess[:, None]))
+        # the largest single move (fewest replicas for the same balance) among allowed (expert, receiver)
+        amount_all = np.where(ok, np.minimum(take[:, None, :], avail[:, :, None]), -np.inf)
         best = np.argmax(amount_all.reshape(n_live, S * g), axis=1)
         s_loc, recv = np.divmod(best, g)
         with np.errstate(invalid="ignore"):
