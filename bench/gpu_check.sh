@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Issue 5's GPU check, prepared to run as ONE command on a lent GPU machine in about 3-6 minutes:
+# The project's GPU check, prepared to run as ONE command on a lent GPU machine in about 4-8 minutes:
 #   1. the kernel tests (tests/test_kernels_{slot_assign,permute}.py): CPU interpreter cases plus the
 #      same cases compiled on CUDA (bf16 included);
 #   2. `bench-kernels --device cuda`: bf16/fp32 checks, the Megatron cross-check, timings for
-#      T in {4096, 16384, 65536}, K = 8, H in {2048, 4096}, the card's copy bandwidth, goal verdicts.
+#      T in {4096, 16384, 65536}, K = 8, H in {2048, 4096}, the card's copy bandwidth, goal verdicts;
+#   3. bench/calibrate_gpu.py: the cost model's expert GEMM fit (a + b*tokens per preset), matmul and HBM
+#      copy rates, written as a hardware profile (profile_measured.json) for `simulate --profile PATH`.
 # Results go to $OUT (the device tool's folder; ./bench/results/local-<date> when unset): nvidia-smi.txt,
 # pytest.log, bench.log, bench_kernels_cuda.json, summary.txt. Copy the JSON into bench/results/.
 #
@@ -70,5 +72,15 @@ rc=${PIPESTATUS[0]}
 echo "bench-kernels exit $rc ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.txt"
 [ "$rc" -eq 0 ] || status=1
 grep -E "^goals|^device-to-device|megatron cross-check" "$OUT/bench.log" >>"$OUT/summary.txt"
+
+# 3. cost-model calibration (issue 3): expert GEMM a + b*tokens per preset, matmul rate, HBM copy rate
+if [ "$has_cuda" = 1 ]; then
+  timeout 150 "$PY" bench/calibrate_gpu.py --out "$OUT/profile_measured.json" 2>&1 | tee "$OUT/calibrate.log" | tail -n 12
+else
+  timeout 120 "$PY" bench/calibrate_gpu.py --dry-run --out "$OUT/profile_dry_run.json" 2>&1 | tee "$OUT/calibrate.log" | tail -n 3
+fi
+rc=${PIPESTATUS[0]}
+echo "calibrate exit $rc ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.txt"
+[ "$rc" -eq 0 ] || status=1
 echo "gpu_check status $status, results in $OUT" | tee -a "$OUT/summary.txt"
 exit $status
