@@ -366,7 +366,8 @@ def run(args) -> int:
         lim = result.limits
         for name, t in timing.get("time_aware", {}).items():
             print(f"time-aware planning ({name}): {t['step_time_s']:.4f} s/step with min_replica_tokens="
-                  f"{lim['min_replica_tokens']}, max_copies_per_owner={lim['max_copies_per_owner']} "
+                  f"{lim['min_replica_tokens']}, max_copies_per_owner={lim['max_copies_per_owner']}, "
+                  f"replica_overhead_pairs={lim['replica_overhead_pairs']}, move_cost_pairs={lim['move_cost_pairs']} "
                   f"({t['replicas_per_microbatch_layer']:.1f} replicas/mb/layer); {t['step_time_s_without']:.4f} s/step "
                   f"without ({t['replicas_per_microbatch_layer_without']:.1f})")
     if args.plot:

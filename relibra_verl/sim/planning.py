@@ -72,8 +72,11 @@ def migration_seconds_per_expert(model: ModelPreset, profile: HardwareProfile) -
 
 
 def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
-    """A reordering move's critical-path cost in routed pairs of one rank's expert compute (forward +
-    backward): the planner's ReorderConfig.move_cost_pairs. It trades a node assignment's balance,
-    measured in pairs on the busiest rank, against the experts it moves across nodes."""
+    """A reordering move's critical-path cost in routed pairs on the busiest rank: the planner's
+    ReorderConfig.move_cost_pairs. It trades a node assignment's balance (pairs per rank on the busiest
+    node) against the experts it moves across nodes. A pair on the busiest node costs its expert compute
+    (forward + backward) and, since node imbalance is what InfiniBand receive imbalance is made of, its
+    4 all-to-all crossings (dispatch and combine, forward and backward) at the inter-node rate."""
     _, b = expert_gemm_coeffs(model, profile)
-    return migration_seconds_per_expert(model, profile) / ((1.0 + profile.bwd_compute_factor) * b)
+    per_pair = (1.0 + profile.bwd_compute_factor) * b + 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
+    return migration_seconds_per_expert(model, profile) / per_pair

@@ -130,8 +130,8 @@ def format_timing(timing: dict) -> str:
                      + "".join(f"{bd[t] + (bd['batch_replicas'] if t == 'replica' else 0):>10.3f}" for t in TERMS)
                      + f"{bd['migration']:>11.4f}")
     p = timing["planning"]
-    lines.append(f"a replica repays its copies from {p['min_replica_tokens']} routed pairs (sent ahead; "
-                 f"{p['min_replica_tokens_online']} on the critical path)")
+    lines.append(f"a replica repays its copies and its GEMM call from {p['min_replica_tokens']} routed pairs "
+                 f"(sent ahead; {p['min_replica_tokens_online']} on the critical path)")
     for name, e in timing["prefetch_effect"].items():
         lines.append(f"{name}: {e['prefetch_s']:.3f} s/step with copies sent ahead, {e['online_s']:.3f} s on the critical path")
     return "\n".join(lines)
