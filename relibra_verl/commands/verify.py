@@ -4,8 +4,10 @@ Spawns `--ep` gloo ranks on this machine (nodes simulated by grouping `--gpus-pe
 small real Megatron-Core MoE layers (SequentialMLP experts, all-to-all dispatcher) with the trace's expert
 count and top-k, forces the trace's routing with Megatron's router replay (trace tokens are dealt to ranks
 in order, `--tokens-per-rank` each, a few MoE layers evenly spread over the trace's), runs forward+backward
-with and without relibra on identical inputs, and reports balance, differences and overheads. Exit 0 when
-exact (max relative difference <= --tolerance), 1 when not, 2 for bad input.
+with and without relibra on identical inputs, and reports balance, differences and overheads (replica
+weight sync and gradient reduction bytes, send-ahead hits, peak extra memory per rank, and the bytes one
+reorder migrates with Megatron's DistributedOptimizer state: bf16 weights, fp32 main params, Adam m and v).
+Exit 0 when exact (max relative difference <= --tolerance), 1 when not, 2 for bad input.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def register(subparsers) -> None:
                    help="planner mode: reorder experts across ranks and/or replicate inside nodes (default both)")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
                    help="slot assignment: relibra_verl.kernels (auto: Triton on CUDA, torch reference on CPU) or torch")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="fetch replica weights when needed (one pool of R slots) instead of sending them ahead")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are killed")
     p.set_defaults(func=run)
 
@@ -82,7 +86,7 @@ def run(args) -> int:
     before, after = _balance(topo, plan, ids)
     tol = args.tolerance if args.tolerance is not None else (1e-5 if args.dtype == "float32" else 2e-2)
     job = {"topo": topo, "plan": plan, "ids": ids, "hidden": args.hidden, "ffn": args.ffn,
-           "dtype": args.dtype, "kernels": args.kernels}
+           "dtype": args.dtype, "kernels": args.kernels, "prefetch": args.prefetch}
 
     from relibra_verl.runtime.launch import RankError, spawn_ranks
     from relibra_verl.runtime.verify_run import run_rank
@@ -112,14 +116,23 @@ def run(args) -> int:
         "diffs": {k: {"max_abs": v[0], "max_rel": v[1]} for k, v in worst.items()},
         "replica_sync_bytes": int(sum(r["replica_sync_bytes"] for r in res)),
         "grad_reduce_bytes": int(sum(r["grad_reduce_bytes"] for r in res)),
-        "migration_bytes": int(sum(r["migration_bytes"] for r in res)),
+        "prefetch": bool(args.prefetch),
+        "replica_fetches": {k: int(sum(r[f"fetches_{k}"] for r in res)) for k in ("ahead", "blocking", "reused")},
+        # one reorder (this plan's placement) with Megatron DistributedOptimizer state, summed over ranks
+        "migration_bytes": int(sum(r["migration"]["bytes"] for r in res)),
+        "migration_bytes_by_kind": {k: int(sum(r["migration"]["by_kind"].get(k, 0) for r in res))
+                                    for k in ("weights", "main_params", "optimizer_state")},
+        "migration_seconds_max": max(r["migration"]["seconds"] for r in res),
+        "migration_weight_bytes_test_dtype": int(sum(r["migration_weight_bytes"] for r in res)),
         "experts_moved": int(plan.moved_experts.sum()),
         "peak_extra_memory_bytes": int(max(r["pool_bytes"] + r["peak_send_bytes"] for r in res)),
         "replica_pool_bytes_per_rank": int(max(r["pool_bytes"] for r in res)),
+        "peak_transient_bytes_per_rank": int(max(r["peak_send_bytes"] for r in res)),
         "config": {"ep": G, "gpus_per_node": args.gpus_per_node, "replica_slots": topo.R, "experts": E,
                    "topk": K, "trace": args.trace, "trace_layers": layers.tolist(), "tokens_per_rank": T,
                    "hidden": args.hidden, "ffn": args.ffn, "dtype": args.dtype, "mode": args.mode,
-                   "experts_impl": "SequentialMLP", "dispatcher": "alltoall"},
+                   "experts_impl": "SequentialMLP", "dispatcher": "alltoall",
+                   "migration_optimizer": res[0]["migration"]["optimizer"]},
         "seconds": {"wall": wall, "stock_step_max": max(r["seconds_stock"] for r in res),
                     "relibra_step_max": max(r["seconds_relibra"] for r in res)},
     }
@@ -158,8 +171,17 @@ def _print(rep: dict) -> None:
     print(f"  imbalance (max/mean, mean over layers): {rep['imbalance_before']:.3f} -> {rep['imbalance_after']:.3f}")
     for k, v in rep["diffs"].items():
         print(f"  {k:<18} max abs {v['max_abs']:.3e}  max rel {v['max_rel']:.3e}")
-    print(f"  replica weight sync {rep['replica_sync_bytes']} B, replica grad reduction {rep['grad_reduce_bytes']} B, "
-          f"peak extra memory {rep['peak_extra_memory_bytes']} B/rank")
-    print(f"  reordering: {rep['experts_moved']} experts moved, {rep['migration_bytes']} B migrated (weights only)")
+    f = rep["replica_fetches"]
+    print(f"  replica weight sync {rep['replica_sync_bytes']} B (fetches: {f['ahead']} sent ahead, {f['blocking']} "
+          f"on demand, {f['reused']} reused in backward), replica grad reduction {rep['grad_reduce_bytes']} B")
+    slots = "2 x R" if rep["prefetch"] else "R"
+    print(f"  peak extra memory {rep['peak_extra_memory_bytes']} B/rank: replica pool "
+          f"{rep['replica_pool_bytes_per_rank']} B "
+          f"({slots} expert slots, send-ahead {'on' if rep['prefetch'] else 'off'}) + transient "
+          f"{rep['peak_transient_bytes_per_rank']} B")
+    k = rep["migration_bytes_by_kind"]
+    print(f"  reordering: {rep['experts_moved']} experts moved; one reorder migrates {rep['migration_bytes']} B with "
+          f"Megatron DistributedOptimizer state (bf16 weights {k['weights']} B, fp32 main params {k['main_params']} B, "
+          f"Adam m+v {k['optimizer_state']} B), {rep['migration_seconds_max'] * 1e3:.1f} ms")
     print(f"  {'EXACT' if rep['exact'] else 'NOT EXACT'} (max rel diff {rep['max_rel_diff']:.3e}, "
           f"tolerance {rep['tolerance']:.0e})")

@@ -14,9 +14,15 @@ The runtime executes plans; it never decides them. Per patched MoE layer:
 * replica weights: fetched from the home rank inside the node group by `_ReplicaExperts`, an autograd
   function that also takes the dispatched tokens (so every rank of the node joins the backward
   collective, even with empty replica slots) and returns the replica gradients to the owner's parameters
-  (straight into `main_grad` when Megatron's DDP gave the parameter one). Weights live only in a pool of R
-  expert slots per rank shared by all layers: the forward fetches, computes without saving weights, and the
-  backward fetches again and recomputes the (small) replica GEMMs.
+  (straight into `main_grad` when Megatron's DDP gave the parameter one). Weights live only in a pool shared
+  by all layers; the forward computes without saving weights, the backward recomputes the (small) replica
+  GEMMs with weights fetched again unless the pool still holds them.
+* send-ahead (`prefetch=True`, the default): the plan is known before the step, so a layer's replica weights
+  are requested with point-to-point isend/irecv on the node group before they are needed: layer l's own at
+  its dispatch (overlapping the token all-to-all), layer l+1's while layer l computes, and in the backward
+  layer l-1's while layer l computes. The pool is double-buffered (layer l uses buffer l % 2: 2 x R expert
+  slots per rank instead of R), and after a forward it still holds the last two layers' replicas, which
+  their backward reuses. `prefetch=False`: one buffer, a blocking all-to-all fetch per use.
 
 Not supported yet (refused at patch time with a clear error): EP-overlap schedule, delayed wgrad,
 CUDA-graph capture of the MoE preprocess, permute fusion, drop-and-pad, router padding for quantization,
@@ -48,9 +54,13 @@ class RuntimeMetrics:
     fallback_micro_batches: int = 0  # layer calls without a plan (home-only dispatch)
     replica_sync_bytes: int = 0      # weights received into replica slots (forward + backward refetch)
     grad_reduce_bytes: int = 0       # replica gradients sent back to owners
-    pool_bytes: int = 0              # replica pool (R expert slots, shared by all layers)
-    peak_send_bytes: int = 0         # largest transient send buffer of one fetch / reduction
-    migration_bytes: int = 0         # expert state moved by reordering
+    pool_bytes: int = 0              # replica pool (R expert slots, x2 with prefetch; shared by all layers)
+    peak_send_bytes: int = 0         # largest transient buffers: one fetch's send, one grad reduction's send + recv
+    migration_bytes: int = 0         # expert state moved by reordering (what this rank received)
+    migration_bytes_by_kind: dict = dataclasses.field(default_factory=dict)  # weights / main_params / optimizer_state
+    fetches_ahead: int = 0           # replica fetches issued before the layer needed them (prefetch)
+    fetches_blocking: int = 0        # replica fetches issued when needed (no prefetch, or a miss)
+    fetches_reused: int = 0          # backward uses served by weights still in the pool (no transfer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,9 +74,11 @@ class RelibraRuntime:
     every EP rank); per micro-batch `rt.set_micro_batch(m)` before its forward.
     """
 
-    def __init__(self, topo: Topology, ep_group=None, kernels: str = "auto", strict: bool = False):
+    def __init__(self, topo: Topology, ep_group=None, kernels: str = "auto", strict: bool = False,
+                 prefetch: bool = True):
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch; got {kernels!r}")
+        self.prefetch = bool(prefetch)
         self.topo = topo
         self.ep_group = ep_group if ep_group is not None else dist.group.WORLD
         self.ep_rank = dist.get_rank(self.ep_group)
@@ -85,6 +97,8 @@ class RelibraRuntime:
                 grp = dist.new_group([self.global_ranks[r] for r in self.node_ranks[n]])
                 if n == self.node:
                     self.node_group = grp
+            # first op on the node group with every member (batched p2p ops later may involve a pair only)
+            dist.barrier(group=self.node_group)
         self.layers: list = []
         self.plan: BatchPlan | None = None
         self.micro_batch = 0
@@ -92,6 +106,7 @@ class RelibraRuntime:
         self.metrics = RuntimeMetrics()
         self._pool: torch.Tensor | None = None
         self._tables: dict = {}
+        self.replicas = _ReplicaBuffers(self)  # send-ahead pool (used when prefetch is on)
 
     # ---- layers ----------------------------------------------------------------------------------
     def patch_layer(self, layer, layer_index: int) -> None:
@@ -145,6 +160,7 @@ class RelibraRuntime:
             raise RelibraRuntimeError(
                 "EP ranks hold different relibra plans (digest mismatch; the planner must be a deterministic "
                 f"function of the all-gathered loads): rank groups {sorted(groups.values())}")
+        self.replicas.invalidate()
         self.plan = plan
         self.micro_batch = 0
         self._tables = {}
@@ -275,8 +291,13 @@ def _dispatcher_cls():
                         state.recompute_queue.append(m)
                     elif state.recompute_queue:
                         m = state.recompute_queue.pop(0)
-                copy_slot, quota, rep = state.runtime.tables(state.index, m)
+                rt = state.runtime
+                copy_slot, quota, rep = rt.tables(state.index, m)
                 state.active = (m, rep)
+                if rt.prefetch:
+                    if state.index == 0 and not _in_backward():
+                        rt.replicas.invalidate()  # a new forward: weights may have changed since the pool filled
+                    rt.replicas.prefetch(m, state.index)  # overlaps the token all-to-all
                 routing_map, probs = physical_routing(
                     routing_map, probs, copy_slot.to(routing_map.device), quota.to(routing_map.device),
                     self.num_experts, kernels=state.runtime.kernels)
@@ -333,13 +354,17 @@ class _RelibraExpertsMixin:
         S = rt.topo.S
         tpe = tokens_per_expert.cpu() if torch.is_tensor(tokens_per_expert) else torch.as_tensor(tokens_per_expert)
         n_home = int(tpe[:S].sum())
+        m, rep = state.active
+        if rt.prefetch:  # the next layer to run: l+1 in the forward, l-1 in a recompute inside the backward
+            rt.replicas.prefetch(m, state.index + (-1 if _in_backward() else 1))
         out_home, bias = super().forward(hidden[:n_home], tpe[:S], probs[:n_home], **kwargs)
-        _, rep = state.active
         plan = _sync_plan(rt, state, rep)
         if plan is None:  # no replica in this node for this (micro-batch, layer): nothing to join
+            if rt.prefetch and out_home.requires_grad and state.index > 0:
+                out_home = _PrefetchInBackward.apply(out_home, rt, m, state.index - 1)
             return out_home, bias
         owner = [p for names in state.param_names for p in (dict(self.named_parameters())[n] for n in names)]
-        out_rep = _ReplicaExperts.apply(self, plan, tpe[S:].tolist(), hidden[n_home:], probs[n_home:], *owner)
+        out_rep = _ReplicaExperts.apply(self, plan, m, tpe[S:].tolist(), hidden[n_home:], probs[n_home:], *owner)
         return torch.cat([out_home, out_rep.to(out_home.dtype)]), bias
 
 
@@ -396,6 +421,105 @@ def _a2a(rt: RelibraRuntime, send: torch.Tensor, send_splits, recv_splits, out: 
                            group=rt.node_group)
 
 
+def _in_backward() -> bool:
+    """True inside an autograd backward (e.g. a checkpointed layer's recompute), where layers run in reverse."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _ReplicaBuffers:
+    """Double-buffered replica pool for send-ahead: layer l's replica weights live in buffer l % 2, so the next
+    layer's can arrive while layer l computes. Each buffer remembers which (micro-batch, layer) it holds or is
+    receiving. Transfers are point-to-point inside the node (owner's parameters -> holder's buffer, one message
+    per parameter tensor, so the owner needs no send buffer). Every rank of a node makes the same sequence of
+    calls with the same tags (the plan and the layer order are the same everywhere), so posted sends and
+    receives match pairwise in order; a rank without replicas in a layer posts nothing for it and never
+    waits, so no rank can hang on an empty slot."""
+
+    def __init__(self, rt: RelibraRuntime):
+        self.rt = rt
+        self.bufs: list = [None, None]
+        self.tags: list = [None, None]      # (m, l) held or arriving
+        self.pending: list = [[], []]       # works of the transfer into (or out of) each buffer
+        self.slots: list = [{}, {}]         # {replica slot k: flat weights} of the content
+        self.ahead: list = [False, False]   # content requested before it was needed
+
+    def _buffer(self, b: int, state) -> torch.Tensor:
+        if self.bufs[b] is None:
+            rt = self.rt
+            first = next(state.layer.experts.parameters())
+            numel = max(x.numel for x in rt.layers)  # one size for every layer: buffers are never reallocated
+            self.bufs[b] = torch.empty(rt.topo.R * numel, dtype=first.dtype, device=first.device)
+            rt.metrics.pool_bytes = sum(x.numel() * x.element_size() for x in self.bufs if x is not None)
+        return self.bufs[b]
+
+    def _wait(self, b: int) -> None:
+        for w in self.pending[b]:
+            w.wait()
+        self.pending[b] = []
+
+    def invalidate(self) -> None:
+        """Forget the contents (weights may change: new plan, placement, optimizer step)."""
+        for b in (0, 1):
+            self._wait(b)
+            self.tags[b], self.slots[b] = None, {}
+
+    def prefetch(self, m: int, l: int) -> None:
+        """Request layer l's replica weights for micro-batch m into buffer l % 2 (non-blocking)."""
+        rt = self.rt
+        if rt.topo.R == 0 or not 0 <= l < len(rt.layers) or rt.plan is None:
+            return
+        if not 0 <= m < rt.plan.num_micro_batches:
+            return
+        b = l % 2
+        if self.tags[b] == (m, l):
+            return
+        self._wait(b)  # the previous content's transfer must be over before its buffer is reused
+        state = rt.layers[l]
+        plan = _sync_plan(rt, state, rt.plan.replica_expert[m, l])
+        self.tags[b], self.slots[b], self.ahead[b] = (m, l), {}, True
+        if plan is None:
+            return
+        params = dict(state.layer.experts.named_parameters())
+        peers = [rt.global_ranks[r] for r in rt.node_ranks[rt.node]]
+        ops = []
+        for j, _, i in plan.send:  # (dest, k) order on the owner ...
+            for n in state.param_names[i]:
+                ops.append(dist.P2POp(dist.isend, params[n].detach(), peers[j], rt.node_group, tag=l))
+        if plan.recv:
+            buf = self._buffer(b, state)
+            stride = buf.numel() // rt.topo.R
+            for j, k in plan.recv:  # ... (source, k) order on the holder: same order per pair
+                flat = buf[k * stride:k * stride + state.numel]
+                off = 0
+                for n in state.param_names[0]:
+                    ops.append(dist.P2POp(dist.irecv, flat[off:off + params[n].numel()], peers[j], rt.node_group,
+                                          tag=l))
+                    off += params[n].numel()
+                self.slots[b][k] = flat
+                rt.metrics.replica_sync_bytes += flat.numel() * flat.element_size()
+        # one batch: NCCL groups it (a pair sending to each other cannot deadlock), gloo posts each op
+        works = dist.batch_isend_irecv(ops) if ops else []
+        self.pending[b] = works
+
+    def acquire(self, m: int, l: int) -> dict:
+        """Layer l's replica weights for micro-batch m ({slot k: flat}); waits for their transfer."""
+        b = l % 2
+        held = self.tags[b] == (m, l)
+        if not held:
+            self.prefetch(m, l)
+            self.ahead[b] = False
+        metrics = self.rt.metrics
+        if self.ahead[b]:
+            metrics.fetches_ahead += 1
+        elif held:
+            metrics.fetches_reused += 1  # e.g. the backward of a layer whose forward weights are still here
+        else:
+            metrics.fetches_blocking += 1
+        self.ahead[b] = False
+        self._wait(b)
+        return self.slots[b]
+
+
 def _fetch(experts, plan: _SyncPlan) -> dict:
     """Receive replica weights from their owners into the shared pool. Returns {slot k: flat weights}."""
     state = experts._relibra
@@ -413,6 +537,7 @@ def _fetch(experts, plan: _SyncPlan) -> dict:
     _a2a(rt, send, plan.send_splits, plan.recv_splits, out, numel)
     rt.metrics.replica_sync_bytes += out.numel() * out.element_size()
     rt.metrics.peak_send_bytes = max(rt.metrics.peak_send_bytes, send.numel() * send.element_size())
+    rt.metrics.fetches_blocking += 1
     return {k: out[j * numel:(j + 1) * numel] for j, (_, k) in enumerate(plan.recv)}
 
 
@@ -450,15 +575,31 @@ def _run_replicas(experts, flat_by_slot: dict, tpe_rep: list, hidden, probs):
     return torch.cat(outs)
 
 
+class _PrefetchInBackward(torch.autograd.Function):
+    """Identity whose backward requests layer l's replica weights: the backward's send-ahead for layers whose
+    node holds no replica (there, no `_ReplicaExperts` backward exists to issue it)."""
+
+    @staticmethod
+    def forward(ctx, x, rt, m, layer):
+        ctx.rt, ctx.m, ctx.layer = rt, m, layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.rt.replicas.prefetch(ctx.m, ctx.layer)
+        return grad, None, None, None
+
+
 class _ReplicaExperts(torch.autograd.Function):
     """Replica slots of one layer call. Inputs: the dispatched replica tokens (so every rank of the node
     runs the backward collective) and the owner's expert parameters (so replica gradients flow home)."""
 
     @staticmethod
-    def forward(ctx, experts, plan, tpe_rep, hidden, probs, *owner_params):
-        ctx.experts, ctx.plan, ctx.tpe_rep = experts, plan, tpe_rep
+    def forward(ctx, experts, plan, m, tpe_rep, hidden, probs, *owner_params):
+        ctx.experts, ctx.plan, ctx.m, ctx.tpe_rep = experts, plan, m, tpe_rep
         ctx.save_for_backward(hidden, probs)
-        flat = _fetch(experts, plan)
+        state = experts._relibra
+        flat = state.runtime.replicas.acquire(m, state.index) if state.runtime.prefetch else _fetch(experts, plan)
         with torch.no_grad():
             return _run_replicas(experts, flat, tpe_rep, hidden, probs)
 
@@ -468,7 +609,11 @@ class _ReplicaExperts(torch.autograd.Function):
         state = experts._relibra
         rt = state.runtime
         hidden, probs = ctx.saved_tensors
-        flat = _fetch(experts, plan)  # the pool was reused by other layers: fetch again, recompute
+        if rt.prefetch:
+            rt.replicas.prefetch(ctx.m, state.index - 1)  # the backward's next layer, while this one computes
+            flat = rt.replicas.acquire(ctx.m, state.index)
+        else:
+            flat = _fetch(experts, plan)  # the pool was reused by other layers: fetch again, recompute
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in flat.items()}
             h = hidden.detach().requires_grad_(hidden.requires_grad)
@@ -493,6 +638,8 @@ class _ReplicaExperts(torch.autograd.Function):
         recv = send.new_empty(len(plan.send) * numel)
         _a2a(rt, send, plan.recv_splits, plan.send_splits, recv, numel)
         rt.metrics.grad_reduce_bytes += send.numel() * send.element_size()
+        rt.metrics.peak_send_bytes = max(rt.metrics.peak_send_bytes,
+                                         (send.numel() + recv.numel()) * send.element_size())
         owner_grads: list = [None] * (rt.topo.S * len(state.param_names[0]))
         params = dict(experts.named_parameters())
         per_expert = {}
@@ -512,4 +659,4 @@ class _ReplicaExperts(torch.autograd.Function):
                     prm.main_grad.add_(gi.to(prm.main_grad.dtype))
                 else:
                     owner_grads[i * npe + j] = gi
-        return (None, None, None, g_h, g_p, *owner_grads)
+        return (None, None, None, None, g_h, g_p, *owner_grads)

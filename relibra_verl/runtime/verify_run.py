@@ -3,6 +3,8 @@
 `run_rank(rank, world, job)` builds `L` small real MoE layers (one per traced MoE layer), runs one
 forward+backward with Megatron's static placement, patches the same layers in place, installs the plan,
 runs again with identical inputs and replayed routing, and returns per-tensor differences and overheads.
+The plan's reorder is then measured once more with optimizer state: fresh bf16 copies of the layers under
+Megatron's DDP and DistributedOptimizer (Adam, fp32 main params), moments initialised by one step.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def run_rank(rank: int, world: int, job: dict) -> dict:
     ref = step()
     t_stock = time.perf_counter() - t0
     ref.update(weight_grads())
-    rt = RelibraRuntime(topo, kernels=job.get("kernels", "auto"))
+    rt = RelibraRuntime(topo, kernels=job.get("kernels", "auto"), prefetch=job.get("prefetch", True))
     for l, lay in enumerate(layers):
         rt.patch_layer(lay, l)
     migration = apply_placement(rt, plan.expert_at_home)  # the plan's reordering: move expert weights
@@ -68,5 +70,43 @@ def run_rank(rank: int, world: int, job: dict) -> dict:
     d = harness.diffs(ref, got)
     m = rt.metrics
     return {"diffs": d, "replica_sync_bytes": m.replica_sync_bytes, "grad_reduce_bytes": m.grad_reduce_bytes,
-            "pool_bytes": m.pool_bytes, "migration_bytes": migration, "peak_send_bytes": m.peak_send_bytes,
-            "seconds_stock": t_stock, "seconds_relibra": t_relibra}
+            "pool_bytes": m.pool_bytes, "migration_weight_bytes": migration, "peak_send_bytes": m.peak_send_bytes,
+            "fetches_ahead": m.fetches_ahead, "fetches_blocking": m.fetches_blocking,
+            "fetches_reused": m.fetches_reused, "seconds_stock": t_stock, "seconds_relibra": t_relibra,
+            "migration": _optimizer_migration(topo, plan, L, K, H, job["ffn"])}
+
+
+def _optimizer_migration(topo, plan, L: int, K: int, H: int, ffn: int) -> dict:
+    """Bytes this rank receives (by kind) and seconds for the plan's reorder with Megatron's
+    DistributedOptimizer state: bf16 weights, fp32 main params, Adam exp_avg / exp_avg_sq."""
+    import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import MegatronModule
+
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime
+    from relibra_verl.runtime.reorder import apply_placement
+
+    class Stack(MegatronModule):  # one model chunk holding every layer, as DDP expects
+        def __init__(self, layers):
+            super().__init__(layers[0].config)
+            self.layers = torch.nn.ModuleList(layers)
+
+    layers = [harness.build_moe_layer(topo.E, K, hidden=H, ffn=ffn, dtype=torch.bfloat16, seed=11 + l)
+              for l in range(L)]
+    rt = RelibraRuntime(topo)
+    for l, lay in enumerate(layers):
+        rt.patch_layer(lay, l)
+    ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
+    model = DistributedDataParallel(layers[0].config, ddp_cfg, Stack(layers))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=True, params_dtype=torch.bfloat16,
+                                                 use_distributed_optimizer=True), [model])
+    model.zero_grad_buffer()
+    opt.step()  # zero gradients: creates the Adam moments, as after any real step
+    dist.barrier()
+    t0 = time.perf_counter()
+    received = apply_placement(rt, plan.expert_at_home, opt)
+    seconds = time.perf_counter() - t0
+    return {"bytes": received, "by_kind": dict(rt.metrics.migration_bytes_by_kind), "seconds": seconds,
+            "optimizer": [type(o).__name__ for o in opt.chained_optimizers]}

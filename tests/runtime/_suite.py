@@ -115,17 +115,21 @@ def _diverging(topo, counts, rng, rank):
     return plan
 
 
-def _two_layers(rank, world, *, R, seed=3):
-    """Two MoE layers in a row, two micro-batches with different plans: the replica pool is shared by the
-    layers, so each backward fetches its weights again."""
+def _two_layers(rank, world, *, R, seed=3, L=2, prefetch=True, sparse=False, recompute=False):
+    """L MoE layers in a row, two micro-batches with different plans: the replica pool is shared by the layers
+    (double-buffered with prefetch: send-ahead in forward and backward, reuse of the last two layers' weights).
+    sparse: layer 1 has replicas on node 0 only and layer 2 none at all, so some ranks and whole nodes post
+    no transfer for a layer (must not hang, must stay exact). recompute: MoE-layer recompute (the recompute
+    runs inside the backward, so its send-ahead goes to layer l-1)."""
     from relibra_verl.planner.types import BatchPlan, Topology
     from relibra_verl.runtime import harness
     from relibra_verl.runtime.moe import RelibraRuntime
 
     rng = np.random.default_rng(seed)
     topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
-    layers = [harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed + i) for i in range(2)]
-    ids = [[_ids(rng, world, "half") for _ in range(2)] for _ in range(2)]  # [mb][layer][rank]
+    extra = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
+    layers = [harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed + i, **extra) for i in range(L)]
+    ids = [[_ids(rng, world, "half") for _ in range(L)] for _ in range(2)]  # [mb][layer][rank]
     xs = [torch.as_tensor(np.random.default_rng(3000 + 10 * m + rank).standard_normal((T, 1, H)),
                           dtype=torch.float32) for m in range(2)]
 
@@ -139,8 +143,9 @@ def _two_layers(rank, world, *, R, seed=3):
             for li, lay in enumerate(layers):
                 harness.replay(lay, ids[m][li][rank])
             x = xs[m].clone().requires_grad_()
-            y, _ = layers[0](x)
-            y, _ = layers[1](y)
+            y = x
+            for lay in layers:
+                y, _ = lay(y)
             (y * y).sum().backward()
             outs.append(y.detach().clone())
             outs.append(x.grad.clone())
@@ -149,19 +154,27 @@ def _two_layers(rank, world, *, R, seed=3):
 
     rt = None
     ref = run()
-    rt = RelibraRuntime(topo)
+    rt = RelibraRuntime(topo, prefetch=prefetch)
     for i, lay in enumerate(layers):
         rt.patch_layer(lay, i)
-    counts = np.zeros((2, 2, world, E), dtype=np.int64)
+    counts = np.zeros((2, L, world, E), dtype=np.int64)
     for m in range(2):
-        for li in range(2):
+        for li in range(L):
             for r in range(world):
                 np.add.at(counts[m, li, r], ids[m][li][r].reshape(-1).numpy(), 1)
-    plan = harness.random_plan(topo, counts, rng, num_layers=2)
+    plan = harness.random_plan(topo, counts, rng, num_layers=L)
+    if sparse:
+        plan.replica_expert[:, 1, 2:] = -1  # node 1 (ranks 2, 3): no replica in layer 1
+        plan.replica_quota[:, 1, 2:] = 0
+        plan.replica_expert[:, 2] = -1      # layer 2: no replica anywhere
+        plan.replica_quota[:, 2] = 0
     rt.set_plan(plan)
     got = run()
     rel = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(ref, got))
-    return {"max_rel": rel, "sync_bytes": rt.metrics.replica_sync_bytes, "pool_bytes": rt.metrics.pool_bytes}
+    m = rt.metrics
+    return {"max_rel": rel, "sync_bytes": m.replica_sync_bytes, "pool_bytes": m.pool_bytes,
+            "ahead": m.fetches_ahead, "blocking": m.fetches_blocking, "reused": m.fetches_reused,
+            "numel_bytes": rt.layers[0].numel * 4}
 
 
 CASES = {
@@ -174,6 +187,11 @@ CASES = {
     "no_plan": lambda r, w: _compare(r, w, R=2, plan_fn=_none, skew="half", seed=7),
     "bf16": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", dtype=torch.bfloat16, seed=8),
     "two_layers": lambda r, w: _two_layers(r, w, R=2),
+    "two_layers_no_prefetch": lambda r, w: _two_layers(r, w, R=2, prefetch=False),
+    "four_layers_sparse": lambda r, w: _two_layers(r, w, R=2, L=4, sparse=True, seed=13),
+    "three_layers_recompute": lambda r, w: _two_layers(r, w, R=2, L=3, recompute=True, seed=17),
+    "random_r2_no_prefetch": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=0,
+                                                   rt_kwargs={"prefetch": False}),
     "bad_other_E": lambda r, w: _compare(r, w, R=2, plan_fn=_other_E, seed=9),
     "bad_off_node": lambda r, w: _compare(r, w, R=2, plan_fn=_off_node, seed=10),
     "bad_diverging": lambda r, w: _compare(r, w, R=2, plan_fn=_diverging, seed=12),
@@ -189,7 +207,9 @@ def run_cases(rank: int, world: int, names: list[str]) -> dict:
         try:
             out[name] = CASES[name](rank, world)
         except Exception as exc:  # recorded; the tests check that every rank raised the same error
-            out[name] = {"error": type(exc).__name__, "message": str(exc)}
+            import traceback
+
+            out[name] = {"error": type(exc).__name__, "message": str(exc), "where": traceback.format_exc()[-1500:]}
     return out
 
 
@@ -266,7 +286,7 @@ CASES["reorder_steps"] = lambda r, w: _reorder_steps(r, w)
 def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True):
     """Megatron DDP (overlap_grad_reduce: replica grads must reach main_grad before the bucket is reduced),
     2 micro-batches with different plans, reordering before each step, torch Adam fed from main_grad
-    (Megatron's DistributedOptimizer hard-codes CUDA tensors; not runnable on CPU): 3 steps equal stock."""
+    (Megatron's own DistributedOptimizer: `_distopt_steps`): 3 steps equal stock."""
     import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -333,7 +353,7 @@ def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True
 CASES["ddp_steps"] = lambda r, w: _ddp_steps(r, w)
 
 
-def _recompute(rank, world, *, R=2, seed=41):
+def _recompute(rank, world, *, R=2, seed=41, prefetch=True):
     """MoE-layer recompute, two micro-batches forwarded before either backward (pipeline order), each with
     its own plan: the recompute must use each micro-batch's plan (and RouterReplay its routing)."""
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
@@ -374,7 +394,7 @@ def _recompute(rank, world, *, R=2, seed=41):
         return xg + [p.grad.clone() for p in layer.parameters()]
 
     ref = run(None)
-    rt = RelibraRuntime(topo)
+    rt = RelibraRuntime(topo, prefetch=prefetch)
     rt.patch_layer(layer, 0)
     c = np.zeros((2, 1, world, E), dtype=np.int64)
     for m in range(2):
@@ -386,42 +406,47 @@ def _recompute(rank, world, *, R=2, seed=41):
 
 
 CASES["recompute"] = lambda r, w: _recompute(r, w)
+CASES["recompute_no_prefetch"] = lambda r, w: _recompute(r, w, prefetch=False)
 
 
-class _DistOptLike:
-    """Mirrors the parts of Megatron's DistributedOptimizer that reordering uses (fp32 main params held
-    by the optimizer, Adam states keyed by them, `model_param_group_index_map`, `_get_model_param_range_map`,
-    `_get_main_param_and_optimizer_states`), for bf16 model params: the real one hard-codes CUDA tensors."""
-
-    def __init__(self, params, lr=1e-2):
-        import types
-
-        self.params = list(params)
-        self.main = [p.detach().float().clone() for p in self.params]
-        self.optimizer = torch.optim.Adam(self.main, lr=lr)
-        self.model_param_group_index_map = {p: (0, i) for i, p in enumerate(self.params)}
-        self._range = {p: {"param": types.SimpleNamespace(size=p.numel())} for p in self.params}
-
-    def _get_model_param_range_map(self, p):
-        return self._range[p]
-
-    def _get_main_param_and_optimizer_states(self, p):
-        gi, go = self.model_param_group_index_map[p]
-        main = self.optimizer.param_groups[gi]["params"][go]
-        return {"param": main, **{k: v for k, v in self.optimizer.state[main].items() if torch.is_tensor(v)}}
-
-    def step(self):
-        for p, m in zip(self.params, self.main):
-            m.grad = p.grad.float()
-        self.optimizer.step()
-        with torch.no_grad():
-            for p, m in zip(self.params, self.main):
-                p.copy_(m)
 
 
-def _reorder_distopt(rank, world, *, steps=3, seed=51):
-    """bf16 weights, fp32 main params + Adam states in a DistributedOptimizer-like object, reordering only
-    (R = 0, so computation is unchanged): fp32 main params and moments equal the plain run exactly."""
+def _megatron_distopt(layer, overlap: bool, bucket_size):
+    """DDP-wrapped layer + Megatron's own DistributedOptimizer (Adam; bf16 params get fp32 main params)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=overlap,
+                                            grad_reduce_in_fp32=True, bucket_size=bucket_size)
+    model = DistributedDataParallel(layer.config, ddp_cfg, layer)
+    bf16 = layer.config.params_dtype == torch.bfloat16
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=1e-2, bf16=bf16, params_dtype=layer.config.params_dtype,
+                              use_distributed_optimizer=True, clip_grad=1.0)
+    return model, get_megatron_optimizer(opt_cfg, [model])
+
+
+def _expert_opt_state(layer, opt) -> list[torch.Tensor]:
+    """fp32 main params and Adam moments of the layer's expert params, in parameter order (cloned)."""
+    out = []
+    for p in layer.experts.parameters():
+        for o in opt.chained_optimizers:
+            if p in o.model_param_group_index_map:
+                st = o._get_main_param_and_optimizer_states(p)
+                out += [st[k].detach().clone() for k in ("param", "exp_avg", "exp_avg_sq")]
+    return out
+
+
+def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
+    """The real Megatron DistributedOptimizer (Adam; bf16 params with fp32 main params, or fp32 params; EP 4 =
+    2 x 2, expert DP 1) under DDP with overlap and small buckets, 2 micro-batches per step, a new placement
+    before each step: 3 steps equal 3 plain steps (losses, canonical weights, main params, Adam moments); a
+    checkpoint (model + optimizer state_dict + dp-zero parameter state) saved after reordering equals the plain
+    run's and loads into a plain Megatron layer + optimizer.
+    With R = 0 the arithmetic is the stock one (bitwise); replicas split an expert's weight-gradient GEMM, so
+    with R > 0 fp32 is the exact check (bf16 partial gradients round differently, and Adam amplifies that)."""
+    import os
+    import tempfile
+
     import torch.distributed as dist
 
     from relibra_verl.planner.types import Topology
@@ -430,41 +455,112 @@ def _reorder_distopt(rank, world, *, steps=3, seed=51):
     from relibra_verl.runtime.reorder import apply_placement, canonical_order
 
     rng = np.random.default_rng(seed)
-    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=0)
-    ids = [_ids(rng, world, "half") for _ in range(steps)]
-    xs = [torch.as_tensor(np.random.default_rng(9000 + 10 * s + rank).standard_normal((T, 1, H)),
-                          dtype=torch.bfloat16) for s in range(steps)]
-    w = torch.as_tensor(np.random.default_rng(9500 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
+    ids = [[_ids(rng, world, "half") for _ in range(2)] for _ in range(steps)]
+    xs = [[torch.as_tensor(np.random.default_rng(10000 + 100 * s + 10 * m + rank).standard_normal((T, 1, H)),
+                           dtype=dtype) for m in range(2)] for s in range(steps)]
+    w = torch.as_tensor(np.random.default_rng(11000 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
     placements = [np.stack([rng.permutation(E)]) for _ in range(steps)]
 
-    def train(relibra):
-        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=torch.bfloat16, seed=seed)
-        opt = _DistOptLike(layer.experts.parameters())
+    def train(relibra: bool):
+        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed)
         rt = None
         if relibra:
             rt = RelibraRuntime(topo)
             rt.patch_layer(layer, 0)
+        model, opt = _megatron_distopt(layer, overlap=True, bucket_size=64)
         losses = []
         for s in range(steps):
             if rt is not None:
                 apply_placement(rt, placements[s], opt)
-                rt.set_plan(harness.random_plan(topo, _counts(ids[s]), rng, expert_at_home=placements[s]))
-            res = harness.fwd_bwd(layer, xs[s], ids[s][rank], w)
-            loss = torch.tensor([(res["output"].float() * w).sum().item()], dtype=torch.float64)
+                c = np.zeros((2, 1, world, E), dtype=np.int64)
+                for m in range(2):
+                    c[m, 0] = _counts(ids[s][m])[0, 0]
+                rt.set_plan(harness.random_plan(topo, c, np.random.default_rng(s), expert_at_home=placements[s]))
+            model.zero_grad_buffer()
+            opt.zero_grad()
+            loss = torch.zeros((), dtype=torch.float64)
+            for m in range(2):
+                if rt is not None:
+                    rt.set_micro_batch(m)
+                harness.replay(layer, ids[s][m][rank])
+                out, _ = model(xs[s][m].clone().requires_grad_())
+                lm = (out.float() * w).sum()
+                lm.backward()
+                loss += lm.detach().double()
+            model.finish_grad_sync()
+            ok, _, _ = opt.step()
+            assert ok
             dist.all_reduce(loss)
             losses.append(loss.item())
-            opt.step()
-        return layer, opt, rt, losses
+        return layer, model, opt, rt, losses
 
-    _, ref_opt, _, ref_losses = train(False)
-    _, opt, rt, losses = train(True)
-    ref = [t.clone() for p in ref_opt.params for t in ref_opt._get_main_param_and_optimizer_states(p).values()
-           if t.dim() > 0]
+    ref_layer, _, ref_opt, _, ref_losses = train(False)
+    layer, _, opt, rt, losses = train(True)
+    tmp = tempfile.mkdtemp()
+    path = lambda name: os.path.join(tmp, f"{name}{rank}.pt")  # noqa: E731
+
+    def save(lay, o, tag):
+        # Megatron's legacy checkpoint: model + optimizer state_dict, and the dp-zero parameter state
+        torch.save({"model": lay.state_dict(), "optimizer": o.state_dict()}, path(tag + "_model"))
+        o.save_parameter_state(path(tag + "_distopt"))
+
+    ref_sd = {k: v.clone() for k, v in ref_layer.state_dict().items() if torch.is_tensor(v)}
+    ref_state = _expert_opt_state(ref_layer, ref_opt)
+    save(ref_layer, ref_opt, "ref")
+    placed = _expert_opt_state(layer, opt)
     with canonical_order(rt, opt):
-        got = [t.clone() for p in opt.params for t in opt._get_main_param_and_optimizer_states(p).values()
-               if t.dim() > 0]
-    return {"ref_losses": ref_losses, "losses": losses, "n_tensors": len(ref),
-            "bitwise": all(torch.equal(a, b) for a, b in zip(ref, got)) and len(ref) == len(got)}
+        sd = {k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+        state = _expert_opt_state(layer, opt)
+        save(layer, opt, "relibra")
+    # a plain Megatron layer + optimizer (other initial weights) loads the relibra checkpoint
+    plain = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed + 1)
+    _, plain_opt = _megatron_distopt(plain, overlap=True, bucket_size=64)
+    ckpt = torch.load(path("relibra_model"), weights_only=False)
+    plain.load_state_dict(ckpt["model"])
+    plain_opt.load_state_dict(ckpt["optimizer"])
+    for o in plain_opt.chained_optimizers:
+        # Megatron 0.19.2 with torch's AdamW (no Apex/TE, as on CPU) fails to load its own dp-zero file: torch
+        # keeps a per-parameter `step` tensor that the file lacks (KeyError 'step' at distrib_optimizer.py
+        # :1223): keep the tensors the file does not hold
+        o._set_main_param_and_optimizer_states = (
+            lambda p, t, o=o, f=o._set_main_param_and_optimizer_states:
+            f(p, {**o._get_main_param_and_optimizer_states(p), **t}))
+    with torch.no_grad():  # fp32 params: main params are views of the (leaf) model params
+        plain_opt.load_parameter_state(path("relibra_distopt"))
+    loaded = {k: v for k, v in plain.state_dict().items() if torch.is_tensor(v)}
+    loaded_state = _expert_opt_state(plain, plain_opt)
+
+    def flat(obj):  # tensors of a nested checkpoint, in a fixed order
+        if torch.is_tensor(obj):
+            return [obj.float()]
+        if isinstance(obj, dict):
+            return [t for k in sorted(obj, key=str) for t in flat(obj[k])]
+        if isinstance(obj, (list, tuple)):
+            return [t for x in obj for t in flat(x)]
+        return []
+
+    ref_files = flat([torch.load(path("ref_distopt"), weights_only=False)])
+    got_files = flat([torch.load(path("relibra_distopt"), weights_only=False)])
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()  # noqa
+    return {
+        "ref_losses": ref_losses, "losses": losses, "n_state": len(ref_state),
+        "optimizer": [type(o).__name__ for o in opt.chained_optimizers],
+        "weights_rel": max(rel(ref_sd[k], sd[k]) for k in ref_sd),
+        "state_rel": max(rel(a, b) for a, b in zip(ref_state, state)),
+        "placed_differs": any(not torch.equal(a, b) for a, b in zip(state, placed)),
+        "ckpt_weights_rel": max(rel(ref_sd[k], loaded[k]) for k in ref_sd),
+        "ckpt_state_rel": max(rel(a, b) for a, b in zip(ref_state, loaded_state)),
+        "ckpt_file_tensors": len(ref_files),
+        "same_file_layout": [t.shape for t in ref_files] == [t.shape for t in got_files],
+        "ckpt_file_rel": max([rel(a, b) for a, b in zip(ref_files, got_files)], default=0.0),
+        "bitwise": (ref_losses == losses and all(torch.equal(ref_sd[k], sd[k]) for k in ref_sd)
+                    and all(torch.equal(a, b) for a, b in zip(ref_state, state))
+                    and all(torch.equal(a, b) for a, b in zip(ref_files, got_files))),
+        "migration_bytes": rt.metrics.migration_bytes, "sync_bytes": rt.metrics.replica_sync_bytes,
+        "by_kind": dict(rt.metrics.migration_bytes_by_kind),
+    }
 
 
-CASES["reorder_distopt"] = lambda r, w: _reorder_distopt(r, w)
+CASES["distopt_bf16_reorder"] = lambda r, w: _distopt_steps(r, w, R=0, dtype=torch.bfloat16)
+CASES["distopt_fp32_replicas"] = lambda r, w: _distopt_steps(r, w, R=2, dtype=torch.float32)

@@ -31,4 +31,15 @@ def test_small_run_is_exact_and_balances(tmp_path, capsys):
     assert sum(rep["tokens_per_rank_before"]) == sum(rep["tokens_per_rank_after"])
     assert {"output", "input_grad", "router_grad", "expert_weight_grad"} <= set(rep["diffs"])
     assert rep["replica_sync_bytes"] > 0 and rep["grad_reduce_bytes"] > 0 and rep["peak_extra_memory_bytes"] > 0
-    assert "EXACT" in capsys.readouterr().out
+    # send-ahead (default): nothing fetched on demand; the pool is at most 2 x R expert slots (a buffer is
+    # allocated on first receipt)
+    assert rep["prefetch"] and rep["replica_fetches"]["ahead"] > 0 and rep["replica_fetches"]["blocking"] == 0
+    expert_bytes = 2 * rep["config"]["hidden"] * rep["config"]["ffn"] * 4  # fc1 + fc2, fp32
+    assert 0 < rep["replica_pool_bytes_per_rank"] <= 2 * 2 * expert_bytes
+    # one reorder with Megatron DistributedOptimizer state: bf16 weights, fp32 main params (2x), Adam m+v (4x)
+    k = rep["migration_bytes_by_kind"]
+    assert rep["config"]["migration_optimizer"] == ["DistributedOptimizer", "DistributedOptimizer"]
+    assert k["weights"] > 0 and k["main_params"] == 2 * k["weights"] and k["optimizer_state"] == 4 * k["weights"]
+    assert rep["migration_bytes"] == sum(k.values())
+    out = capsys.readouterr().out
+    assert "EXACT" in out and "Adam m+v" in out and "send-ahead on" in out
