@@ -40,7 +40,7 @@ class ReplicationConfig:
 
     min_replica_tokens: int = 1
     max_copies_per_owner: int | None = None
-    tolerance: float = 0.0
+    tolerance: float = 0.002
     replica_overhead_pairs: float = 0.0
 
 
@@ -247,7 +247,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     M, L, G, E = counts.shape
     S, R, N, g = topo.S, topo.R, topo.num_nodes, topo.ranks_per_node
     replica_expert = np.full((M, L, G, R), -1, dtype=np.int64)
-    replica_quota = np.zeros((M, L, G, R, G), dtype=np.int64)
+    replica_quota = np.zeros((M, L, G, R, G), dtype=np.int32)
     if R == 0 or g == 1:
         return replica_expert, replica_quota
     node_ranks = topo.node_ranks()                                       # [N, g]
@@ -259,8 +259,8 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     home = slot_load.reshape(P, g, S).astype(np.int64)
     rank_load = home.sum(-1).astype(np.float64)                          # pairs + replica overheads
     target = rank_load.mean(-1)                                          # [P] node mean
-    has_copy = np.zeros((P, g, g * S), dtype=bool)
-    has_copy[:, np.arange(g).repeat(S), np.arange(g * S)] = True
+    has_copy = np.zeros((P, g * S, g), dtype=bool)                       # [problem, node-local expert, rank]
+    has_copy[:, np.arange(g * S), np.arange(g).repeat(S)] = True
     used = np.zeros((P, g), dtype=np.int64)
     sent = np.zeros((P, g), dtype=np.int64)
     cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
@@ -278,7 +278,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         avail = home[live, donor].astype(np.float64)                     # [P', S] left at home
         x_all = donor[:, None] * S + slot_ids[None, :]                   # [P', S] node-local expert ids
         # receiver r may take expert x: a free slot and no copy of x yet (never the donor: it has one)
-        ok = (used_l < R)[:, None, :] & ~has_copy[live[:, None], :, x_all]  # [P', S, g]
+        ok = (used_l < R)[:, None, :] & ~has_copy[live[:, None], x_all]    # [P', S, g]
         # fill the receiver up to the node mean (less its GEMM-call overhead); a receiver too close to the
         # mean for that may still take load above the mean, up to where it meets the donor (the busiest
         # of the two sets the time), as long as the donor stays above the mean. Per receiver: [P', g].
@@ -306,7 +306,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         rank_load[p, rv] += a + overhead
         used[p, rv] += 1
         sent[p, d] += 1
-        has_copy[p, rv, d * S + sl] = True
+        has_copy[p, d * S + sl, rv] = True
         live = p
     if not picks:
         return replica_expert, replica_quota
@@ -317,84 +317,101 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     expert = expert_at_home[l, donor_rank * S + sl]
     replica_expert[m, l, holder, k] = expert
     key = (m * L + l) * E + expert
-    replica_quota[m, l, holder, k] = _split_quota(counts[m, l, :, expert], holder, donor_rank, a, key,
-                                                  np.asarray(topo.node_of_rank))
+    # each expert's per-source pairs, gathered once per expert (a flat take: [n, G] indices)
+    flat = counts.reshape(-1)
+    src_of = lambda idx: flat[(((m[idx] * L + l[idx]) * G)[:, None] + np.arange(G)) * E + expert[idx][:, None]]
+    replica_quota[m, l, holder, k] = _split_quota(src_of, holder, donor_rank, a, key, topo)
     return replica_expert, replica_quota
 
 
-def _northwest(pool: np.ndarray, size: np.ndarray, group_start: np.ndarray) -> np.ndarray:
-    """Fill consecutive entries of each group from its sources in rank order (northwest corner rule).
+def _group_cumsum(x: np.ndarray, group_start: np.ndarray) -> np.ndarray:
+    """Inclusive running sum of x within consecutive groups (group_start marks each group's first entry)."""
+    csum = np.cumsum(x)
+    first = np.maximum.accumulate(np.where(group_start, np.arange(len(x)), 0))
+    return csum - (csum[first] - x[first])
 
-    pool: [n, G] pairs available from each source (the entry's group's row); size: [n] pairs each entry
-    takes; group_start: [n] True at the first entry of a group (entries sorted by group).
-    Returns take [n, G] with take.sum(1) == size where the pool suffices.
+
+def _interval_take(pool: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Northwest-corner rule: lay the sources of a row end to end in rank order; an entry takes the pairs
+    of each source that fall in its interval [begin, end).
+
+    pool: [n, G] pairs of each source; begin, end: [n].  Returns take [n, G] (pool's dtype).
     """
-    n = len(size)
-    csum = np.cumsum(size)
-    first = np.maximum.accumulate(np.where(group_start, np.arange(n), 0))
-    end = csum - (csum[first] - size[first])
-    begin = end - size
-    hi = np.cumsum(pool, axis=1)
-    take = np.minimum(end[:, None], hi)
-    take -= np.maximum(begin[:, None], hi - pool)
-    np.maximum(take, 0, out=take)
-    return take
+    hi = np.cumsum(pool, axis=1, dtype=pool.dtype)
+    lo = hi - pool
+    np.maximum(lo, begin[:, None].astype(pool.dtype), out=lo)
+    np.minimum(hi, end[:, None].astype(pool.dtype), out=hi)
+    hi -= lo
+    np.maximum(hi, 0, out=hi)
+    return hi
 
 
-def _split_quota(src: np.ndarray, holder: np.ndarray, home_rank: np.ndarray, amount: np.ndarray,
-                 key: np.ndarray, node_of_rank: np.ndarray) -> np.ndarray:
+def _split_quota(src_of, holder: np.ndarray, home_rank: np.ndarray, amount: np.ndarray,
+                 key: np.ndarray, topo: Topology) -> np.ndarray:
     """Split each replica's amount over source ranks.
 
-    src: [K, G] pairs of each source rank for the replica's expert; holder, home_rank, amount: [K];
-    key: [K] identifies the expert's (micro-batch, layer, expert): replicas of one expert share sources.
-    Every copy (replicas and the home, which keeps what the replicas do not take) first takes its own
-    rank's pairs (they never leave the GPU). Pairs from other nodes cross InfiniBand whatever copy they
-    reach, so they are spread over the copies in proportion to what each still needs (no home rank
+    src_of(idx) -> [len(idx), G]: pairs of each source rank for the experts of replicas idx;
+    holder, home_rank, amount: [K]; key: [K] names the replica's (micro-batch, layer, expert): replicas
+    of one expert share its sources.
+    Every copy (the replicas and the home, which keeps what the replicas do not take) first takes its
+    own rank's pairs (they never leave the GPU). Pairs from other nodes cross InfiniBand whatever copy
+    they reach, so they are spread over the copies in proportion to what each still needs (no home rank
     becomes the one NIC that receives them all); pairs from the home node fill the rest, in rank order.
     Returns quota [K, G] with quota.sum(1) == amount and, per expert, column sums <= src.
     """
-    K, G = src.shape
+    K = len(holder)
     order = np.lexsort((holder, key))
     key_s = key[order]
     new_group = np.r_[True, key_s[1:] != key_s[:-1]]
-    gid = np.cumsum(new_group) - 1
+    gid = np.cumsum(new_group) - 1                                         # [K] group of each sorted replica
     n_groups = int(gid[-1]) + 1
-    first = np.flatnonzero(new_group)
-    src_g = src[order][first].astype(np.int64)                            # [n_groups, G]
-    home_g = home_rank[order][first]
-    # entries: each group's replicas (by holder), then its home copy
-    amount_s = amount[order]
-    home_amount = src_g.sum(1) - np.bincount(gid, weights=amount_s, minlength=n_groups).astype(np.int64)
-    e_gid = np.r_[gid, np.arange(n_groups)]
-    e_holder = np.r_[holder[order], home_g]
-    e_amount = np.r_[amount_s, home_amount]
-    e_order = np.lexsort((np.r_[np.zeros(K), np.ones(n_groups)], e_gid))
-    e_gid, e_holder, e_amount = e_gid[e_order], e_holder[e_order], e_amount[e_order]
-    n = len(e_gid)
+    src_g = src_of(order[new_group]).astype(np.int32)                     # [n_groups, G] (int32: half the traffic)
+    G = src_g.shape[1]
+    home_g = home_rank[order][new_group]
+    # entries, group by group: its replicas (sorted), then its home copy. Sorted replica i sits at
+    # position i + gid[i]; the home of group g right after the group's last replica.
+    n = K + n_groups
+    rep_pos = np.arange(K) + gid
+    home_pos = np.r_[np.flatnonzero(new_group)[1:], K] + np.arange(n_groups)
+    e_gid = np.empty(n, dtype=np.int64)
+    e_gid[rep_pos], e_gid[home_pos] = gid, np.arange(n_groups)
+    e_holder = np.empty(n, dtype=np.int64)
+    e_holder[rep_pos], e_holder[home_pos] = holder[order], home_g
+    e_amount = np.empty(n, dtype=np.int64)
+    e_amount[rep_pos] = amount[order]
+    e_amount[home_pos] = src_g.sum(1, dtype=np.int64) - np.bincount(gid, weights=amount[order], minlength=n_groups).astype(np.int64)
     start = np.r_[True, e_gid[1:] != e_gid[:-1]]
-    rows = np.arange(n)
     own = np.minimum(src_g[e_gid, e_holder], e_amount)
     need = e_amount - own
-    rem = src_g - np.bincount(e_gid * G + e_holder, weights=own, minlength=n_groups * G).reshape(n_groups, G).astype(np.int64)
-    node = np.asarray(node_of_rank)
-    remote = node[None, :] != node[home_g][:, None]                       # [n_groups, G]
-    remote_pool = (rem * remote).sum(1)
-    need_total = np.bincount(e_gid, weights=need, minlength=n_groups).astype(np.int64)
+    rem = src_g.copy()
+    rem[e_gid, e_holder] -= own.astype(np.int32)                          # one copy per (expert, rank): no repeats
+    # each group's sources split into its home node's ranks and the other nodes' ranks (columns)
+    node_ranks = topo.node_ranks()                                        # [N, g]
+    N = len(node_ranks)
+    other_ranks = np.stack([np.delete(node_ranks, h, axis=0).reshape(-1) for h in range(N)])  # [N, G-g]
+    home_node = np.asarray(topo.node_of_rank)[home_g]
+    local_cols, remote_cols = node_ranks[home_node], other_ranks[home_node]
+    rem_local = np.take_along_axis(rem, local_cols, axis=1)               # [n_groups, g]
+    rem_remote = np.take_along_axis(rem, remote_cols, axis=1)             # [n_groups, G-g]
+    remote_pool = rem_remote.sum(1).astype(np.int64)
     # proportional shares of the remote pool by cumulative rounding: they sum to the pool exactly
-    cum = np.cumsum(need)
-    first_of = np.maximum.accumulate(np.where(start, rows, 0))
-    cum_in_group = cum - (cum[first_of] - need[first_of])
-    total = np.maximum(need_total[e_gid], 1)
-    share_hi = remote_pool[e_gid] * cum_in_group // total
-    share_lo = remote_pool[e_gid] * (cum_in_group - need) // total
-    from_remote = share_hi - share_lo
-    take = _northwest((rem * remote)[e_gid], from_remote, start)
-    take += _northwest((rem * ~remote)[e_gid], need - from_remote, start)
-    take[rows, e_holder] += own
-    # back to the replicas' original order (home entries are implied: they take the rest)
-    is_replica = e_order < K                                              # e_order: sorted -> [replicas, homes]
-    quota = np.empty((K, G), dtype=np.int64)
-    quota[order[e_order[is_replica]]] = take[is_replica]
+    need_upto = _group_cumsum(need, start)
+    total = np.maximum(np.bincount(e_gid, weights=need, minlength=n_groups).astype(np.int64)[e_gid], 1)
+    remote_upto = remote_pool[e_gid] * need_upto // total
+    from_remote = remote_upto - remote_pool[e_gid] * (need_upto - need) // total
+    local_upto = need_upto - remote_upto
+    # only the replicas' rows are materialised: the home comes last in its group and takes the rest
+    r_gid, r_from_remote, r_need = e_gid[rep_pos], from_remote[rep_pos], need[rep_pos]
+    r_remote_upto, r_local_upto = remote_upto[rep_pos], local_upto[rep_pos]
+    take = np.zeros((K, G), dtype=np.int32)
+    if remote_cols.shape[1]:
+        take_remote = _interval_take(rem_remote[r_gid], r_remote_upto - r_from_remote, r_remote_upto)
+        np.put_along_axis(take, remote_cols[r_gid], take_remote, axis=1)
+    take_local = _interval_take(rem_local[r_gid], r_local_upto - (r_need - r_from_remote), r_local_upto)
+    np.put_along_axis(take, local_cols[r_gid], take_local, axis=1)
+    take[np.arange(K), holder[order]] += own[rep_pos].astype(np.int32)
+    quota = np.empty((K, G), dtype=np.int32)
+    quota[order] = take
     return quota
 
 
