@@ -6,7 +6,8 @@
 #
 #   bash examples/grpo_qwen3_30b_a3b_relibra.sh                 # train
 #   bash examples/grpo_qwen3_30b_a3b_relibra.sh --cfg job       # print the composed config, no GPU needed
-# Extra arguments are Hydra overrides / flags passed to verl's main_ppo.
+# Extra arguments are Hydra overrides / flags passed to verl's main_ppo. NODES, GPUS_PER_NODE, EP,
+# BATCH_SIZE and PPO_MINI_BATCH_SIZE set the cluster shape (grpo_qwen3_30b_a3b_relibra_4node.sh: EP 32).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,14 +26,14 @@ TEST_DATA_PATH=${TEST_DATA_PATH:-$HOME/data/gsm8k/test.parquet}
 export CUDA_DEVICE_MAX_CONNECTIONS=1 # Megatron communication/computation overlap
 PP=1
 TP=1
-EP=8
+EP=${EP:-8}
 ETP=1
 VLLM_INFER_TP=4
 offload=True
 gpu_memory_utilization=0.6
-bs=64
+bs=${BATCH_SIZE:-64}
 n_resp=8
-ppo_mini_batch_size=16
+ppo_mini_batch_size=${PPO_MINI_BATCH_SIZE:-16}
 max_prompt_length=1024
 max_response_length=2048
 actor_ppo_max_token_len=$(((max_prompt_length + max_response_length) * 2))
