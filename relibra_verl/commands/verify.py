@@ -12,6 +12,7 @@ Exit 0 when exact (max relative difference <= --tolerance), 1 when not, 2 for ba
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -92,11 +93,19 @@ def run(args) -> int:
     from relibra_verl.runtime.verify_run import run_rank
 
     t0 = time.perf_counter()
+    # the ranks import Megatron and torch.distributed, whose deprecation and "TE not installed" warnings
+    # would bury the report; a user's own PYTHONWARNINGS setting wins
+    quiet = "PYTHONWARNINGS" not in os.environ
+    if quiet:
+        os.environ["PYTHONWARNINGS"] = "ignore"
     try:
         res = spawn_ranks(run_rank, G, job, timeout=args.timeout)
     except (RankError, TimeoutError) as exc:
         print(f"relibra-verl verify: ranks failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if quiet:
+            os.environ.pop("PYTHONWARNINGS", None)
     wall = time.perf_counter() - t0
     worst: dict = {}
     for r in res:
