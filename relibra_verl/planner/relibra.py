@@ -183,6 +183,52 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     return np.where(keep[:, None], prev, new)
 
 
+def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int = 16) -> np.ndarray:
+    """Improve a node assignment by expert swaps: per layer and step, between the two nodes whose
+    per-micro-batch loads differ most, the swap that lowers the sum over micro-batches and nodes of squared
+    deviations from the mean the most (skipped when none does). The greedy packing places the last, light
+    experts where they fit, not where they balance each micro-batch; swaps repair that.
+
+    load: [L, E, M]; node_of: [L, E].  Returns node_of [L, E] (same number of experts per node).
+    """
+    L, E, M = load.shape
+    per = E // N
+    rows = np.arange(L)
+    sq = np.einsum("lem,lem->le", load, load)                             # |w_e|^2
+    threshold = 1e-6 * np.maximum(sq.sum(1), 1)                          # ignore swaps worth ~nothing
+    members = np.argsort(node_of, axis=1, kind="stable").reshape(L, N, per)   # experts of each node
+    node_load = np.take_along_axis(load, members.reshape(L, E)[:, :, None], axis=1).reshape(L, N, per, M).sum(2)
+    for _ in range(iters):
+        dev = node_load - node_load.mean(1, keepdims=True)               # [L, N, M]
+        dd = dev @ dev.transpose(0, 2, 1)                                 # [L, N, N] dev_h . dev_k
+        norm = np.einsum("lnn->ln", dd)
+        far = norm[:, :, None] + norm[:, None, :] - 2 * dd               # |dev_h - dev_k|^2
+        h, k = np.divmod(np.argmax(far.reshape(L, N * N), axis=1), N)
+        delta = dev[rows, h] - dev[rows, k]                               # [L, M]
+        a_all, b_all = members[rows, h], members[rows, k]                 # [L, per] experts on h, on k
+        load_a = np.take_along_axis(load, a_all[:, :, None], 1)           # [L, per, M]
+        load_b = np.take_along_axis(load, b_all[:, :, None], 1)
+        proj_a = (load_a @ delta[:, :, None])[:, :, 0]
+        proj_b = (load_b @ delta[:, :, None])[:, :, 0]
+        cross = load_a @ load_b.transpose(0, 2, 1)                        # [L, per, per]
+        # gain of swapping a (on h) with b (on k): 2 (w_a - w_b).delta - 2 |w_a - w_b|^2
+        gain = 2 * (proj_a[:, :, None] - proj_b[:, None, :]) - 2 * (
+            np.take_along_axis(sq, a_all, 1)[:, :, None] + np.take_along_axis(sq, b_all, 1)[:, None, :] - 2 * cross)
+        best = np.argmax(gain.reshape(L, per * per), axis=1)
+        i, j = np.divmod(best, per)
+        do = rows[gain[rows, i, j] > threshold]
+        if not len(do):
+            break
+        a, b = a_all[do, i[do]], b_all[do, j[do]]
+        w = load[do, a] - load[do, b]                                     # [D, M] what h sheds, k gains
+        node_load[do, h[do]] -= w
+        node_load[do, k[do]] += w
+        members[do, h[do], i[do]], members[do, k[do], j[do]] = b, a
+    node_of = np.empty_like(node_of)
+    np.put_along_axis(node_of, members.reshape(L, E), np.repeat(np.arange(N), per)[None].repeat(L, 0), axis=1)
+    return node_of
+
+
 def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: ReorderConfig,
                   topo: Topology) -> np.ndarray:
     """Experts -> nodes for every layer. load: [L, E, M]; prev_node: [L, E]. Returns node_of [L, E].
@@ -193,12 +239,13 @@ def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: Reord
     the G ranks)."""
     if config.move_cost_pairs <= 0:
         node_of = _pack_vectors(load, N, prev_node, config.node_stickiness)
-        return _match_labels(node_of, prev_node, N)
+        return _refine_by_swaps(load, _match_labels(node_of, prev_node, N), N)
     L, E, M = load.shape
     g = topo.G // N
     candidates = [prev_node]
     for stick in sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}):
         candidates.append(_match_labels(_pack_vectors(load, N, prev_node, stick), prev_node, N))
+    candidates.append(_refine_by_swaps(load, candidates[1], N))
     stacked = np.stack(candidates)                                       # [C, L, E]
     onehot = stacked[..., None] == np.arange(N)                          # [C, L, E, N]
     node_load = np.einsum("clen,lem->clnm", onehot, load)                # [C, L, N, M]
@@ -383,17 +430,22 @@ def _split_quota(src_of, holder: np.ndarray, home_rank: np.ndarray, amount: np.n
     start = np.r_[True, e_gid[1:] != e_gid[:-1]]
     own = np.minimum(src_g[e_gid, e_holder], e_amount)
     need = e_amount - own
-    rem = src_g.copy()
-    rem[e_gid, e_holder] -= own.astype(np.int32)                          # one copy per (expert, rank): no repeats
-    # each group's sources split into its home node's ranks and the other nodes' ranks (columns)
+    # columns in node-block order (node n's ranks at [n*g, (n+1)*g)) so that a group's home-node sources
+    # are one contiguous block: identity for Megatron's default layout (rank r on node r // g)
     node_ranks = topo.node_ranks()                                        # [N, g]
-    N = len(node_ranks)
-    other_ranks = np.stack([np.delete(node_ranks, h, axis=0).reshape(-1) for h in range(N)])  # [N, G-g]
+    N, g = node_ranks.shape
+    col_rank = node_ranks.reshape(-1)                                     # block column -> rank
+    blocked = not np.array_equal(col_rank, np.arange(G))
+    pos_of_rank = np.empty(G, dtype=np.int64)
+    pos_of_rank[col_rank] = np.arange(G)
+    rem = src_g[:, col_rank] if blocked else src_g.copy()
+    rem[e_gid, pos_of_rank[e_holder]] -= own.astype(np.int32)            # one copy per (expert, rank): no repeats
     home_node = np.asarray(topo.node_of_rank)[home_g]
-    local_cols, remote_cols = node_ranks[home_node], other_ranks[home_node]
-    rem_local = np.take_along_axis(rem, local_cols, axis=1)               # [n_groups, g]
-    rem_remote = np.take_along_axis(rem, remote_cols, axis=1)             # [n_groups, G-g]
-    remote_pool = rem_remote.sum(1).astype(np.int64)
+    groups = np.arange(n_groups)
+    rem_local = rem.reshape(n_groups, N, g)[groups, home_node]            # [n_groups, g] home node's sources
+    rem_remote = rem.copy()
+    rem_remote.reshape(n_groups, N, g)[groups, home_node] = 0             # [n_groups, G] other nodes' sources
+    remote_pool = rem_remote.sum(1, dtype=np.int64)
     # proportional shares of the remote pool by cumulative rounding: they sum to the pool exactly
     need_upto = _group_cumsum(need, start)
     total = np.maximum(np.bincount(e_gid, weights=need, minlength=n_groups).astype(np.int64)[e_gid], 1)
@@ -403,15 +455,12 @@ def _split_quota(src_of, holder: np.ndarray, home_rank: np.ndarray, amount: np.n
     # only the replicas' rows are materialised: the home comes last in its group and takes the rest
     r_gid, r_from_remote, r_need = e_gid[rep_pos], from_remote[rep_pos], need[rep_pos]
     r_remote_upto, r_local_upto = remote_upto[rep_pos], local_upto[rep_pos]
-    take = np.zeros((K, G), dtype=np.int32)
-    if remote_cols.shape[1]:
-        take_remote = _interval_take(rem_remote[r_gid], r_remote_upto - r_from_remote, r_remote_upto)
-        np.put_along_axis(take, remote_cols[r_gid], take_remote, axis=1)
+    take = _interval_take(rem_remote[r_gid], r_remote_upto - r_from_remote, r_remote_upto)      # [K, G]
     take_local = _interval_take(rem_local[r_gid], r_local_upto - (r_need - r_from_remote), r_local_upto)
-    np.put_along_axis(take, local_cols[r_gid], take_local, axis=1)
-    take[np.arange(K), holder[order]] += own[rep_pos].astype(np.int32)
+    take.reshape(K, N, g)[np.arange(K), home_node[r_gid]] += take_local
+    take[np.arange(K), pos_of_rank[holder[order]]] += own[rep_pos].astype(np.int32)
     quota = np.empty((K, G), dtype=np.int32)
-    quota[order] = take
+    quota[order] = take[:, pos_of_rank] if blocked else take
     return quota
 
 

@@ -222,3 +222,21 @@ def test_degenerate_topologies():
         assert np.allclose(res.imbalance(), 1.0)
     plan = plan_relibra(np.zeros((2, 2, 4, 8), dtype=np.int64), Topology(8, 4, 4, 0))
     assert (plan.replica_expert == -1).all() and plan.replica_expert.shape[-1] == 0
+
+
+def test_interleaved_node_layout_keeps_invariants():
+    # ranks 0, 2, 4, 6 on node 0 and 1, 3, 5, 7 on node 1: never assume node = rank // g
+    topo = Topology(16, 8, 4, 2, node_of_rank=(0, 1, 0, 1, 0, 1, 0, 1))
+    rng = np.random.default_rng(7)
+    counts = rng.integers(0, 30, size=(3, 2, 8, 16))
+    counts[..., 2] += 400
+    counts[..., 9] += 250
+    for mode in ("replicate", "both"):
+        plan = plan_relibra(counts, topo, mode=mode)
+        validate_plan(plan, counts)
+        assert (plan.replica_expert >= 0).any()
+        tokens, traffic = plan_outcome(plan, counts)
+        np.testing.assert_allclose(tokens.sum(-1), counts.sum((2, 3)))
+        assert (traffic >= 0).all()
+        assert run_strategy("relibra" if mode == "both" else "relibra-replicate", counts, topo).imbalance().mean() < \
+            run_strategy("megatron", counts, topo).imbalance().mean()
