@@ -183,13 +183,15 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     return np.where(keep[:, None], prev, new)
 
 
-def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int = 16) -> np.ndarray:
+def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int = 16,
+                     every_step: bool = False) -> np.ndarray:
     """Improve a node assignment by expert swaps: per layer and step, between the two nodes whose
     per-micro-batch loads differ most, the swap that lowers the sum over micro-batches and nodes of squared
     deviations from the mean the most (skipped when none does). The greedy packing places the last, light
     experts where they fit, not where they balance each micro-batch; swaps repair that.
 
-    load: [L, E, M]; node_of: [L, E].  Returns node_of [L, E] (same number of experts per node).
+    load: [L, E, M]; node_of: [L, E].  Returns node_of [L, E] (same number of experts per node), or with
+    every_step the assignment before and after each step, [steps + 1, L, E].
     """
     L, E, M = load.shape
     per = E // N
@@ -198,6 +200,14 @@ def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int =
     threshold = 1e-6 * np.maximum(sq.sum(1), 1)                          # ignore swaps worth ~nothing
     members = np.argsort(node_of, axis=1, kind="stable").reshape(L, N, per)   # experts of each node
     node_load = np.take_along_axis(load, members.reshape(L, E)[:, :, None], axis=1).reshape(L, N, per, M).sum(2)
+    node_col = np.repeat(np.arange(N), per)[None].repeat(L, 0)
+
+    def assignment():
+        out = np.empty_like(node_of)
+        np.put_along_axis(out, members.reshape(L, E), node_col, axis=1)
+        return out
+
+    steps = [node_of] if every_step else []
     for _ in range(iters):
         dev = node_load - node_load.mean(1, keepdims=True)               # [L, N, M]
         dd = dev @ dev.transpose(0, 2, 1)                                 # [L, N, N] dev_h . dev_k
@@ -224,8 +234,11 @@ def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int =
         node_load[do, h[do]] -= w
         node_load[do, k[do]] += w
         members[do, h[do], i[do]], members[do, k[do], j[do]] = b, a
-    node_of = np.empty_like(node_of)
-    np.put_along_axis(node_of, members.reshape(L, E), np.repeat(np.arange(N), per)[None].repeat(L, 0), axis=1)
+        if every_step:
+            steps.append(assignment())
+    if every_step:
+        return np.stack(steps)
+    node_of = assignment()
     return node_of
 
 
@@ -245,14 +258,23 @@ def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: Reord
     candidates = [prev_node]
     for stick in sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}):
         candidates.append(_match_labels(_pack_vectors(load, N, prev_node, stick), prev_node, N))
-    candidates.append(_refine_by_swaps(load, candidates[1], N))
     stacked = np.stack(candidates)                                       # [C, L, E]
-    onehot = stacked[..., None] == np.arange(N)                          # [C, L, E, N]
+    best = np.argmin(_node_cost(stacked, load, prev_node, config, topo), axis=0)   # ties: the previous one
+    chosen = stacked[best, np.arange(L)]
+    # swaps repair what the greedy left on the chosen assignment: each layer keeps as many as pay for their moves
+    steps = _refine_by_swaps(load, chosen, N, every_step=True)          # [steps + 1, L, E]
+    return steps[np.argmin(_node_cost(steps, load, prev_node, config, topo), axis=0), np.arange(L)]
+
+
+def _node_cost(node_of: np.ndarray, load: np.ndarray, prev_node: np.ndarray, config: ReorderConfig,
+               topo: Topology) -> np.ndarray:
+    """[C, L] cost of candidate node assignments node_of [C, L, E]: sum over micro-batches of the busiest
+    node's pairs per rank, plus the moves' cost (moves run in parallel over the G ranks)."""
+    N = topo.num_nodes
+    onehot = node_of[..., None] == np.arange(N)                          # [C, L, E, N]
     node_load = np.einsum("clen,lem->clnm", onehot, load)                # [C, L, N, M]
-    moves = (stacked != prev_node[None]).sum(-1)                         # [C, L]
-    cost = node_load.max(axis=2).sum(-1) / g + moves * config.move_cost_pairs / topo.G
-    best = np.argmin(cost, axis=0)                                       # ties: the previous assignment
-    return stacked[best, np.arange(L)]
+    moves = (node_of != prev_node[None]).sum(-1)                         # [C, L]
+    return node_load.max(axis=2).sum(-1) / (topo.G // N) + moves * config.move_cost_pairs / topo.G
 
 
 def _fill_slots(rank_of_expert: np.ndarray, prev: np.ndarray, prev_home: np.ndarray, S: int) -> np.ndarray:
