@@ -183,7 +183,7 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     return np.where(keep[:, None], prev, new)
 
 
-def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int = 16,
+def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int = 8,
                      every_step: bool = False) -> np.ndarray:
     """Improve a node assignment by expert swaps: per layer and step, between the two nodes whose
     per-micro-batch loads differ most, the swap that lowers the sum over micro-batches and nodes of squared
