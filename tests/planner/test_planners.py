@@ -240,3 +240,35 @@ def test_interleaved_node_layout_keeps_invariants():
         assert (traffic >= 0).all()
         assert run_strategy("relibra" if mode == "both" else "relibra-replicate", counts, topo).imbalance().mean() < \
             run_strategy("megatron", counts, topo).imbalance().mean()
+
+
+def test_swap_refinement_never_worsens_node_balance():
+    from relibra_verl.planner.relibra import _pack_vectors, _refine_by_swaps
+    rng = np.random.default_rng(11)
+    load = rng.gamma(0.5, 100.0, size=(6, 32, 5))                       # [L, E, M], skewed
+    start = _pack_vectors(load, 4)
+
+    def sq_dev(node_of):
+        node_load = np.einsum("len,lem->lnm", node_of[..., None] == np.arange(4), load)
+        return ((node_load - node_load.mean(1, keepdims=True)) ** 2).sum((1, 2))
+
+    steps = _refine_by_swaps(load, start, 4, every_step=True)
+    assert np.array_equal(steps[0], start)
+    costs = np.stack([sq_dev(s) for s in steps])                          # [steps + 1, L]
+    assert (np.diff(costs, axis=0) <= 1e-6).all()                        # every step lowers or keeps it
+    assert (costs[-1] < costs[0]).any()
+    for s in steps:                                                       # every node keeps E / N experts
+        assert (np.stack([np.bincount(row, minlength=4) for row in s]) == 8).all()
+
+
+def test_prohibitive_move_cost_keeps_the_placement():
+    from relibra_verl.planner.relibra import ReorderConfig
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 20, size=(3, 4, 16, 64))
+    counts[:, :, :, :8] += 300                                            # hot experts all on node 0
+    topo = Topology(64, 16, 8, 2)
+    free = plan_relibra(counts, topo, mode="reorder", reorder=ReorderConfig(move_cost_pairs=1e-9))
+    dear = plan_relibra(counts, topo, mode="reorder", reorder=ReorderConfig(move_cost_pairs=1e12))
+    nodes = np.asarray(topo.node_of_rank)
+    cross = lambda p: (nodes[p.home_of_expert() // topo.S] != nodes[np.arange(64) // topo.S]).sum()
+    assert cross(free) > 0 and cross(dear) == 0
