@@ -293,7 +293,7 @@ def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True
     from relibra_verl.planner.types import Topology
     from relibra_verl.runtime import harness
     from relibra_verl.runtime.moe import RelibraRuntime
-    from relibra_verl.runtime.reorder import apply_placement, canonical_order
+    from relibra_verl.runtime.reorder import canonical_order
 
     rng = np.random.default_rng(seed)
     topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
@@ -315,23 +315,7 @@ def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True
         opt = torch.optim.Adam(list(layer.parameters()), lr=1e-2)
         losses = []
         for s in range(steps):
-            if rt is not None:
-                apply_placement(rt, placements[s], opt)
-                c = np.zeros((2, 1, world, E), dtype=np.int64)
-                for m in range(2):
-                    c[m, 0] = _counts(ids[s][m])[0, 0]
-                rt.set_plan(harness.random_plan(topo, c, np.random.default_rng(s), expert_at_home=placements[s]))
-            model.zero_grad_buffer()
-            opt.zero_grad()
-            loss = torch.zeros((), dtype=torch.float64)
-            for m in range(2):
-                if rt is not None:
-                    rt.set_micro_batch(m)
-                harness.replay(layer, ids[s][m][rank])
-                out, _ = model(xs[s][m].clone().requires_grad_())
-                lm = (out * w).sum()
-                lm.backward()
-                loss += lm.detach().double()
+            loss = _train_step_forward_backward(model, layer, rt, opt, topo, placements[s], ids[s], xs[s], w, rank, s)
             model.finish_grad_sync()
             for p in layer.parameters():
                 p.grad = p.main_grad.clone()
@@ -452,7 +436,7 @@ def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
     from relibra_verl.planner.types import Topology
     from relibra_verl.runtime import harness
     from relibra_verl.runtime.moe import RelibraRuntime
-    from relibra_verl.runtime.reorder import apply_placement, canonical_order
+    from relibra_verl.runtime.reorder import canonical_order
 
     rng = np.random.default_rng(seed)
     topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
@@ -471,23 +455,7 @@ def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
         model, opt = _megatron_distopt(layer, overlap=True, bucket_size=64)
         losses = []
         for s in range(steps):
-            if rt is not None:
-                apply_placement(rt, placements[s], opt)
-                c = np.zeros((2, 1, world, E), dtype=np.int64)
-                for m in range(2):
-                    c[m, 0] = _counts(ids[s][m])[0, 0]
-                rt.set_plan(harness.random_plan(topo, c, np.random.default_rng(s), expert_at_home=placements[s]))
-            model.zero_grad_buffer()
-            opt.zero_grad()
-            loss = torch.zeros((), dtype=torch.float64)
-            for m in range(2):
-                if rt is not None:
-                    rt.set_micro_batch(m)
-                harness.replay(layer, ids[s][m][rank])
-                out, _ = model(xs[s][m].clone().requires_grad_())
-                lm = (out.float() * w).sum()
-                lm.backward()
-                loss += lm.detach().double()
+            loss = _train_step_forward_backward(model, layer, rt, opt, topo, placements[s], ids[s], xs[s], w, rank, s)
             model.finish_grad_sync()
             ok, _, _ = opt.step()
             assert ok
@@ -564,3 +532,29 @@ def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
 
 CASES["distopt_bf16_reorder"] = lambda r, w: _distopt_steps(r, w, R=0, dtype=torch.bfloat16)
 CASES["distopt_fp32_replicas"] = lambda r, w: _distopt_steps(r, w, R=2, dtype=torch.float32)
+
+
+def _train_step_forward_backward(model, layer, rt, opt, topo, placement, ids_step, xs_step, w, rank, step):
+    """Forward + backward of one training step over its 2 micro-batches; with relibra (rt) the step's
+    placement is applied and a random plan installed first. Returns this rank's summed loss (float64)."""
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.reorder import apply_placement
+
+    if rt is not None:
+        apply_placement(rt, placement, opt)
+        c = np.zeros((2, 1, topo.G, topo.E), dtype=np.int64)
+        for m in range(2):
+            c[m, 0] = _counts(ids_step[m])[0, 0]
+        rt.set_plan(harness.random_plan(topo, c, np.random.default_rng(step), expert_at_home=placement))
+    model.zero_grad_buffer()
+    opt.zero_grad()
+    loss = torch.zeros((), dtype=torch.float64)
+    for m in range(2):
+        if rt is not None:
+            rt.set_micro_batch(m)
+        harness.replay(layer, ids_step[m][rank])
+        out, _ = model(xs_step[m].clone().requires_grad_())
+        lm = (out.float() * w).sum()   # .float(): bf16 layers accumulate the loss in fp32
+        lm.backward()
+        loss += lm.detach().double()
+    return loss
