@@ -19,16 +19,6 @@ DEVICE_DTYPES = [(d, t) for d in DEVICES
                  for t in (torch.float32, torch.float16) + ((torch.bfloat16,) if d == "cuda" else ())]
 
 
-@pytest.fixture
-def interp(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
 def make(T, K, H, E, num_slots, mask, dtype, seed, probs_dtype=None, device="cpu"):
     """Random routing -> (hidden [T, H], probs [T, K], slot_of_pair [T, K], slot_counts), leaves needing grad."""
     gen = torch.Generator().manual_seed(seed)

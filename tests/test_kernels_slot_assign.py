@@ -11,20 +11,6 @@ from relibra_verl.kernels import assign_slots, assign_slots_reference, resolve_b
 from relibra_verl.planner.types import BatchPlan, Topology
 
 
-# CPU runs the interpreter; on a GPU machine (bench/gpu_check.sh) the same cases run compiled too
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture
-def interp(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
 def oracle(ids, copy_slot, quota, num_slots):
     """The rule of design.md "Terms", pair by pair in row-major order."""
     ids, cs, q = ids.tolist(), copy_slot.tolist(), quota.tolist()
