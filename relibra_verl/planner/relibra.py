@@ -246,15 +246,14 @@ def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: Reord
                   topo: Topology) -> np.ndarray:
     """Experts -> nodes for every layer. load: [L, E, M]; prev_node: [L, E]. Returns node_of [L, E].
 
-    Without a move cost: one greedy packing at config.node_stickiness. With one: per layer, the cheapest
-    of several stickiness levels and of keeping the previous assignment, where cost = sum over
-    micro-batches of the busiest node's load per rank plus the moves' cost (moves run in parallel over
-    the G ranks)."""
+    Without a move cost: one greedy packing at config.node_stickiness, refined by swaps. With one: per
+    layer, the cheapest of several stickiness levels and of keeping the previous assignment, then of the
+    refining swap steps on it, where cost = sum over micro-batches of the busiest node's load per rank
+    plus the moves' cost (moves run in parallel over the G ranks; see _node_cost)."""
     if config.move_cost_pairs <= 0:
         node_of = _pack_vectors(load, N, prev_node, config.node_stickiness)
         return _refine_by_swaps(load, _match_labels(node_of, prev_node, N), N)
     L, E, M = load.shape
-    g = topo.G // N
     candidates = [prev_node]
     for stick in sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}):
         candidates.append(_match_labels(_pack_vectors(load, N, prev_node, stick), prev_node, N))

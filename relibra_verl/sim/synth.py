@@ -183,7 +183,7 @@ class RoutingGenerator:
 
     def _fallback(self, ids: np.ndarray, E: int) -> np.ndarray:
         """Rare: uniform redraws until every row is distinct (p_seq concentrated on fewer than K experts)."""
-        rng, K = self.rng, ids.shape[1]
+        rng = self.rng
         srt = np.sort(ids, axis=1)
         for t in np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1)):
             seen, out = set(), []

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relibra_verl.planner.eplb import rebalance_experts
-from relibra_verl.planner.relibra import ReplicationConfig, plan_relibra, plan_replicas
+from relibra_verl.planner.relibra import ReplicationConfig, plan_relibra
 from relibra_verl.planner.strategies import STRATEGIES, plan_outcome, run_strategy
-from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
+from relibra_verl.planner.types import PlanError, Topology
 from relibra_verl.planner.validate import check_deterministic, validate_plan
 
 # ../shared/reference/facts.md: the DeepSeek EPLB README example (also vLLM's test_eplb_algo.py)

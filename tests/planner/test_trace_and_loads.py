@@ -7,7 +7,7 @@ import pytest
 from relibra_verl.errors import TraceError, UsageError
 from relibra_verl.routing.loads import (count_loads, counts_from_routes, form_batch, split_micro_batches,
                                         verl_workload)
-from relibra_verl.routing.trace import Trace, load_trace, save_trace, trace_from_arrays
+from relibra_verl.routing.trace import load_trace, save_trace, trace_from_arrays
 
 
 def _arrays(T=10, L=3, K=2, E=8, seqs=(4, 6), seed=0):

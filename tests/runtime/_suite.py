@@ -121,7 +121,7 @@ def _two_layers(rank, world, *, R, seed=3, L=2, prefetch=True, sparse=False, rec
     sparse: layer 1 has replicas on node 0 only and layer 2 none at all, so some ranks and whole nodes post
     no transfer for a layer (must not hang, must stay exact). recompute: MoE-layer recompute (the recompute
     runs inside the backward, so its send-ahead goes to layer l-1)."""
-    from relibra_verl.planner.types import BatchPlan, Topology
+    from relibra_verl.planner.types import Topology
     from relibra_verl.runtime import harness
     from relibra_verl.runtime.moe import RelibraRuntime
 
