@@ -14,6 +14,11 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
   gpus_per_node        8        EP ranks per NVLink domain (replicas never leave it)
   reorder_every        1        reorder the expert placement every N optimizer steps (0: never)
   max_moved_experts    -1       move budget: experts whose home may change per layer and reorder (-1: any)
+  inter_node_share     0.8      share of a routed pair's cost that is its InfiniBand transfer when it
+                                crosses nodes; the reorder weighs the busiest NIC (send and receive)
+                                against the busiest node's GEMMs with it (0: nodes by pairs only).
+                                `relibra-verl simulate --model M` prints it for a model and profile
+                                (h100-ib400: qwen3-30b-a3b 0.90, deepseek-v3 0.78)
   kernels              auto     slot-assignment kernels: auto (Triton on GPU, else torch) | triton | torch
   on_missing_routing   fallback fallback (warn, count `relibra/fallbacks`, plain dispatch) | error (strict)
   metrics              True     report relibra/* metrics in verl's metrics dict
@@ -47,6 +52,7 @@ class RelibraConfig:
     gpus_per_node: int = 8
     reorder_every: int = 1
     max_moved_experts: int = -1
+    inter_node_share: float = 0.8
     kernels: str = "auto"
     on_missing_routing: str = "fallback"
     metrics: bool = True
@@ -54,11 +60,11 @@ class RelibraConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            want = bool if f.type in ("bool", bool) else int if f.type in ("int", int) else str
-            # bool is an int subclass: refuse True for an int key and 1 for a bool key
-            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-                raise RelibraConfigError(
-                    f"{SECTION}.{f.name} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+            want = {"bool": bool, "int": int, "float": (int, float)}.get(f.type, str)
+            # bool is an int subclass: refuse True for an int or float key and 1 for a bool key
+            if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
+                name = "float" if f.type == "float" else want.__name__
+                raise RelibraConfigError(f"{SECTION}.{f.name} must be {name}, got {value!r} ({type(value).__name__})")
         _choice("mode", self.mode, MODES)
         _choice("kernels", self.kernels, KERNELS)
         _choice("on_missing_routing", self.on_missing_routing, ON_MISSING)
@@ -66,6 +72,8 @@ class RelibraConfig:
         _at_least("gpus_per_node", self.gpus_per_node, 1)
         _at_least("reorder_every", self.reorder_every, 0)
         _at_least("max_moved_experts", self.max_moved_experts, -1)
+        if not 0.0 <= self.inter_node_share < 1.0:
+            raise RelibraConfigError(f"{SECTION}.inter_node_share must be in [0, 1), got {self.inter_node_share}")
         if self.mode in ("replicate", "both") and self.replica_slots == 0 and self.enable:
             raise RelibraConfigError(
                 f"{SECTION}.mode={self.mode} needs replica_slots >= 1 (or use mode=reorder)")

@@ -205,25 +205,27 @@ def resolve_model(args):
 def replication_config(args, model, profile) -> tuple[ReplicationConfig, ReorderConfig, dict]:
     """The relibra planner's limits: the flags, or the cost model's (time-aware) when --model is given:
     replica limits, each replica's GEMM-call overhead, and the cost of moving an expert across nodes."""
-    from relibra_verl.sim.planning import (max_copies_per_owner, min_replica_tokens, move_cost_pairs,
-                                           replica_overhead_tokens)
+    from relibra_verl.sim.planning import (inter_node_share, max_copies_per_owner, min_replica_tokens,
+                                           move_cost_pairs, replica_overhead_tokens)
 
     mrt, mco, src = args.min_replica_tokens, args.max_copies_per_owner, "flags"
-    overhead, move_cost = 0, 0.0
+    overhead, move_cost, share = 0, 0.0, 0.0
     if model is not None:
         prefetch = not args.online_copies
+        shape = {"num_nodes": max(1, args.ep // max(1, args.gpus_per_node)), "gpus_per_node": args.gpus_per_node}
         if mrt is None:
             # the GEMM call is charged to the receiver below (replica_overhead_pairs): count the copies only
-            mrt, src = min_replica_tokens(model, profile, prefetch=prefetch, include_call=False), "cost model"
+            mrt, src = min_replica_tokens(model, profile, prefetch=prefetch, include_call=False, **shape), "cost model"
         if mco is None:
             mco = max_copies_per_owner(model, profile, args.tokens_per_rank)
         overhead = replica_overhead_tokens(model, profile)
         move_cost = move_cost_pairs(model, profile)
+        share = inter_node_share(model, profile)
     mrt = 1 if mrt is None else mrt
     return (ReplicationConfig(min_replica_tokens=mrt, max_copies_per_owner=mco, replica_overhead_pairs=overhead),
-            ReorderConfig(move_cost_pairs=move_cost),
+            ReorderConfig(move_cost_pairs=move_cost, inter_node_share=share),
             {"min_replica_tokens": mrt, "max_copies_per_owner": mco, "replica_overhead_pairs": overhead,
-             "move_cost_pairs": round(move_cost, 1), "source": src})
+             "move_cost_pairs": round(move_cost, 1), "inter_node_share": round(share, 3), "source": src})
 
 
 def replay(args) -> ReplayRun:
@@ -367,7 +369,8 @@ def run(args) -> int:
         for name, t in timing.get("time_aware", {}).items():
             print(f"time-aware planning ({name}): {t['step_time_s']:.4f} s/step with min_replica_tokens="
                   f"{lim['min_replica_tokens']}, max_copies_per_owner={lim['max_copies_per_owner']}, "
-                  f"replica_overhead_pairs={lim['replica_overhead_pairs']}, move_cost_pairs={lim['move_cost_pairs']} "
+                  f"replica_overhead_pairs={lim['replica_overhead_pairs']}, move_cost_pairs={lim['move_cost_pairs']}, "
+                  f"inter_node_share={lim['inter_node_share']} "
                   f"({t['replicas_per_microbatch_layer']:.1f} replicas/mb/layer); {t['step_time_s_without']:.4f} s/step "
                   f"without ({t['replicas_per_microbatch_layer_without']:.1f})")
     if args.plot:

@@ -216,7 +216,8 @@ class RelibraTrainer:
         if self.cfg.reorders and not self._forward_only and self._reorder_due():
             nxt = plan_relibra(counts, self.topo, placement, mode="reorder",
                                reorder=ReorderConfig(max_moves_per_layer=None if self.cfg.max_moved_experts < 0
-                                                     else self.cfg.max_moved_experts))
+                                                     else self.cfg.max_moved_experts,
+                                                     inter_node_share=float(self.cfg.inter_node_share)))
             self.next_placement = nxt.expert_at_home
         plan_ms = (time.perf_counter() - t0) * 1e3
         rb.set_plan(self.runtime, plan)

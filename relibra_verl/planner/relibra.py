@@ -6,15 +6,19 @@ micro-batches so a whole batch plans in milliseconds on one CPU core.
 Reorder (once per batch, crosses nodes): each expert's load is a vector over the batch's micro-batches;
 experts are packed heaviest first, each onto the node (then, inside the node, the rank) that adds least
 to the sum of squared per-micro-batch loads, i.e. that keeps every micro-batch balanced, not just the
-batch total. Node and rank labels are then matched to the previous placement so that as few experts as
+batch total, and expert swaps between the most different nodes (ranks) repair what the greedy left.
+Node and rank labels are then matched to the previous placement so that as few experts as
 possible change rank; a layer whose previous placement is already within `keep_tolerance` of the new
 one keeps it (no moves).
 
-Replicate (per micro-batch and layer, inside each node): the most loaded rank sheds load of its
-hottest home expert to the least loaded rank of the same node that has a free replica slot and no copy
-of that expert, in the amount min(excess, deficit, what is left at home). Each source rank's pairs are
-then split over the copies: a replica holder's own pairs first (they never leave the GPU), the home
-rank's own pairs last (they are local at home), everything else in rank order.
+Replicate (per micro-batch and layer, inside each node): the most loaded rank sheds load of one of
+its home experts to a rank of the same node that has a free replica slot and no copy of that expert.
+Pairs are of two kinds, balanced separately: from the home node (NVLink, or no transfer at all) and from
+other nodes (InfiniBand: the busiest NIC sets the all-to-all's time, and balancing pairs alone leaves
+the NICs of a node uneven). Each move takes of each kind min(donor's excess, receiver's deficit, what
+is left at home). Each source rank's pairs are then split over the copies: of the intra-node kind, a
+replica holder's own pairs first (they never leave the GPU), then the home node's sources in rank order;
+of the inter-node kind, the other nodes' sources in rank order.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ class ReorderConfig:
     node_stickiness: float = 0.0
     rank_stickiness: float = 0.0
     move_cost_pairs: float = 0.0
+    inter_node_share: float = 0.0
 
 
 # stickiness values tried by the move-cost-aware node assignment (0: balance only ... 1: strongly sticky)
@@ -152,7 +157,7 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     # 1. experts -> nodes
     prev_node = rank_node[prev_rank]                                     # [L, E]
     if N > 1:
-        node_of = _assign_nodes(load, N, prev_node, config, topo)
+        node_of = _assign_nodes(load, N, prev_node, config, topo, counts)
     else:
         node_of = np.zeros((L, E), dtype=np.int64)
 
@@ -166,6 +171,7 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     if g > 1:
         pos_of = _pack_vectors(member_load, g, old_pos, config.rank_stickiness)
         pos_of = _match_labels(pos_of, old_pos, g)
+        pos_of = _refine_by_swaps(member_load, pos_of, g)
     else:
         pos_of = np.zeros((L * N, g * S), dtype=np.int64)
     rank_of = node_ranks[np.repeat(np.tile(np.arange(N), L)[:, None], g * S, 1), pos_of]   # [L*N, g*S]
@@ -185,13 +191,14 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
 
 def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int = 8,
                      every_step: bool = False) -> np.ndarray:
-    """Improve a node assignment by expert swaps: per layer and step, between the two nodes whose
-    per-micro-batch loads differ most, the swap that lowers the sum over micro-batches and nodes of squared
-    deviations from the mean the most (skipped when none does). The greedy packing places the last, light
-    experts where they fit, not where they balance each micro-batch; swaps repair that.
+    """Improve an assignment of experts to N bins (nodes, or the ranks of one node) by expert swaps: per
+    problem and step, between the two bins whose per-micro-batch loads differ most, the swap that lowers
+    the sum over micro-batches and bins of squared deviations from the mean the most (skipped when none
+    does). The greedy packing places the last, light experts where they fit, not where they balance each
+    micro-batch; swaps repair that.
 
-    load: [L, E, M]; node_of: [L, E].  Returns node_of [L, E] (same number of experts per node), or with
-    every_step the assignment before and after each step, [steps + 1, L, E].
+    load: [L, E, M]; node_of: [L, E] (L problems).  Returns node_of [L, E] (same number of experts per
+    bin), or with every_step the assignment before and after each step, [steps + 1, L, E].
     """
     L, E, M = load.shape
     per = E // N
@@ -243,37 +250,145 @@ def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int =
 
 
 def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: ReorderConfig,
-                  topo: Topology) -> np.ndarray:
-    """Experts -> nodes for every layer. load: [L, E, M]; prev_node: [L, E]. Returns node_of [L, E].
+                  topo: Topology, counts: np.ndarray | None = None) -> np.ndarray:
+    """Experts -> nodes for every layer. load: [L, E, M]; prev_node: [L, E]; counts: [M, L, G, E] (for the
+    inter-node terms). Returns node_of [L, E].
 
     Without a move cost: one greedy packing at config.node_stickiness, refined by swaps. With one: per
     layer, the cheapest of several stickiness levels and of keeping the previous assignment, then of the
-    refining swap steps on it, where cost = sum over micro-batches of the busiest node's load per rank
-    plus the moves' cost (moves run in parallel over the G ranks; see _node_cost)."""
-    if config.move_cost_pairs <= 0:
+    refining swap steps on it, then (config.inter_node_share > 0) of the inter-node swap steps on that,
+    where cost = _node_cost: per micro-batch the busiest node's pairs per rank and the busiest NIC, plus
+    the moves' cost (moves run in parallel over the G ranks)."""
+    if config.move_cost_pairs <= 0 and config.inter_node_share <= 0:
         node_of = _pack_vectors(load, N, prev_node, config.node_stickiness)
         return _refine_by_swaps(load, _match_labels(node_of, prev_node, N), N)
     L, E, M = load.shape
+    per_layer = None if counts is None or config.inter_node_share <= 0 else np.ascontiguousarray(
+        np.asarray(counts, dtype=np.float64).transpose(1, 0, 2, 3))     # [L, M, G, E]
+    cost = lambda cand: _node_cost(cand, load, prev_node, config, topo, per_layer)
     candidates = [prev_node]
     for stick in sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}):
         candidates.append(_match_labels(_pack_vectors(load, N, prev_node, stick), prev_node, N))
     stacked = np.stack(candidates)                                       # [C, L, E]
-    best = np.argmin(_node_cost(stacked, load, prev_node, config, topo), axis=0)   # ties: the previous one
+    best = np.argmin(cost(stacked), axis=0)                              # ties: the previous one
     chosen = stacked[best, np.arange(L)]
     # swaps repair what the greedy left on the chosen assignment: each layer keeps as many as pay for their moves
     steps = _refine_by_swaps(load, chosen, N, every_step=True)          # [steps + 1, L, E]
-    return steps[np.argmin(_node_cost(steps, load, prev_node, config, topo), axis=0), np.arange(L)]
+    chosen = steps[np.argmin(cost(steps), axis=0), np.arange(L)]
+    if per_layer is None:
+        return chosen
+    steps = _refine_inter_node(per_layer, chosen, topo, config.inter_node_share)
+    return steps[np.argmin(cost(steps), axis=0), np.arange(L)]
+
+
+def _inter_node_loads(per_layer: np.ndarray, node_of: np.ndarray, topo: Topology):
+    """Per candidate assignment node_of [C, L, E] of the loads per_layer [L, M, G, E]: pairs each source
+    rank sends to other nodes [C, L, M, G], pairs each node receives from other nodes [C, L, M, N], and
+    pairs each node computes [C, L, M, N]."""
+    L, M, G, E = per_layer.shape
+    N = topo.num_nodes
+    src_node = np.asarray(topo.node_of_rank)
+    onehot = (node_of[..., None] == np.arange(N)).astype(np.float64)    # [C, L, E, N]
+    to_node = (per_layer.reshape(L, M * G, E) @ onehot).reshape(-1, L, M, G, N)
+    kept = to_node[..., np.arange(G), src_node]                          # [C, L, M, G] stays on the source's node
+    sent = per_layer.sum(-1) - kept
+    node_load = to_node.sum(3)                                           # [C, L, M, N]
+    kept_by_node = kept @ (src_node[:, None] == np.arange(N)).astype(np.float64)
+    return sent, node_load - kept_by_node, node_load
 
 
 def _node_cost(node_of: np.ndarray, load: np.ndarray, prev_node: np.ndarray, config: ReorderConfig,
-               topo: Topology) -> np.ndarray:
-    """[C, L] cost of candidate node assignments node_of [C, L, E]: sum over micro-batches of the busiest
-    node's pairs per rank, plus the moves' cost (moves run in parallel over the G ranks)."""
-    N = topo.num_nodes
-    onehot = node_of[..., None] == np.arange(N)                          # [C, L, E, N]
-    node_load = np.einsum("clen,lem->clnm", onehot, load)                # [C, L, N, M]
+               topo: Topology, per_layer: np.ndarray | None = None) -> np.ndarray:
+    """[C, L] cost of candidate node assignments node_of [C, L, E], in pairs: summed over micro-batches,
+    (1 - share) x the busiest node's pairs per rank (GEMMs; replicas even out the ranks of a node) +
+    share x the busiest NIC's pairs (the most a source rank sends to other nodes, or a node's inter-node
+    receive per rank), share = config.inter_node_share (0 without per_layer [L, M, G, E]); plus the moves'
+    cost (moves run in parallel over the G ranks)."""
+    N, g = topo.num_nodes, topo.G // topo.num_nodes
     moves = (node_of != prev_node[None]).sum(-1)                         # [C, L]
-    return node_load.max(axis=2).sum(-1) / (topo.G // N) + moves * config.move_cost_pairs / topo.G
+    share = config.inter_node_share if per_layer is not None else 0.0
+    if share > 0:
+        sent, recv, node_load = _inter_node_loads(per_layer, node_of, topo)
+        nic = np.maximum(sent.max(-1), recv.max(-1) / g)                 # [C, L, M]
+        busy = (1 - share) * node_load.max(-1) / g + share * nic
+    else:
+        onehot = node_of[..., None] == np.arange(N)                      # [C, L, E, N]
+        busy = np.einsum("clen,lem->clnm", onehot, load).max(axis=2) / g
+    return busy.sum(-1) + moves * config.move_cost_pairs / topo.G
+
+
+def _refine_inter_node(per_layer: np.ndarray, node_of: np.ndarray, topo: Topology, share: float,
+                       iters: int = 8) -> np.ndarray:
+    """Expert swaps between nodes that lower, per layer, J = sum over micro-batches of share^2 x (the
+    squares of each source rank's inter-node sends + of each node's inter-node receive per rank) +
+    (1 - share)^2 x the squares of each node's pairs per rank: a smooth stand-in for _node_cost that
+    also sees the send side (a rank holding many tokens sends most of them across nodes unless its
+    node hosts the experts they go to). Each step swaps, between the worst and the best node of the
+    layer by J, the pair of experts that lowers J the most (exact change, all pairs at once).
+
+    per_layer: [L, M, G, E]; node_of: [L, E].  Returns the assignment before and after each step,
+    [steps + 1, L, E].
+    """
+    L, M, G, E = per_layer.shape
+    N = topo.num_nodes
+    g, per = G // N, E // N
+    node_ranks = topo.node_ranks()                                       # [N, g]
+    rows = np.arange(L)
+    w_nic, w_gemm = share ** 2, (1 - share) ** 2
+    expert_load = per_layer.sum(2)                                       # [L, M, E]
+    steps = [node_of]
+    for _ in range(iters):
+        sent, recv, node_load = (x[0] for x in _inter_node_loads(per_layer, node_of[None], topo))
+        sent_sq = (sent ** 2).sum(1) @ (np.asarray(topo.node_of_rank)[:, None] == np.arange(N)).astype(np.float64)   # [L, N]
+        bad = w_nic * (sent_sq + (recv ** 2).sum(1) / g) + w_gemm * (node_load ** 2).sum(1) / g
+        h, k = np.argmax(bad, axis=1), np.argmin(bad, axis=1)
+        members = np.argsort(node_of, axis=1, kind="stable").reshape(L, N, per)
+        A, B = members[rows, h], members[rows, k]                        # [L, per] experts on h, on k
+        src_h, src_k = node_ranks[h], node_ranks[k]                      # [L, g]
+
+        from_h = per_layer[rows[:, None], :, src_h].transpose(0, 2, 1, 3).reshape(L, M * g, E)   # [L, (m, s), E]
+        from_k = per_layer[rows[:, None], :, src_k].transpose(0, 2, 1, 3).reshape(L, M * g, E)
+        take = lambda x, exp: np.take_along_axis(x, exp[:, None, :], axis=2)          # [L, M*g, per]
+        cAh, cBh, cAk, cBk = take(from_h, A), take(from_h, B), take(from_k, A), take(from_k, B)
+        sent_h = sent[rows[:, None], :, src_h].transpose(0, 2, 1).reshape(L, 1, M * g)   # [L, 1, (m, s)]
+        sent_k = sent[rows[:, None], :, src_k].transpose(0, 2, 1).reshape(L, 1, M * g)
+        lin = lambda s, c: (s @ c)[:, 0]                                 # [L, per]
+        sq = lambda c: (c ** 2).sum(1)
+        cross = lambda x, y: x.transpose(0, 2, 1) @ y                    # [L, per, per]
+        # sources of h: a leaves (its pairs now cross), b arrives (its pairs stay); sources of k: the reverse
+        d_sent = (2 * lin(sent_h, cAh)[:, :, None] - 2 * lin(sent_h, cBh)[:, None, :]
+                  - 2 * lin(sent_k, cAk)[:, :, None] + 2 * lin(sent_k, cBk)[:, None, :]
+                  + (sq(cAh) + sq(cAk))[:, :, None] + (sq(cBh) + sq(cBk))[:, None, :]
+                  - 2 * cross(cAh, cBh) - 2 * cross(cAk, cBk))
+        la = np.take_along_axis(expert_load, A[:, None, :], axis=2)      # [L, M, per]
+        lb = np.take_along_axis(expert_load, B[:, None, :], axis=2)
+        recv_h, recv_k = recv[rows, :, h], recv[rows, :, k]             # [L, M]
+        load_h, load_k = node_load[rows, :, h], node_load[rows, :, k]
+
+        def d_square(base, out_a, in_b):  # [L, a, b] change of sum_m (base - out_a + in_b)^2
+            return (-2 * (base[:, None, :] @ out_a)[:, 0, :, None] + 2 * (base[:, None, :] @ in_b)[:, 0, None, :]
+                    + (out_a ** 2).sum(1)[:, :, None] + (in_b ** 2).sum(1)[:, None, :]
+                    - 2 * out_a.transpose(0, 2, 1) @ in_b)
+
+        def d_square_k(base, out_b, in_a):  # [L, a, b] change of sum_m (base - out_b + in_a)^2
+            return d_square(base, out_b, in_a).transpose(0, 2, 1)
+
+        # a node's inter-node receive: what its experts get from other nodes' sources
+        node_sum = lambda c: c.reshape(L, M, g, per).sum(2)             # [L, M, per] from the node's sources
+        d_recv = (d_square(recv_h, la - node_sum(cAh), lb - node_sum(cBh))
+                  + d_square_k(recv_k, lb - node_sum(cBk), la - node_sum(cAk)))
+        d_load = d_square(load_h, la, lb) + d_square_k(load_k, lb, la)
+        gain = -(w_nic * (d_sent + d_recv / g) + w_gemm * d_load / g)    # [L, per, per]
+        best = np.argmax(gain.reshape(L, per * per), axis=1)
+        i, j = np.divmod(best, per)
+        do = rows[(gain[rows, i, j] > 1e-9 * np.maximum(bad.sum(1), 1)) & (h != k)]
+        if not len(do):
+            break
+        node_of = node_of.copy()
+        node_of[do, A[do, i[do]]] = k[do]
+        node_of[do, B[do, j[do]]] = h[do]
+        steps.append(node_of)
+    return np.stack(steps)
 
 
 def _fill_slots(rank_of_expert: np.ndarray, prev: np.ndarray, prev_home: np.ndarray, S: int) -> np.ndarray:
@@ -309,6 +424,12 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
                   config: ReplicationConfig = ReplicationConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Replicas and quotas for every (micro-batch, layer), inside each node.
 
+    Each rank's pairs are of two kinds: from its own node (they arrive over NVLink, or never leave the
+    GPU) and from other nodes (they arrive over InfiniBand, the slow link whose busiest NIC sets the
+    all-to-all's time). Both kinds are balanced: every move of an expert's pairs from the donor to a
+    replica takes of each kind what brings the two ranks towards the node's mean of that kind. With one
+    node the second kind is empty and this is plain pair balancing.
+
     counts: [M, L, G, E]; expert_at_home: [L, E].
     Returns replica_expert [M, L, G, R] (-1 empty) and replica_quota [M, L, G, R, G_src].
     """
@@ -319,14 +440,18 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     if R == 0 or g == 1:
         return replica_expert, replica_quota
     node_ranks = topo.node_ranks()                                       # [N, g]
-    total = counts.sum(axis=2)                                           # [M, L, E]
-    # home load of each node's home slots, [P = M*L*N, g, S]
-    slot_load = np.take_along_axis(total, np.broadcast_to(expert_at_home, (M, L, E)), axis=2)
-    slot_load = slot_load.reshape(M, L, G, S)[:, :, node_ranks]          # [M, L, N, g, S]
     P = M * L * N
-    home = slot_load.reshape(P, g, S).astype(np.int64)
-    rank_load = home.sum(-1).astype(np.float64)                          # pairs + replica overheads
-    target = rank_load.mean(-1)                                          # [P] node mean
+
+    def per_node_slot(x):  # [M, L, E] per expert -> [P, g, S] per home slot of each node's ranks
+        at_slot = np.take_along_axis(x, np.broadcast_to(expert_at_home, (M, L, E)), axis=2)
+        return at_slot.reshape(M, L, G, S)[:, :, node_ranks].reshape(P, g, S).astype(np.float64)
+
+    remote = _inter_node_pairs(counts, topo, expert_at_home) if N > 1 else np.zeros((M, L, E), np.int64)
+    home_r = per_node_slot(remote)                                       # left at home, from other nodes
+    home_l = per_node_slot(counts.sum(axis=2) - remote)                  # left at home, from the home node
+    rank_r = home_r.sum(-1)                                              # [P, g] inter-node pairs
+    rank_l = home_l.sum(-1)                                              # intra-node pairs + replica overheads
+    mean_r, mean_l = rank_r.mean(-1), rank_l.mean(-1)                    # [P] node means
     has_copy = np.zeros((P, g * S, g), dtype=bool)                       # [problem, node-local expert, rank]
     has_copy[:, np.arange(g * S), np.arange(g).repeat(S)] = True
     used = np.zeros((P, g), dtype=np.int64)
@@ -334,51 +459,64 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
     min_tokens = max(1, int(config.min_replica_tokens))
     overhead = float(config.replica_overhead_pairs)
-    picks = []                                                           # (problems, donor, slot, recv, k, amount)
+    picks = []                                          # (problems, donor, slot, recv, k, amount, inter-node part)
     slot_ids = np.arange(S)
     live = np.arange(P)                                                  # problems still improving
     for _ in range(g * R):
         n_live = len(live)
         sub = np.arange(n_live)
-        load_l, used_l = rank_load[live], used[live]
-        donor = np.argmax(load_l, axis=1)
-        excess = load_l[sub, donor] - target[live]
-        avail = home[live, donor].astype(np.float64)                     # [P', S] left at home
+        rr, ll, used_l = rank_r[live], rank_l[live], used[live]
+        mr, ml = mean_r[live], mean_l[live]
+        # the donor: most pairs, inter-node ones counted twice (they load its NIC as well as its GEMMs)
+        load = 2 * rr + ll
+        donor = np.argmax(load, axis=1)
+        excess = load[sub, donor] - (2 * mr + ml)
         x_all = donor[:, None] * S + slot_ids[None, :]                   # [P', S] node-local expert ids
         # receiver r may take expert x: a free slot and no copy of x yet (never the donor: it has one)
         ok = (used_l < R)[:, None, :] & ~has_copy[live[:, None], x_all]    # [P', S, g]
-        # fill the receiver up to the node mean (less its GEMM-call overhead); a receiver too close to the
-        # mean for that may still take load above the mean, up to where it meets the donor (the busiest
-        # of the two sets the time), as long as the donor stays above the mean. Per receiver: [P', g].
-        deficit = target[live, None] - load_l - overhead
-        meet = (load_l[sub, donor][:, None] - load_l - overhead) / 2
-        # a receiver's last free slot takes as much as fills it, even if the donor then drops below the
-        # mean: the donor has free slots of its own to be refilled, the receiver would have none
-        limit = np.where(used_l == R - 1, np.inf, excess[:, None])
-        take = np.where(deficit >= min_tokens, np.minimum(deficit, limit), np.minimum(meet, excess[:, None]))
+        # inter-node pairs: fill the receiver up to the mean, as far as the donor is above it
+        take_r = np.minimum(np.maximum(mr[:, None] - rr, 0), np.maximum(rr[sub, donor] - mr, 0)[:, None])
+        # intra-node pairs: fill the receiver up to the mean (less its GEMM-call overhead); a receiver too
+        # close to the mean for that may still take load above the mean, up to where it meets the donor
+        # (the busiest of the two sets the time), as long as the donor stays above the mean. A receiver's
+        # last free slot takes as much as fills it, even if the donor then drops below the mean: the donor
+        # has free slots of its own to be refilled, the receiver would have none. Per receiver: [P', g].
+        excess_l = np.maximum(ll[sub, donor] - ml, 0)
+        deficit = ml[:, None] - ll - overhead
+        meet = (ll[sub, donor][:, None] - ll - overhead) / 2
+        limit = np.where(used_l == R - 1, np.inf, excess_l[:, None])
+        take_l = np.where(deficit >= min_tokens, np.minimum(deficit, limit), np.minimum(meet, excess_l[:, None]))
+        take_l = np.maximum(take_l, 0)
+        # of what is left at home of each expert: [P', S, g]
+        part_r = np.floor(np.minimum(take_r[:, None, :], home_r[live, donor][:, :, None]))
+        part_l = np.floor(np.minimum(take_l[:, None, :], home_l[live, donor][:, :, None]))
         # the largest single move (fewest replicas for the same balance) among allowed (expert, receiver)
-        amount_all = np.where(ok, np.minimum(take[:, None, :], avail[:, :, None]), -np.inf)
+        amount_all = np.where(ok, part_r + part_l, -np.inf)
         best = np.argmax(amount_all.reshape(n_live, S * g), axis=1)
         s_loc, recv = np.divmod(best, g)
-        with np.errstate(invalid="ignore"):
-            amount = np.floor(np.clip(amount_all[sub, s_loc, recv], -1, None)).astype(np.int64)
-        go = (amount >= min_tokens) & (excess > config.tolerance * target[live]) & (sent[live, donor] < cap)
+        amount = amount_all[sub, s_loc, recv]
+        go = (amount >= min_tokens) & (excess > config.tolerance * (2 * mr + ml)) & (sent[live, donor] < cap)
         if not go.any():
             break
         p = live[go]
-        d, sl, rv, a = donor[go], s_loc[go], recv[go], amount[go]
+        d, sl, rv = donor[go], s_loc[go], recv[go]
+        y = part_r[go, sl, rv]
+        a = amount[go]
         k = used[p, rv]
-        picks.append((p, d, sl, rv, k, a))
-        home[p, d, sl] -= a
-        rank_load[p, d] -= a
-        rank_load[p, rv] += a + overhead
+        picks.append((p, d, sl, rv, k, a.astype(np.int64), y.astype(np.int64)))
+        home_r[p, d, sl] -= y
+        home_l[p, d, sl] -= a - y
+        rank_r[p, d] -= y
+        rank_r[p, rv] += y
+        rank_l[p, d] -= a - y
+        rank_l[p, rv] += a - y + overhead
         used[p, rv] += 1
         sent[p, d] += 1
         has_copy[p, d * S + sl, rv] = True
         live = p
     if not picks:
         return replica_expert, replica_quota
-    p, d, sl, rv, k, a = (np.concatenate(c) for c in zip(*picks))
+    p, d, sl, rv, k, a, y = (np.concatenate(c) for c in zip(*picks))
     m, rest = np.divmod(p, L * N)
     l, n = np.divmod(rest, N)
     donor_rank, holder = node_ranks[n, d], node_ranks[n, rv]
@@ -388,8 +526,27 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     # each expert's per-source pairs, gathered once per expert (a flat take: [n, G] indices)
     flat = counts.reshape(-1)
     src_of = lambda idx: flat[(((m[idx] * L + l[idx]) * G)[:, None] + np.arange(G)) * E + expert[idx][:, None]]
-    replica_quota[m, l, holder, k] = _split_quota(src_of, holder, donor_rank, a, key, topo)
+    replica_quota[m, l, holder, k] = _split_quota(src_of, holder, donor_rank, a, y, key, topo)
     return replica_expert, replica_quota
+
+
+def _inter_node_pairs(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray) -> np.ndarray:
+    """[M, L, E] pairs each expert receives from nodes other than its home's.
+
+    counts: [M, L, G, E]; expert_at_home: [L, E]."""
+    M, L, G, E = counts.shape
+    from_node = counts[:, :, topo.node_ranks()].sum(3)                       # [M, L, N, E]
+    home_node = np.asarray(topo.node_of_rank)[_home_rank(expert_at_home, topo.S)]   # [L, E]
+    same_node = np.take_along_axis(from_node, np.broadcast_to(home_node[None, :, None], (M, L, 1, E)), axis=2)[:, :, 0]
+    return counts.sum(axis=2) - same_node
+
+
+def _home_rank(expert_at_home: np.ndarray, S: int) -> np.ndarray:
+    """[L, E] rank holding each expert's home slot."""
+    L, E = expert_at_home.shape
+    rank = np.empty_like(expert_at_home)
+    np.put_along_axis(rank, expert_at_home, np.broadcast_to(np.arange(E) // S, (L, E)), axis=1)
+    return rank
 
 
 def _group_cumsum(x: np.ndarray, group_start: np.ndarray) -> np.ndarray:
@@ -415,16 +572,17 @@ def _interval_take(pool: np.ndarray, begin: np.ndarray, end: np.ndarray) -> np.n
 
 
 def _split_quota(src_of, holder: np.ndarray, home_rank: np.ndarray, amount: np.ndarray,
-                 key: np.ndarray, topo: Topology) -> np.ndarray:
+                 inter_node: np.ndarray, key: np.ndarray, topo: Topology) -> np.ndarray:
     """Split each replica's amount over source ranks.
 
     src_of(idx) -> [len(idx), G]: pairs of each source rank for the experts of replicas idx;
-    holder, home_rank, amount: [K]; key: [K] names the replica's (micro-batch, layer, expert): replicas
-    of one expert share its sources.
-    Every copy (the replicas and the home, which keeps what the replicas do not take) first takes its
-    own rank's pairs (they never leave the GPU). Pairs from other nodes cross InfiniBand whatever copy
-    they reach, so they are spread over the copies in proportion to what each still needs (no home rank
-    becomes the one NIC that receives them all); pairs from the home node fill the rest, in rank order.
+    holder, home_rank, amount: [K]; inter_node: [K] how many of the amount come from other nodes than
+    the home's (the planner's choice, <= what they send); key: [K] names the replica's (micro-batch,
+    layer, expert): replicas of one expert share its sources.
+    The home keeps what the replicas do not take, of both kinds. Every copy takes its inter-node pairs
+    from the other nodes' sources in rank order (which source does not change any NIC's load), and its
+    intra-node pairs from its own rank first (they never leave the GPU), then from the home node's
+    sources in rank order.
     Returns quota [K, G] with quota.sum(1) == amount and, per expert, column sums <= src.
     """
     K = len(holder)
@@ -436,42 +594,42 @@ def _split_quota(src_of, holder: np.ndarray, home_rank: np.ndarray, amount: np.n
     src_g = src_of(order[new_group]).astype(np.int32)                     # [n_groups, G] (int32: half the traffic)
     G = src_g.shape[1]
     home_g = home_rank[order][new_group]
+    groups = np.arange(n_groups)
+    node_ranks = topo.node_ranks()                                        # [N, g]
+    N, g = node_ranks.shape
+    home_node = np.asarray(topo.node_of_rank)[home_g]
+    remote_pool = src_g.sum(1, dtype=np.int64) - src_g[groups[:, None], node_ranks[home_node]].sum(1, dtype=np.int64)
     # entries, group by group: its replicas (sorted), then its home copy. Sorted replica i sits at
     # position i + gid[i]; the home of group g right after the group's last replica.
     n = K + n_groups
     rep_pos = np.arange(K) + gid
     home_pos = np.r_[np.flatnonzero(new_group)[1:], K] + np.arange(n_groups)
     e_gid = np.empty(n, dtype=np.int64)
-    e_gid[rep_pos], e_gid[home_pos] = gid, np.arange(n_groups)
+    e_gid[rep_pos], e_gid[home_pos] = gid, groups
     e_holder = np.empty(n, dtype=np.int64)
     e_holder[rep_pos], e_holder[home_pos] = holder[order], home_g
     e_amount = np.empty(n, dtype=np.int64)
     e_amount[rep_pos] = amount[order]
     e_amount[home_pos] = src_g.sum(1, dtype=np.int64) - np.bincount(gid, weights=amount[order], minlength=n_groups).astype(np.int64)
+    from_remote = np.empty(n, dtype=np.int64)
+    from_remote[rep_pos] = inter_node[order]
+    from_remote[home_pos] = remote_pool - np.bincount(gid, weights=inter_node[order], minlength=n_groups).astype(np.int64)
     start = np.r_[True, e_gid[1:] != e_gid[:-1]]
-    own = np.minimum(src_g[e_gid, e_holder], e_amount)
+    own = np.minimum(src_g[e_gid, e_holder], e_amount - from_remote)
     need = e_amount - own
     # columns in node-block order (node n's ranks at [n*g, (n+1)*g)) so that a group's home-node sources
     # are one contiguous block: identity for Megatron's default layout (rank r on node r // g)
-    node_ranks = topo.node_ranks()                                        # [N, g]
-    N, g = node_ranks.shape
     col_rank = node_ranks.reshape(-1)                                     # block column -> rank
     blocked = not np.array_equal(col_rank, np.arange(G))
     pos_of_rank = np.empty(G, dtype=np.int64)
     pos_of_rank[col_rank] = np.arange(G)
     rem = src_g[:, col_rank] if blocked else src_g.copy()
     rem[e_gid, pos_of_rank[e_holder]] -= own.astype(np.int32)            # one copy per (expert, rank): no repeats
-    home_node = np.asarray(topo.node_of_rank)[home_g]
-    groups = np.arange(n_groups)
     rem_local = rem.reshape(n_groups, N, g)[groups, home_node]            # [n_groups, g] home node's sources
     rem_remote = rem.copy()
     rem_remote.reshape(n_groups, N, g)[groups, home_node] = 0             # [n_groups, G] other nodes' sources
-    remote_pool = rem_remote.sum(1, dtype=np.int64)
-    # proportional shares of the remote pool by cumulative rounding: they sum to the pool exactly
     need_upto = _group_cumsum(need, start)
-    total = np.maximum(np.bincount(e_gid, weights=need, minlength=n_groups).astype(np.int64)[e_gid], 1)
-    remote_upto = remote_pool[e_gid] * need_upto // total
-    from_remote = remote_upto - remote_pool[e_gid] * (need_upto - need) // total
+    remote_upto = _group_cumsum(from_remote, start)
     local_upto = need_upto - remote_upto
     # only the replicas' rows are materialised: the home comes last in its group and takes the rest
     r_gid, r_from_remote, r_need = e_gid[rep_pos], from_remote[rep_pos], need[rep_pos]

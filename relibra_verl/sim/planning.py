@@ -1,19 +1,20 @@
-"""Time-aware planning inputs derived from the cost model (for the planner's `min_replica_tokens` and
-`max_copies_per_owner`).
+"""Time-aware planning inputs derived from the cost model (for the planner's `min_replica_tokens`,
+`replica_overhead_pairs`, `max_copies_per_owner` and `move_cost_pairs`).
 
-A replica moves `t` pairs off an overloaded (hot) rank. The hot rank saves, per pair, (1 + f) * b of expert
-time (f = bwd_compute_factor) plus the bytes it no longer receives in the 4 all-to-alls of the layer (dispatch
-and combine, forward and backward: 4 * H * act_bytes over NVLink: replicas are filled from their own node).
-The replica costs one more GEMM call on its receiver ((1 + f) * a: a token-count planner fills receivers to
-the mean, so the receiver ends near the max) plus the exposed part of its weight copy (forward), re-copy
-(backward) and gradient reduce (relibra_verl.sim.cost). It repays itself when
+A routed pair costs the rank that computes it (1 + f) * b of expert time (f = bwd_compute_factor) and its
+bytes in the 4 all-to-alls of the layer (dispatch and combine, forward and backward: 4 * H * act_bytes) on
+the busier of its links: with a rank's pairs coming from every rank, (N - 1) / N of them cross InfiniBand
+and (g - 1) / (N g) NVLink (`pair_seconds`). A replica moves `t` pairs off an overloaded rank and costs one
+more GEMM call on its receiver ((1 + f) * a: the planner fills receivers to the mean, so the receiver ends
+near the max) plus the exposed part of its weight copy (forward), re-copy (backward) and gradient reduce
+(relibra_verl.sim.cost). It repays itself when
 
-    t >= ((1 + f) * a + exposed_copy) / ((1 + f) * b + 4 * H * act_bytes / nvlink_a2a)
+    t >= ((1 + f) * a + exposed_copy) / pair_seconds
 
 Online (prefetch=False) the whole copy is exposed; with the plan known ahead only the contention share is
-(the copy hides behind the window before the layer). Checked on the bundled traces (deepseek-v2-lite, EP 16,
-1024 tokens/rank): relibra's step time over min_replica_tokens 1 / 100 / 300 / 734 was 0.826 / 0.820 /
-0.815 / 0.841 s; this formula gives 434 there.
+(the copy hides behind the window before the layer). With several nodes the all-to-all share dominates
+(qwen3-30b-a3b, h100-ib400, 4 nodes: ~330 ns of InfiniBand vs ~35 ns of GEMM per pair), so a replica
+that moves inter-node pairs repays itself sooner than one inside a single node.
 """
 from __future__ import annotations
 
@@ -31,24 +32,34 @@ def replica_copy_seconds(model: ModelPreset, profile: HardwareProfile) -> tuple[
             model.expert_params * profile.grad_bytes_per_param / p2p)
 
 
+def pair_seconds(model: ModelPreset, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
+    """Critical-path seconds one routed pair costs the rank that computes it: its expert GEMMs (forward
+    and backward) and its bytes in the layer's 4 all-to-alls on the busier link, the rank's pairs coming
+    evenly from all N * g ranks ((N-1)/N over InfiniBand, (g-1)/(N g) over NVLink)."""
+    _, b = expert_gemm_coeffs(model, profile)
+    N, g = max(1, num_nodes), max(1, gpus_per_node)
+    per_byte = max((N - 1) / N / (profile.ib_a2a_GBps * 1e9), (g - 1) / (N * g) / (profile.nvlink_a2a_GBps * 1e9))
+    return (1.0 + profile.bwd_compute_factor) * b + 4.0 * model.hidden * profile.act_bytes * per_byte
+
+
 def min_replica_tokens(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True,
-                       include_call: bool = True) -> int:
+                       include_call: bool = True, num_nodes: int = 1, gpus_per_node: int = 8) -> int:
     """Fewest routed pairs a replica must carry to repay its copies and its extra GEMM call (>= 1).
     include_call=False: the copies only, for a planner that already charges each replica's GEMM call to
     its receiver (ReplicationConfig.replica_overhead_pairs)."""
-    a, b = expert_gemm_coeffs(model, profile)
-    f = profile.bwd_compute_factor
+    a, _ = expert_gemm_coeffs(model, profile)
     w, g = replica_copy_seconds(model, profile)
     copy = 2.0 * w + g  # forward copy, backward re-copy, gradient reduce
     exposed = copy * (profile.replica_contention_share if prefetch else 1.0)
-    saving = (1.0 + f) * b + 4.0 * model.hidden * profile.act_bytes / (profile.nvlink_a2a_GBps * 1e9)
-    call = (1.0 + f) * a if include_call else 0.0
-    return max(1, math.ceil((call + exposed) / saving))
+    call = (1.0 + profile.bwd_compute_factor) * a if include_call else 0.0
+    return max(1, math.ceil((call + exposed) / pair_seconds(model, profile, num_nodes, gpus_per_node)))
 
 
 def replica_overhead_tokens(model: ModelPreset, profile: HardwareProfile) -> int:
-    """A replica's extra GEMM call expressed in routed pairs (a / b): what a planner balancing token counts
-    should charge a receiving rank per replica so that it balances time."""
+    """A replica's extra GEMM call expressed in routed pairs of GEMM work (a / b): what a planner should
+    charge a receiving rank per replica so that the ranks' expert compute, not just their pair counts,
+    ends even. (The call costs compute only; the planner balances the ranks' NVLink and InfiniBand
+    receive separately, so the charge is in GEMM pairs, not in pair_seconds.)"""
     a, b = expert_gemm_coeffs(model, profile)
     return max(0, math.ceil(a / b))
 
@@ -80,3 +91,14 @@ def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
     _, b = expert_gemm_coeffs(model, profile)
     per_pair = (1.0 + profile.bwd_compute_factor) * b + 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
     return migration_seconds_per_expert(model, profile) / per_pair
+
+
+def inter_node_share(model: ModelPreset, profile: HardwareProfile) -> float:
+    """The share of a routed pair's cost that is its inter-node transfer when it crosses nodes:
+    c_ib / (c_gemm + c_ib), c_ib = its bytes in the 4 all-to-alls at the inter-node rate, c_gemm = its
+    expert compute (forward + backward). The planner's ReorderConfig.inter_node_share: it weighs the
+    busiest NIC against the busiest node's GEMMs when it assigns experts to nodes (the same per-pair
+    cost as move_cost_pairs, which is in these pairs)."""
+    _, b = expert_gemm_coeffs(model, profile)
+    c_ib = 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
+    return c_ib / ((1.0 + profile.bwd_compute_factor) * b + c_ib)

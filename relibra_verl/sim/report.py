@@ -89,13 +89,14 @@ def simulate_timing(results_by_strategy: dict, model: ModelPreset | str, profile
     profile = load_profile(profile)
     check_shapes(results_by_strategy, model, topo)
     costs = strategy_costs(results_by_strategy, model, profile, topo, prefetch=prefetch, mean_context=mean_context)
+    shape = {"num_nodes": int(np.max(topo.node_of_rank)) + 1, "gpus_per_node": len(topo.node_of_rank) // (int(np.max(topo.node_of_rank)) + 1)}
     if IDEAL in costs:
         costs[IDEAL] = ideal_costs(results_by_strategy, model, profile, topo, mean_context=mean_context)
     initial = {name: cs[0].migration_s if cs[0].initial_migration_s is None else cs[0].initial_migration_s for name, cs in costs.items()}
     step = {name: float(np.mean([c.total_s for c in cs])) for name, cs in costs.items()}
     out = {"model": model.name, "profile": profile.name, "prefetch": prefetch, "mean_context": mean_context,
-           "planning": {"min_replica_tokens": min_replica_tokens(model, profile, prefetch=prefetch),
-                        "min_replica_tokens_online": min_replica_tokens(model, profile, prefetch=False)},
+           "planning": {"min_replica_tokens": min_replica_tokens(model, profile, prefetch=prefetch, **shape),
+                        "min_replica_tokens_online": min_replica_tokens(model, profile, prefetch=False, **shape)},
            "strategies": {}, "prefetch_effect": {}}
     for name, cs in costs.items():
         t = step[name]

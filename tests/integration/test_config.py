@@ -31,11 +31,18 @@ def test_defaults_documented_and_equal_to_yaml():
     ({"replica_slots": True}, "replica_slots must be int"),
     ({"enable": "yes"}, "enable must be bool"),
     ({"enable": True, "mode": "replicate", "replica_slots": 0}, "needs replica_slots >= 1"),
+    ({"inter_node_share": 1.5}, "inter_node_share must be in [0, 1), got 1.5"),
+    ({"inter_node_share": "high"}, "inter_node_share must be float"),
+    ({"inter_node_share": True}, "inter_node_share must be float"),
 ])
 def test_rejects_bad_keys_and_values(bad, needle):
     with pytest.raises(RelibraConfigError) as exc:
         RelibraConfig.from_mapping(bad)
     assert needle in str(exc.value)
+
+
+def test_float_key_takes_ints():
+    assert RelibraConfig.from_mapping({"inter_node_share": 0}).inter_node_share == 0
 
 
 def test_keyword_only_and_frozen():

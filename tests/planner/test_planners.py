@@ -131,6 +131,49 @@ def test_replicas_stay_on_the_home_node():
     assert (nodes[r] == nodes[home_rank[l, plan.replica_expert[m, l, r, k]]]).all()
 
 
+def _inter_node_receive(traffic, topo):
+    """[M, L, G] pairs each rank receives from other nodes."""
+    nodes = np.asarray(topo.node_of_rank)
+    return (traffic * (nodes[:, None] != nodes[None, :])).sum(2)
+
+
+def test_equal_pairs_uneven_inter_node_receive_is_balanced():
+    # node 0 = ranks 0, 1. Rank 0's expert 0 gets 1000 pairs from node 1, rank 1's expert 2 gets 1000 from
+    # node 0 itself: equal pairs, but rank 0's NIC takes all of node 0's inter-node receive
+    counts = np.zeros((1, 1, 4, 8), dtype=np.int64)
+    counts[0, 0, 2, 0] = counts[0, 0, 3, 0] = 500
+    counts[0, 0, 0, 2] = counts[0, 0, 1, 2] = 500
+    topo = Topology(8, 4, 2, 2)
+    plan = plan_relibra(counts, topo, mode="replicate")
+    validate_plan(plan, counts)
+    tokens, traffic = plan_outcome(plan, counts)
+    assert tokens[0, 0, :2].tolist() == [1000, 1000]
+    assert _inter_node_receive(traffic, topo)[0, 0, :2].tolist() == [500, 500]
+    # the replica of expert 2 on rank 0 computes rank 0's own pairs: nothing crosses NVLink
+    assert traffic[0, 0, 0, 1] == traffic[0, 0, 1, 0] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replication_balances_pairs_and_each_nodes_inter_node_receive(seed):
+    # ranks of a node hold experts whose tokens come from other nodes in very different shares
+    rng = np.random.default_rng(seed)
+    G, g, E = 16, 4, 32
+    topo = Topology(E, G, g, 2)
+    popular = rng.dirichlet(np.full(E, 0.5), size=G)              # every source rank has its own taste
+    counts = np.stack([rng.multinomial(4096, popular[r], size=(3, 2)) for r in range(G)], axis=2)
+    plan = plan_relibra(counts, topo, mode="replicate")
+    validate_plan(plan, counts)
+    tokens, traffic = plan_outcome(plan, counts)
+    ib = _inter_node_receive(traffic, topo).reshape(3, 2, G // g, g)
+    _, traffic0 = plan_outcome(plan_relibra(counts, dataclasses.replace(topo, replica_slots=0), mode="replicate"), counts)
+    ib0 = _inter_node_receive(traffic0, topo).reshape(3, 2, G // g, g)
+    spread = lambda x: x.max(-1) / x.mean(-1)                  # per (micro-batch, layer, node)
+    assert np.median(spread(ib0)) > 1.15
+    assert np.median(spread(ib)) < 1.01 and spread(ib).max() < 1.1
+    pairs = spread(tokens.reshape(3, 2, G // g, g))
+    assert np.median(pairs) < 1.01 and pairs.max() < 1.06
+
+
 def test_min_replica_tokens_and_owner_cap():
     rng = np.random.default_rng(2)
     counts = rng.integers(0, 40, size=(2, 4, 8, 32))
@@ -272,3 +315,49 @@ def test_prohibitive_move_cost_keeps_the_placement():
     nodes = np.asarray(topo.node_of_rank)
     cross = lambda p: (nodes[p.home_of_expert() // topo.S] != nodes[np.arange(64) // topo.S]).sum()
     assert cross(free) > 0 and cross(dear) == 0
+
+
+def test_inter_node_swaps_lower_their_objective_by_the_best_swap():
+    from relibra_verl.planner.relibra import _inter_node_loads, _refine_inter_node
+    rng = np.random.default_rng(3)
+    topo = Topology(16, 8, 2, 1)                                          # 4 nodes x 2 ranks, 4 experts a node
+    per_layer = rng.integers(0, 50, size=(3, 2, 8, 16)).astype(float)    # [L, M, G, E]
+    start = np.tile(np.repeat(np.arange(4), 4), (3, 1))
+    share = 0.7
+
+    def objective(node_of):  # _refine_inter_node's J, from scratch
+        sent, recv, load = (x[0] for x in _inter_node_loads(per_layer, node_of[None], topo))
+        return share ** 2 * ((sent ** 2).sum((1, 2)) + (recv ** 2).sum((1, 2)) / 2) + (1 - share) ** 2 * (load ** 2).sum((1, 2)) / 2
+
+    steps = _refine_inter_node(per_layer, start, topo, share, iters=4)
+    costs = np.stack([objective(s) for s in steps])
+    assert (np.diff(costs, axis=0) <= 1e-6).all() and (costs[-1] < costs[0]).all()
+    for s in steps:                                                       # every node keeps its 4 experts
+        assert (np.stack([np.bincount(row, minlength=4) for row in s]) == 4).all()
+    # the first step on layer 0 is the best swap between the two nodes it picked (brute force over all swaps)
+    moved = np.flatnonzero(steps[1][0] != start[0])
+    h, k = start[0, moved]
+    best = 0.0
+    for a in np.flatnonzero(start[0] == h):
+        for b in np.flatnonzero(start[0] == k):
+            t = start.copy()
+            t[0, a], t[0, b] = k, h
+            best = max(best, costs[0, 0] - objective(t)[0])
+    assert costs[0, 0] - costs[1, 0] == pytest.approx(best)
+
+
+def test_inter_node_share_lets_a_busy_rank_keep_its_tokens_on_its_node():
+    # rank 0 (node 0) holds 4x the tokens of any other rank, all for experts 8..11 that Megatron's layout
+    # puts on node 1: without the send side in view the node balance is already perfect and nothing moves
+    from relibra_verl.planner.relibra import ReorderConfig, _inter_node_loads
+    topo = Topology(16, 4, 2, 1)
+    counts = np.full((2, 1, 4, 16), 10, dtype=np.int64)
+    counts[:, :, 0, 8:12] += 60
+    counts[:, :, 1:, 0:4] += 20                                           # node 0's experts stay as busy
+    plain = plan_relibra(counts, topo, mode="reorder", reorder=ReorderConfig(move_cost_pairs=1.0))
+    aware = plan_relibra(counts, topo, mode="reorder", reorder=ReorderConfig(move_cost_pairs=1.0, inter_node_share=0.9))
+    per_layer = counts.transpose(1, 0, 2, 3).astype(float)
+    node_of = lambda p: np.asarray(topo.node_of_rank)[p.home_of_expert() // topo.S]
+    sent = lambda p: _inter_node_loads(per_layer, node_of(p)[None], topo)[0][0]   # [L, M, G]
+    assert sent(aware).max() < 0.8 * sent(plain).max()
+    validate_plan(aware, counts)

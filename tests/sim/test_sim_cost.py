@@ -214,9 +214,14 @@ def test_time_aware_planning_inputs():
             a, b = expert_gemm_coeffs(m, p)
             f = p.bwd_compute_factor
             copy = m.expert_params * (2 * p.weight_bytes_per_param + p.grad_bytes_per_param) / (p.nvlink_p2p_GBps * 1e9)
-            saving = (1 + f) * b + 4 * m.hidden * 2 / (p.nvlink_a2a_GBps * 1e9)
+            # one node of 8: 7/8 of a rank's pairs arrive over NVLink
+            saving = (1 + f) * b + 4 * m.hidden * 2 * (7 / 8) / (p.nvlink_a2a_GBps * 1e9)
             assert online == int(np.ceil(((1 + f) * a + copy) / saving))
             assert replica_overhead_tokens(m, p) == int(np.ceil(a / b))
+            # four nodes of 8: 3/4 of a rank's pairs cross InfiniBand, the slower link
+            saving4 = (1 + f) * b + 4 * m.hidden * 2 * (3 / 4) / (p.ib_a2a_GBps * 1e9)
+            online4 = min_replica_tokens(m, p, prefetch=False, num_nodes=4)
+            assert online4 == int(np.ceil(((1 + f) * a + copy) / saving4)) < online
             assert max_copies_per_owner(m, p, 4096) >= 1
     # design.md: ~1k tokens for a 38 MB expert at ~700 GB/s with the forward copy alone on the critical path
     m, p = get_preset("qwen3-235b-a22b"), load_profile("h100-ib400")
