@@ -14,11 +14,12 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
   gpus_per_node        8        EP ranks per NVLink domain (replicas never leave it)
   reorder_every        1        reorder the expert placement every N optimizer steps (0: never)
   max_moved_experts    -1       move budget: experts whose home may change per layer and reorder (-1: any)
-  inter_node_share     0.8      share of a routed pair's cost that is its InfiniBand transfer when it
-                                crosses nodes; the reorder weighs the busiest NIC (send and receive)
-                                against the busiest node's GEMMs with it (0: nodes by pairs only).
-                                `relibra-verl simulate --model M` prints it for a model and profile
-                                (h100-ib400: qwen3-30b-a3b 0.90, deepseek-v3 0.78)
+  inter_node_share     0.0      share of a routed pair's cost that is its InfiniBand transfer when it
+                                crosses nodes; > 0 makes the reorder weigh the busiest NIC (sends and
+                                receive) against the busiest node's GEMMs (0: nodes by pairs only).
+                                `relibra-verl simulate --model M` prints it (h100-ib400: qwen3-30b-a3b
+                                0.90, deepseek-v3 0.78). Worth it where InfiniBand dominates the step;
+                                it costs planner time (README, "How the planner works")
   kernels              auto     slot-assignment kernels: auto (Triton on GPU, else torch) | triton | torch
   on_missing_routing   fallback fallback (warn, count `relibra/fallbacks`, plain dispatch) | error (strict)
   metrics              True     report relibra/* metrics in verl's metrics dict
@@ -52,7 +53,7 @@ class RelibraConfig:
     gpus_per_node: int = 8
     reorder_every: int = 1
     max_moved_experts: int = -1
-    inter_node_share: float = 0.8
+    inter_node_share: float = 0.0
     kernels: str = "auto"
     on_missing_routing: str = "fallback"
     metrics: bool = True

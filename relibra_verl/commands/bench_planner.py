@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from relibra_verl.errors import UsageError
-from relibra_verl.planner.relibra import plan_relibra
+from relibra_verl.config import RelibraConfig
+from relibra_verl.planner.relibra import ReorderConfig, plan_relibra
 from relibra_verl.planner.types import PlanError, Topology
 
 # (MoE layers, routed experts, top-k), from ../shared/reference/facts.md "Model shapes"
@@ -51,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--tokens-per-rank", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
     p.add_argument("--mode", default="both", choices=("both", "reorder", "replicate"))
+    p.add_argument("--inter-node-share", type=float, default=RelibraConfig().inter_node_share,
+                   help="the reorder's weight of the busiest NIC (default: the verl config's default; 0: nodes by pairs)")
     p.add_argument("--json", default=None, metavar="PATH")
     p.set_defaults(func=run)
 
@@ -61,12 +64,15 @@ def run(args) -> int:
         topo = Topology(E, args.ep, args.gpus_per_node, args.replica_slots)
     except PlanError as exc:
         raise UsageError(str(exc)) from None
+    if not 0.0 <= args.inter_node_share < 1.0:
+        raise UsageError(f"--inter-node-share must be in [0, 1), got {args.inter_node_share}")
     counts = synthetic_counts(L, E, K, args.ep, args.micro_batches, args.tokens_per_rank)
-    plan_relibra(counts, topo, mode=args.mode)  # warm-up (imports, allocator)
+    reorder = ReorderConfig(inter_node_share=args.inter_node_share)   # what the verl trainer runs
+    plan_relibra(counts, topo, mode=args.mode, reorder=reorder)  # warm-up (imports, allocator)
     times = []
     for _ in range(max(1, args.repeats)):
         t0 = time.perf_counter()
-        plan = plan_relibra(counts, topo, mode=args.mode)
+        plan = plan_relibra(counts, topo, mode=args.mode, reorder=reorder)
         times.append(time.perf_counter() - t0)
     whole_ms = float(np.median(times) * 1e3)
     pairs = args.micro_batches * L
@@ -74,6 +80,7 @@ def run(args) -> int:
         "preset": args.preset, "layers": L, "experts": E, "topk": K, "ep": args.ep,
         "gpus_per_node": args.gpus_per_node, "micro_batches": args.micro_batches,
         "replica_slots": args.replica_slots, "tokens_per_rank": args.tokens_per_rank, "mode": args.mode,
+        "inter_node_share": args.inter_node_share,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "whole_batch_ms": whole_ms, "per_layer_microbatch_us": whole_ms * 1e3 / pairs,
         "runs_ms": [t * 1e3 for t in times],
@@ -81,7 +88,7 @@ def run(args) -> int:
         "moved_experts": int(plan.moved_experts.sum()),
     }
     print(f"bench-planner {args.preset}: L={L} E={E} top-{K}, EP {args.ep} ({topo.num_nodes} nodes x {args.gpus_per_node}),"
-          f" {args.micro_batches} micro-batches, R={args.replica_slots}, mode={args.mode}")
+          f" {args.micro_batches} micro-batches, R={args.replica_slots}, mode={args.mode}, inter_node_share={args.inter_node_share}")
     print(f"  whole_batch_ms          {whole_ms:9.2f}   (median of {len(times)})")
     print(f"  per_layer_microbatch_us {report['per_layer_microbatch_us']:9.2f}   ({pairs} (micro-batch, layer) pairs)")
     print(f"  replicas planned {report['replicas_planned']}, experts moved {report['moved_experts']}")

@@ -77,16 +77,18 @@ _NODE_STICKINESS_CANDIDATES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def _pack_vectors(weight: np.ndarray, num_bins: int, prev_bin: np.ndarray | None = None,
-                  stickiness: float = 0.0) -> np.ndarray:
+                  stickiness: float | np.ndarray = 0.0) -> np.ndarray:
     """Greedy vector packing: items heaviest first, each into the bin (with room) that adds least to the
     sum of squared bin loads over the vector's dimensions. Every bin takes n / num_bins items.
 
     An item stays in its previous bin when that costs at most `stickiness` x (its load . the mean
     bin load) more than the best bin: the price of balance we accept to avoid moving an expert.
 
-    weight: [P, n, D] nonnegative.  prev_bin: [P, n] (-1: none).  Returns bin_of_item [P, n].
+    weight: [P, n, D] nonnegative.  prev_bin: [P, n] (-1: none).  stickiness: a number, or [P] one per
+    problem (several levels packed in one pass).  Returns bin_of_item [P, n].
     """
     P, n, D = weight.shape
+    stickiness = np.broadcast_to(np.asarray(stickiness, dtype=np.float64), (P,))
     per_bin = n // num_bins
     order = np.argsort(-weight.sum(-1), axis=1, kind="stable")
     mean_bin = weight.sum(1) / num_bins                                   # [P, D]
@@ -100,7 +102,7 @@ def _pack_vectors(weight: np.ndarray, num_bins: int, prev_bin: np.ndarray | None
         score = np.einsum("pbd,pd->pb", bin_load, w)                      # growth of sum of squares (halved)
         score = np.where(bin_items < per_bin, score, np.inf)
         b = np.argmin(score, axis=1)
-        if prev_bin is not None and stickiness > 0:
+        if prev_bin is not None and (stickiness > 0).any():
             pb = prev_bin[rows, item]
             slack = stickiness * np.einsum("pd,pd->p", w, mean_bin)
             stay = (pb >= 0) & (score[rows, np.maximum(pb, 0)] <= score[rows, b] + slack)
@@ -135,16 +137,17 @@ def _match_labels(new_label: np.ndarray, old_label: np.ndarray, num_labels: int)
 
 
 def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None = None,
-                   config: ReorderConfig = ReorderConfig()) -> np.ndarray:
+                   config: ReorderConfig = ReorderConfig(), total: np.ndarray | None = None) -> np.ndarray:
     """A new placement for the batch from its exact loads: nodes first, then ranks inside each node.
 
     counts: [M, L, G, E].  prev: [L, E] expert in each home slot (None: Megatron's identity).
-    Returns expert_at_home [L, E].
+    total: counts summed over ranks [M, L, E], when at hand.  Returns expert_at_home [L, E].
     """
     M, L, G, E = counts.shape
     S, N, g = topo.S, topo.num_nodes, topo.ranks_per_node
     prev = identity_placement(topo, L) if prev is None else np.asarray(prev, dtype=np.int64)
-    load = counts.sum(axis=2).transpose(1, 2, 0).astype(np.float64)   # [L, E, M]
+    total = counts.sum(axis=2) if total is None else total               # [M, L, E] pairs per expert
+    load = total.transpose(1, 2, 0).astype(np.float64)                  # [L, E, M]
     node_ranks = topo.node_ranks()                                       # [N, g]
     rank_node = np.asarray(topo.node_of_rank)
     rank_pos = np.empty(G, dtype=np.int64)                               # position of a rank in its node
@@ -254,141 +257,86 @@ def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: Reord
     """Experts -> nodes for every layer. load: [L, E, M]; prev_node: [L, E]; counts: [M, L, G, E] (for the
     inter-node terms). Returns node_of [L, E].
 
-    Without a move cost: one greedy packing at config.node_stickiness, refined by swaps. With one: per
-    layer, the cheapest of several stickiness levels and of keeping the previous assignment, then of the
-    refining swap steps on it, then (config.inter_node_share > 0) of the inter-node swap steps on that,
-    where cost = _node_cost: per micro-batch the busiest node's pairs per rank and the busiest NIC, plus
-    the moves' cost (moves run in parallel over the G ranks)."""
+    With neither a move cost nor an inter-node share: one greedy packing at config.node_stickiness,
+    refined by swaps. Otherwise, per layer, the cheapest of several stickiness levels and of keeping the
+    previous assignment, then of the refining swap steps on it, where cost = _node_cost: per micro-batch
+    the busiest node's pairs per rank and (inter_node_share > 0) the busiest NIC, plus the moves' cost
+    (moves run in parallel over the G ranks). The candidates balance pairs; the cost picks among them the
+    one whose sends and receives across nodes are most even."""
     if config.move_cost_pairs <= 0 and config.inter_node_share <= 0:
         node_of = _pack_vectors(load, N, prev_node, config.node_stickiness)
         return _refine_by_swaps(load, _match_labels(node_of, prev_node, N), N)
     L, E, M = load.shape
-    per_layer = None if counts is None or config.inter_node_share <= 0 else np.ascontiguousarray(
-        np.asarray(counts, dtype=np.float64).transpose(1, 0, 2, 3))     # [L, M, G, E]
-    cost = lambda cand: _node_cost(cand, load, prev_node, config, topo, per_layer)
-    candidates = [prev_node]
-    for stick in sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}):
-        candidates.append(_match_labels(_pack_vectors(load, N, prev_node, stick), prev_node, N))
-    stacked = np.stack(candidates)                                       # [C, L, E]
+    inter = None if counts is None or config.inter_node_share <= 0 else _InterNodeLoads(np.asarray(counts), topo, load)
+    cost = lambda cand: _node_cost(cand, load, prev_node, config, topo, inter)
+    # every stickiness level packed in one pass: [levels * L] problems
+    levels = np.array(sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}))
+    K = len(levels)
+    packed = _pack_vectors(np.tile(load, (K, 1, 1)), N, np.tile(prev_node, (K, 1)), np.repeat(levels, L))
+    packed = _match_labels(packed, np.tile(prev_node, (K, 1)), N).reshape(K, L, E)
+    stacked = np.concatenate([prev_node[None], packed])                  # [C, L, E]
     best = np.argmin(cost(stacked), axis=0)                              # ties: the previous one
     chosen = stacked[best, np.arange(L)]
     # swaps repair what the greedy left on the chosen assignment: each layer keeps as many as pay for their moves
     steps = _refine_by_swaps(load, chosen, N, every_step=True)          # [steps + 1, L, E]
-    chosen = steps[np.argmin(cost(steps), axis=0), np.arange(L)]
-    if per_layer is None:
-        return chosen
-    steps = _refine_inter_node(per_layer, chosen, topo, config.inter_node_share)
     return steps[np.argmin(cost(steps), axis=0), np.arange(L)]
 
 
-def _inter_node_loads(per_layer: np.ndarray, node_of: np.ndarray, topo: Topology):
-    """Per candidate assignment node_of [C, L, E] of the loads per_layer [L, M, G, E]: pairs each source
-    rank sends to other nodes [C, L, M, G], pairs each node receives from other nodes [C, L, M, N], and
-    pairs each node computes [C, L, M, N]."""
-    L, M, G, E = per_layer.shape
-    N = topo.num_nodes
-    src_node = np.asarray(topo.node_of_rank)
-    onehot = (node_of[..., None] == np.arange(N)).astype(np.float64)    # [C, L, E, N]
-    to_node = (per_layer.reshape(L, M * G, E) @ onehot).reshape(-1, L, M, G, N)
-    kept = to_node[..., np.arange(G), src_node]                          # [C, L, M, G] stays on the source's node
-    sent = per_layer.sum(-1) - kept
-    node_load = to_node.sum(3)                                           # [C, L, M, N]
-    kept_by_node = kept @ (src_node[:, None] == np.arange(N)).astype(np.float64)
-    return sent, node_load - kept_by_node, node_load
+class _InterNodeLoads:
+    """What a node assignment does to the inter-node traffic of a batch's loads counts [M, L, G, E]."""
+
+    def __init__(self, counts: np.ndarray, topo: Topology, load: np.ndarray | None = None):
+        """counts: [M, L, G, E]; load: counts summed over sources, [L, E, M], when at hand."""
+        M, L, G, E = counts.shape
+        self.shape = (L, M, G, E)
+        self.topo = topo
+        self.node_ranks = topo.node_ranks()                              # [N, g]
+        N, g = self.node_ranks.shape
+        # pairs from each node's sources to each expert, rows (node, layer, expert) of (micro-batch, source)
+        by_node = counts.reshape(M, L, N, g, E) if np.array_equal(self.node_ranks.reshape(-1), np.arange(G)) \
+            else counts[:, :, self.node_ranks]                           # [M, L, N, g, E]
+        self.to_expert = by_node.transpose(2, 1, 4, 0, 3).astype(np.float64).reshape(N * L * E, M * g)
+        self.tokens = counts.sum(-1).transpose(1, 0, 2).astype(np.float64)   # [L, M, G] pairs each source sends
+        if load is None:
+            load = counts.sum(2).transpose(1, 2, 0)
+        self.expert_load = load.transpose(0, 2, 1).astype(np.float64)  # [L, M, E]
+
+    def __call__(self, node_of: np.ndarray):
+        """node_of [C, L, E] -> pairs each source rank sends to other nodes [C, L, M, G], pairs each node
+        receives from other nodes [C, L, M, N], and pairs each node computes [C, L, M, N]."""
+        L, M, G, E = self.shape
+        N, g = self.node_ranks.shape
+        onehot = (node_of[..., None] == np.arange(N)).astype(np.float64)  # [C, L, E, N]
+        C = onehot.shape[0]
+        node_load = self.expert_load @ onehot                           # [C, L, M, N]
+        to_expert = self.to_expert.reshape(N, L, E, M * g)
+        kept = np.empty((C, L, M, N, g))                                 # stays on the source's node
+        for n in range(N):  # per layer one [C, E] x [E, M * g] product: every candidate at once
+            kept[:, :, :, n] = (onehot[..., n].transpose(1, 0, 2) @ to_expert[n]).transpose(1, 0, 2).reshape(C, L, M, g)
+        sent = np.empty((C, L, M, G))
+        ranks = self.node_ranks.reshape(-1)
+        sent[..., ranks] = self.tokens[..., ranks] - kept.reshape(C, L, M, G)
+        return sent, node_load - kept.sum(-1), node_load
 
 
 def _node_cost(node_of: np.ndarray, load: np.ndarray, prev_node: np.ndarray, config: ReorderConfig,
-               topo: Topology, per_layer: np.ndarray | None = None) -> np.ndarray:
+               topo: Topology, inter: _InterNodeLoads | None = None) -> np.ndarray:
     """[C, L] cost of candidate node assignments node_of [C, L, E], in pairs: summed over micro-batches,
     (1 - share) x the busiest node's pairs per rank (GEMMs; replicas even out the ranks of a node) +
     share x the busiest NIC's pairs (the most a source rank sends to other nodes, or a node's inter-node
-    receive per rank), share = config.inter_node_share (0 without per_layer [L, M, G, E]); plus the moves'
-    cost (moves run in parallel over the G ranks)."""
+    receive per rank), share = config.inter_node_share (0 without `inter`); plus the moves' cost (moves
+    run in parallel over the G ranks)."""
     N, g = topo.num_nodes, topo.G // topo.num_nodes
     moves = (node_of != prev_node[None]).sum(-1)                         # [C, L]
-    share = config.inter_node_share if per_layer is not None else 0.0
+    share = config.inter_node_share if inter is not None else 0.0
     if share > 0:
-        sent, recv, node_load = _inter_node_loads(per_layer, node_of, topo)
+        sent, recv, node_load = inter(node_of)
         nic = np.maximum(sent.max(-1), recv.max(-1) / g)                 # [C, L, M]
         busy = (1 - share) * node_load.max(-1) / g + share * nic
     else:
         onehot = node_of[..., None] == np.arange(N)                      # [C, L, E, N]
         busy = np.einsum("clen,lem->clnm", onehot, load).max(axis=2) / g
     return busy.sum(-1) + moves * config.move_cost_pairs / topo.G
-
-
-def _refine_inter_node(per_layer: np.ndarray, node_of: np.ndarray, topo: Topology, share: float,
-                       iters: int = 8) -> np.ndarray:
-    """Expert swaps between nodes that lower, per layer, J = sum over micro-batches of share^2 x (the
-    squares of each source rank's inter-node sends + of each node's inter-node receive per rank) +
-    (1 - share)^2 x the squares of each node's pairs per rank: a smooth stand-in for _node_cost that
-    also sees the send side (a rank holding many tokens sends most of them across nodes unless its
-    node hosts the experts they go to). Each step swaps, between the worst and the best node of the
-    layer by J, the pair of experts that lowers J the most (exact change, all pairs at once).
-
-    per_layer: [L, M, G, E]; node_of: [L, E].  Returns the assignment before and after each step,
-    [steps + 1, L, E].
-    """
-    L, M, G, E = per_layer.shape
-    N = topo.num_nodes
-    g, per = G // N, E // N
-    node_ranks = topo.node_ranks()                                       # [N, g]
-    rows = np.arange(L)
-    w_nic, w_gemm = share ** 2, (1 - share) ** 2
-    expert_load = per_layer.sum(2)                                       # [L, M, E]
-    steps = [node_of]
-    for _ in range(iters):
-        sent, recv, node_load = (x[0] for x in _inter_node_loads(per_layer, node_of[None], topo))
-        sent_sq = (sent ** 2).sum(1) @ (np.asarray(topo.node_of_rank)[:, None] == np.arange(N)).astype(np.float64)   # [L, N]
-        bad = w_nic * (sent_sq + (recv ** 2).sum(1) / g) + w_gemm * (node_load ** 2).sum(1) / g
-        h, k = np.argmax(bad, axis=1), np.argmin(bad, axis=1)
-        members = np.argsort(node_of, axis=1, kind="stable").reshape(L, N, per)
-        A, B = members[rows, h], members[rows, k]                        # [L, per] experts on h, on k
-        src_h, src_k = node_ranks[h], node_ranks[k]                      # [L, g]
-
-        from_h = per_layer[rows[:, None], :, src_h].transpose(0, 2, 1, 3).reshape(L, M * g, E)   # [L, (m, s), E]
-        from_k = per_layer[rows[:, None], :, src_k].transpose(0, 2, 1, 3).reshape(L, M * g, E)
-        take = lambda x, exp: np.take_along_axis(x, exp[:, None, :], axis=2)          # [L, M*g, per]
-        cAh, cBh, cAk, cBk = take(from_h, A), take(from_h, B), take(from_k, A), take(from_k, B)
-        sent_h = sent[rows[:, None], :, src_h].transpose(0, 2, 1).reshape(L, 1, M * g)   # [L, 1, (m, s)]
-        sent_k = sent[rows[:, None], :, src_k].transpose(0, 2, 1).reshape(L, 1, M * g)
-        lin = lambda s, c: (s @ c)[:, 0]                                 # [L, per]
-        sq = lambda c: (c ** 2).sum(1)
-        cross = lambda x, y: x.transpose(0, 2, 1) @ y                    # [L, per, per]
-        # sources of h: a leaves (its pairs now cross), b arrives (its pairs stay); sources of k: the reverse
-        d_sent = (2 * lin(sent_h, cAh)[:, :, None] - 2 * lin(sent_h, cBh)[:, None, :]
-                  - 2 * lin(sent_k, cAk)[:, :, None] + 2 * lin(sent_k, cBk)[:, None, :]
-                  + (sq(cAh) + sq(cAk))[:, :, None] + (sq(cBh) + sq(cBk))[:, None, :]
-                  - 2 * cross(cAh, cBh) - 2 * cross(cAk, cBk))
-        la = np.take_along_axis(expert_load, A[:, None, :], axis=2)      # [L, M, per]
-        lb = np.take_along_axis(expert_load, B[:, None, :], axis=2)
-        recv_h, recv_k = recv[rows, :, h], recv[rows, :, k]             # [L, M]
-        load_h, load_k = node_load[rows, :, h], node_load[rows, :, k]
-
-        def d_square(base, out_a, in_b):  # [L, a, b] change of sum_m (base - out_a + in_b)^2
-            return (-2 * (base[:, None, :] @ out_a)[:, 0, :, None] + 2 * (base[:, None, :] @ in_b)[:, 0, None, :]
-                    + (out_a ** 2).sum(1)[:, :, None] + (in_b ** 2).sum(1)[:, None, :]
-                    - 2 * out_a.transpose(0, 2, 1) @ in_b)
-
-        def d_square_k(base, out_b, in_a):  # [L, a, b] change of sum_m (base - out_b + in_a)^2
-            return d_square(base, out_b, in_a).transpose(0, 2, 1)
-
-        # a node's inter-node receive: what its experts get from other nodes' sources
-        node_sum = lambda c: c.reshape(L, M, g, per).sum(2)             # [L, M, per] from the node's sources
-        d_recv = (d_square(recv_h, la - node_sum(cAh), lb - node_sum(cBh))
-                  + d_square_k(recv_k, lb - node_sum(cBk), la - node_sum(cAk)))
-        d_load = d_square(load_h, la, lb) + d_square_k(load_k, lb, la)
-        gain = -(w_nic * (d_sent + d_recv / g) + w_gemm * d_load / g)    # [L, per, per]
-        best = np.argmax(gain.reshape(L, per * per), axis=1)
-        i, j = np.divmod(best, per)
-        do = rows[(gain[rows, i, j] > 1e-9 * np.maximum(bad.sum(1), 1)) & (h != k)]
-        if not len(do):
-            break
-        node_of = node_of.copy()
-        node_of[do, A[do, i[do]]] = k[do]
-        node_of[do, B[do, j[do]]] = h[do]
-        steps.append(node_of)
-    return np.stack(steps)
 
 
 def _fill_slots(rank_of_expert: np.ndarray, prev: np.ndarray, prev_home: np.ndarray, S: int) -> np.ndarray:
@@ -421,7 +369,8 @@ def _placement_cost(load: np.ndarray, expert_at_home: np.ndarray, topo: Topology
 
 
 def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
-                  config: ReplicationConfig = ReplicationConfig()) -> tuple[np.ndarray, np.ndarray]:
+                  config: ReplicationConfig = ReplicationConfig(),
+                  total: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Replicas and quotas for every (micro-batch, layer), inside each node.
 
     Each rank's pairs are of two kinds: from its own node (they arrive over NVLink, or never leave the
@@ -430,7 +379,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     replica takes of each kind what brings the two ranks towards the node's mean of that kind. With one
     node the second kind is empty and this is plain pair balancing.
 
-    counts: [M, L, G, E]; expert_at_home: [L, E].
+    counts: [M, L, G, E]; expert_at_home: [L, E]; total: counts summed over ranks [M, L, E], when at hand.
     Returns replica_expert [M, L, G, R] (-1 empty) and replica_quota [M, L, G, R, G_src].
     """
     M, L, G, E = counts.shape
@@ -444,16 +393,18 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
 
     def per_node_slot(x):  # [M, L, E] per expert -> [P, g, S] per home slot of each node's ranks
         at_slot = np.take_along_axis(x, np.broadcast_to(expert_at_home, (M, L, E)), axis=2)
-        return at_slot.reshape(M, L, G, S)[:, :, node_ranks].reshape(P, g, S).astype(np.float64)
+        return at_slot.reshape(M, L, G, S)[:, :, node_ranks].reshape(P, g, S).astype(np.int32)
 
-    remote = _inter_node_pairs(counts, topo, expert_at_home) if N > 1 else np.zeros((M, L, E), np.int64)
-    home_r = per_node_slot(remote)                                       # left at home, from other nodes
-    home_l = per_node_slot(counts.sum(axis=2) - remote)                  # left at home, from the home node
-    rank_r = home_r.sum(-1)                                              # [P, g] inter-node pairs
-    rank_l = home_l.sum(-1)                                              # intra-node pairs + replica overheads
+    total = counts.sum(axis=2) if total is None else total               # [M, L, E]
+    home_l = per_node_slot(_same_node_pairs(counts, topo, expert_at_home) if N > 1 else total)   # from the home node
+    home_r = per_node_slot(total) - home_l                               # from other nodes (left at home)
+    rank_r = home_r.sum(-1, dtype=np.float64)                            # [P, g] inter-node pairs
+    rank_l = home_l.sum(-1, dtype=np.float64)                            # intra-node pairs + replica overheads
     mean_r, mean_l = rank_r.mean(-1), rank_l.mean(-1)                    # [P] node means
-    has_copy = np.zeros((P, g * S, g), dtype=bool)                       # [problem, node-local expert, rank]
-    has_copy[:, np.arange(g * S), np.arange(g).repeat(S)] = True
+    # [problem, node-local expert, rank]: the rank cannot take the expert (holds a copy, or no free slot)
+    blocked = np.zeros((P, g * S, g), dtype=bool)
+    blocked[:, np.arange(g * S), np.arange(g).repeat(S)] = True
+    blocked_rows = blocked.reshape(P * g * S, g)                         # a flat row take is the fast gather
     used = np.zeros((P, g), dtype=np.int64)
     sent = np.zeros((P, g), dtype=np.int64)
     cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
@@ -473,7 +424,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         excess = load[sub, donor] - (2 * mr + ml)
         x_all = donor[:, None] * S + slot_ids[None, :]                   # [P', S] node-local expert ids
         # receiver r may take expert x: a free slot and no copy of x yet (never the donor: it has one)
-        ok = (used_l < R)[:, None, :] & ~has_copy[live[:, None], x_all]    # [P', S, g]
+        not_ok = np.take(blocked_rows, live[:, None] * (g * S) + x_all, axis=0)   # [P', S, g]
         # inter-node pairs: fill the receiver up to the mean, as far as the donor is above it
         take_r = np.minimum(np.maximum(mr[:, None] - rr, 0), np.maximum(rr[sub, donor] - mr, 0)[:, None])
         # intra-node pairs: fill the receiver up to the mean (less its GEMM-call overhead); a receiver too
@@ -487,11 +438,13 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         limit = np.where(used_l == R - 1, np.inf, excess_l[:, None])
         take_l = np.where(deficit >= min_tokens, np.minimum(deficit, limit), np.minimum(meet, excess_l[:, None]))
         take_l = np.maximum(take_l, 0)
-        # of what is left at home of each expert: [P', S, g]
-        part_r = np.floor(np.minimum(take_r[:, None, :], home_r[live, donor][:, :, None]))
-        part_l = np.floor(np.minimum(take_l[:, None, :], home_l[live, donor][:, :, None]))
+        # of what is left at home of each expert, whole pairs (int32: the loop's arrays are its cost): [P', S, g]
+        whole = lambda t: np.minimum(np.floor(t), 2 ** 30).astype(np.int32)[:, None, :]
+        part_r = np.minimum(whole(take_r), home_r[live, donor][:, :, None])
+        part_l = np.minimum(whole(take_l), home_l[live, donor][:, :, None])
         # the largest single move (fewest replicas for the same balance) among allowed (expert, receiver)
-        amount_all = np.where(ok, part_r + part_l, -np.inf)
+        amount_all = part_r + part_l
+        np.putmask(amount_all, not_ok, -1)
         best = np.argmax(amount_all.reshape(n_live, S * g), axis=1)
         s_loc, recv = np.divmod(best, g)
         amount = amount_all[sub, s_loc, recv]
@@ -512,7 +465,9 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         rank_l[p, rv] += a - y + overhead
         used[p, rv] += 1
         sent[p, d] += 1
-        has_copy[p, d * S + sl, rv] = True
+        blocked[p, d * S + sl, rv] = True
+        full = used[p, rv] == R
+        blocked[p[full], :, rv[full]] = True
         live = p
     if not picks:
         return replica_expert, replica_quota
@@ -530,15 +485,19 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     return replica_expert, replica_quota
 
 
-def _inter_node_pairs(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray) -> np.ndarray:
-    """[M, L, E] pairs each expert receives from nodes other than its home's.
+def _same_node_pairs(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray) -> np.ndarray:
+    """[M, L, E] pairs each expert receives from the sources of its home node.
 
     counts: [M, L, G, E]; expert_at_home: [L, E]."""
     M, L, G, E = counts.shape
-    from_node = counts[:, :, topo.node_ranks()].sum(3)                       # [M, L, N, E]
+    node_ranks = topo.node_ranks()
+    N, g = node_ranks.shape
+    if np.array_equal(node_ranks.reshape(-1), np.arange(G)):
+        from_node = counts.reshape(M, L, N, g, E).sum(3)                 # [M, L, N, E] (no copy of counts)
+    else:
+        from_node = counts[:, :, node_ranks].sum(3)
     home_node = np.asarray(topo.node_of_rank)[_home_rank(expert_at_home, topo.S)]   # [L, E]
-    same_node = np.take_along_axis(from_node, np.broadcast_to(home_node[None, :, None], (M, L, 1, E)), axis=2)[:, :, 0]
-    return counts.sum(axis=2) - same_node
+    return np.take_along_axis(from_node, np.broadcast_to(home_node[None, :, None], (M, L, 1, E)), axis=2)[:, :, 0]
 
 
 def _home_rank(expert_at_home: np.ndarray, S: int) -> np.ndarray:
@@ -658,16 +617,17 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     M, L, G, E = counts.shape
     if (G, E) != (topo.G, topo.E):
         raise PlanError(f"counts are for G={G}, E={E} but the topology has G={topo.G}, E={topo.E}")
-    if (counts < 0).any():
+    if counts.size and counts.min() < 0:
         raise PlanError("counts must be nonnegative")
     if mode not in ("both", "reorder", "replicate"):
         raise PlanError(f"unknown mode {mode!r}; expected both, reorder or replicate")
     prev = identity_placement(topo, L) if expert_at_home_prev is None else np.asarray(expert_at_home_prev, dtype=np.int64)
     if prev.shape != (L, E):
         raise PlanError(f"previous placement has shape {prev.shape}, expected {(L, E)}")
-    placement = plan_placement(counts, topo, prev, reorder) if mode in ("both", "reorder") else prev
+    total = counts.sum(axis=2)                                           # [M, L, E], shared by both steps
+    placement = plan_placement(counts, topo, prev, reorder, total) if mode in ("both", "reorder") else prev
     if mode in ("both", "replicate"):
-        rep_e, rep_q = plan_replicas(counts, topo, placement, replication)
+        rep_e, rep_q = plan_replicas(counts, topo, placement, replication, total)
     else:
         rep_e = np.full((M, L, G, topo.R), -1, dtype=np.int64)
         rep_q = np.zeros((M, L, G, topo.R, G), dtype=np.int64)
