@@ -31,6 +31,7 @@ def test_simulate_on_bundled_traces_one_node(tmp_path):
         assert s["relibra"]["imbalance"][q] <= s["eplb-oracle"]["imbalance"][q]
     assert s["relibra"]["imbalance"]["p50"] <= 1.02
     assert "relibra" in p.stdout and "p95" in p.stdout
+    assert "nic_imbalance" not in s["relibra"] and "NIC" not in p.stdout     # one node: no inter-node traffic
 
 
 def test_simulate_resampled_steps_has_history(tmp_path):
@@ -42,6 +43,11 @@ def test_simulate_resampled_steps_has_history(tmp_path):
     s = json.loads(out.read_text())["strategies"]
     assert list(s) == ["megatron", "eplb-history", "relibra"]
     assert s["relibra"]["imbalance"]["p50"] < s["eplb-history"]["imbalance"]["p50"]
+    # two nodes: each rank's inter-node receive (its NIC) is reported, and relibra evens it out too
+    for v in s.values():
+        assert v["nic_imbalance"]["p50"] <= v["nic_imbalance"]["p95"] <= v["nic_imbalance"]["max"]
+    assert s["relibra"]["nic_imbalance"]["p50"] < 1.05 < s["eplb-history"]["nic_imbalance"]["p50"]
+    assert "NIC p50" in p.stdout
 
 
 def _bad_npz(tmp_path, **arrays):
@@ -84,5 +90,5 @@ def test_bench_planner_reports_timings(tmp_path):
                 "--micro-batches", "4", "--replica-slots", "2", "--repeats", "1", "--json", str(out))
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
-    assert r["whole_batch_ms"] > 0 and r["replicas_planned"] > 0
+    assert r["whole_batch_ms"] > 0 and r["replicas_planned"] > 0 and r["inter_node_share"] == 0.0
     assert r["per_layer_microbatch_us"] == pytest.approx(r["whole_batch_ms"] * 1e3 / (4 * 26))
