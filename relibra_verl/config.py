@@ -19,7 +19,8 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
                                 receive) against the busiest node's GEMMs (0: nodes by pairs only).
                                 `relibra-verl simulate --model M` prints it (h100-ib400: qwen3-30b-a3b
                                 0.90, deepseek-v3 0.78). Worth it where InfiniBand dominates the step;
-                                it costs planner time (README, "How the planner works")
+                                it costs planner time (README, "How the planner works"), spent in the
+                                background thread that plans the next placement beside the step
   kernels              auto     slot-assignment kernels: auto (Triton on GPU, else torch) | triton | torch
   on_missing_routing   fallback fallback (warn, count `relibra/fallbacks`, plain dispatch) | error (strict)
   metrics              True     report relibra/* metrics in verl's metrics dict

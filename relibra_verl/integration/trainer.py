@@ -13,6 +13,10 @@ and runs natively. The verl patches (relibra_verl/patches/verl_engine.py) call, 
   finish(output)                        metrics into verl's metrics dict
   after_optimizer_step(engine)          apply the next placement (reordering) via the runtime
 
+The next placement (reordering) is only needed after the optimizer step, so it is planned in a background
+thread beside the mini-batch's forward and backward (numpy releases the GIL in its array work); only the
+replicas, needed before the first forward, are planned on the critical path (`relibra/plan_ms`).
+
 Without routes (R3 off, or a micro-batch without `routed_experts`) the mini-batch runs Megatron's plain
 dispatch, a warning is logged once and `relibra/fallbacks` counts the micro-batches; with
 `on_missing_routing=error` it raises instead.
@@ -23,6 +27,7 @@ import contextvars
 import logging
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -43,6 +48,17 @@ _active: contextvars.ContextVar = contextvars.ContextVar("relibra_active", defau
 
 class RelibraError(RuntimeError):
     """relibra cannot run this mini-batch and the user asked for strict mode."""
+
+
+_reorder_pool: ThreadPoolExecutor | None = None
+
+
+def _reorder_planner() -> ThreadPoolExecutor:
+    """One background thread per process for the next placement's plan (plans are pure numpy)."""
+    global _reorder_pool
+    if _reorder_pool is None:
+        _reorder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-reorder")
+    return _reorder_pool
 
 
 def active() -> "RelibraTrainer | None":
@@ -71,7 +87,8 @@ class RelibraTrainer:
         self.ready = False
         self.disabled_reason: str | None = None
         self.plan: BatchPlan | None = None
-        self.next_placement: np.ndarray | None = None
+        self._next_placement: np.ndarray | None = None
+        self._next_future: Future | None = None                         # the next placement, being planned
         self.optimizer_steps = 0
         self.fallbacks_total = 0
         self._mb: dict = {}
@@ -214,11 +231,14 @@ class RelibraTrainer:
         else:
             plan = _static_plan(self.topo, placement, len(micro_batches))
         if self.cfg.reorders and not self._forward_only and self._reorder_due():
-            nxt = plan_relibra(counts, self.topo, placement, mode="reorder",
-                               reorder=ReorderConfig(max_moves_per_layer=None if self.cfg.max_moved_experts < 0
-                                                     else self.cfg.max_moved_experts,
-                                                     inter_node_share=float(self.cfg.inter_node_share)))
-            self.next_placement = nxt.expert_at_home
+            reorder = ReorderConfig(max_moves_per_layer=None if self.cfg.max_moved_experts < 0
+                                    else self.cfg.max_moved_experts,
+                                    inter_node_share=float(self.cfg.inter_node_share))
+            # every rank plans the same placement from the same gathered counts; a PlanError surfaces on
+            # every rank alike when the placement is collected after the optimizer step
+            self._next_placement = None
+            self._next_future = _reorder_planner().submit(plan_relibra, counts, self.topo, placement,
+                                                          mode="reorder", reorder=reorder)
         plan_ms = (time.perf_counter() - t0) * 1e3
         rb.set_plan(self.runtime, plan)
         self.plan = plan
@@ -232,6 +252,14 @@ class RelibraTrainer:
                 "relibra/unknown_pairs": float(unknown),
                 "relibra/fallbacks": 0.0,
             })
+
+    @property
+    def next_placement(self) -> np.ndarray | None:
+        """[L, E] the placement to apply after the optimizer step (waits for its plan), or None."""
+        if self._next_future is not None:
+            future, self._next_future = self._next_future, None
+            self._next_placement = future.result().expert_at_home
+        return self._next_placement
 
     def _reorder_due(self) -> bool:
         return (self.optimizer_steps % self.cfg.reorder_every) == 0
@@ -273,9 +301,9 @@ class RelibraTrainer:
     def after_optimizer_step(self, engine) -> None:
         self.optimizer_steps += 1
         self._moved_last = 0
-        if self.next_placement is None:
+        placement, self._next_placement = self.next_placement, None
+        if placement is None:
             return
-        placement, self.next_placement = self.next_placement, None
         current = rb.applied_placement(self.runtime, placement.shape[0], self.topo)
         if (placement == current).all():
             return

@@ -85,7 +85,14 @@ def test_patched_prepare_micro_batches_plans_every_micro_batch():
     m = st._metrics
     assert m["relibra/imbalance_after"] <= m["relibra/imbalance_before"] and m["relibra/imbalance_before"] > 1.0
     assert m["relibra/replicas"] > 0 and m["relibra/fallbacks"] == 0 and m["relibra/plan_ms"] >= 0
-    assert st.next_placement is not None and st.next_placement.shape == (L, E)   # reorder due after the step
+    # the next placement is planned in the background; collecting it waits for that plan, which equals the
+    # planner's own, in the foreground
+    assert st._next_future is not None
+    from relibra_verl.planner.relibra import ReorderConfig, plan_relibra
+    want = plan_relibra(full, st.topo, np.tile(np.arange(E), (L, 1)), mode="reorder",
+                        reorder=ReorderConfig(inter_node_share=st.cfg.inter_node_share)).expert_at_home
+    assert st.next_placement is not None and np.array_equal(st.next_placement, want)
+    assert st._next_future is None
     out = {"metrics": {}}
     st.finish(out)
     assert set(out["metrics"]) >= {"relibra/imbalance_before", "relibra/imbalance_after", "relibra/plan_ms",
@@ -165,3 +172,18 @@ def test_worker_attach_validates_and_attaches_to_the_actor_engine_only(caplog):
     with caplog.at_level("WARNING", logger="relibra_verl"):
         assert attach_from_worker(worker({"enable": True}, types.SimpleNamespace())) is None
     assert "Megatron engine only" in caplog.text
+
+
+def test_a_failing_background_reorder_surfaces_after_the_optimizer_step():
+    from concurrent.futures import Future
+
+    from relibra_verl.planner.types import PlanError
+
+    st = _trainer(RelibraConfig(enable=True, replica_slots=1))
+    failed = Future()
+    failed.set_exception(PlanError("previous placement has shape (1, 2), expected (4, 8)"))
+    st._next_future = failed
+    with pytest.raises(PlanError, match="previous placement has shape"):
+        st.after_optimizer_step(_engine())
+    assert st._next_future is None and st.next_placement is None          # raised once, not again
+
