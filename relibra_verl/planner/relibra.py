@@ -631,10 +631,5 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     else:
         rep_e = np.full((M, L, G, topo.R), -1, dtype=np.int64)
         rep_q = np.zeros((M, L, G, topo.R, G), dtype=np.int64)
-    S = topo.S
-    prev_rank = np.empty_like(prev)
-    np.put_along_axis(prev_rank, prev, np.broadcast_to(np.arange(E) // S, (L, E)), axis=1)
-    new_rank = np.empty_like(placement)
-    np.put_along_axis(new_rank, placement, np.broadcast_to(np.arange(E) // S, (L, E)), axis=1)
-    moved = (prev_rank != new_rank).sum(1)
+    moved = (_home_rank(prev, topo.S) != _home_rank(placement, topo.S)).sum(1)
     return BatchPlan(topo, placement, rep_e, rep_q, moved)
