@@ -42,6 +42,11 @@ infer_ppo_max_token_len=$(((max_prompt_length + max_response_length) * 2))
 # relibra: replicas per micro-batch inside each node, placement reordered after every optimizer step
 RELIBRA_MODE=${RELIBRA_MODE:-both}
 RELIBRA_REPLICA_SLOTS=${RELIBRA_REPLICA_SLOTS:-2}
+# time-aware planning from this hardware profile (none: plan pair counts only)
+RELIBRA_PROFILE=${RELIBRA_PROFILE:-h100-ib400}
+# > 0: the reorder also weighs the busiest InfiniBand NIC (relibra-verl simulate --model qwen3-30b-a3b prints
+# 0.902 on h100-ib400); it matters with several nodes, the 4-node script sets it
+RELIBRA_INTER_NODE_SHARE=${RELIBRA_INTER_NODE_SHARE:-0.0}
 
 exper_name=qwen3_30b_a3b_grpo_relibra_${RELIBRA_MODE}_N${NODES}_TP${TP}_EP${EP}
 
@@ -89,6 +94,8 @@ exper_name=qwen3_30b_a3b_grpo_relibra_${RELIBRA_MODE}_N${NODES}_TP${TP}_EP${EP}
     actor_rollout_ref.relibra.replica_slots=$RELIBRA_REPLICA_SLOTS \
     actor_rollout_ref.relibra.gpus_per_node=$GPUS_PER_NODE \
     actor_rollout_ref.relibra.reorder_every=1 \
+    actor_rollout_ref.relibra.profile=$RELIBRA_PROFILE \
+    actor_rollout_ref.relibra.inter_node_share=$RELIBRA_INTER_NODE_SHARE \
     trainer.critic_warmup=0 \
     trainer.logger='["console"]' \
     trainer.project_name=relibra_grpo_qwen3_30b_a3b \

@@ -14,6 +14,11 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
   gpus_per_node        8        EP ranks per NVLink domain (replicas never leave it)
   reorder_every        1        reorder the expert placement every N optimizer steps (0: never)
   max_moved_experts    -1       move budget: experts whose home may change per layer and reorder (-1: any)
+  profile              h100-ib400  hardware profile (relibra_verl/sim/profiles.py name, or a JSON/YAML
+                                file) for time-aware planning: a replica must repay its weight copies,
+                                its GEMM call is charged to its receiver, an expert's move must repay its
+                                migration (the cost model of `relibra-verl simulate`); none: plan pair
+                                counts only
   inter_node_share     0.0      share of a routed pair's cost that is its InfiniBand transfer when it
                                 crosses nodes; > 0 makes the reorder weigh the busiest NIC (sends and
                                 receive) against the busiest node's GEMMs (0: nodes by pairs only).
@@ -54,6 +59,7 @@ class RelibraConfig:
     gpus_per_node: int = 8
     reorder_every: int = 1
     max_moved_experts: int = -1
+    profile: str = "h100-ib400"
     inter_node_share: float = 0.0
     kernels: str = "auto"
     on_missing_routing: str = "fallback"
@@ -74,6 +80,13 @@ class RelibraConfig:
         _at_least("gpus_per_node", self.gpus_per_node, 1)
         _at_least("reorder_every", self.reorder_every, 0)
         _at_least("max_moved_experts", self.max_moved_experts, -1)
+        if self.profile != "none":
+            from relibra_verl.sim.profiles import load_profile
+
+            try:
+                load_profile(self.profile)
+            except UsageError as exc:
+                raise RelibraConfigError(f"{SECTION}.profile: {exc} (or none for pair-count planning)") from None
         if not 0.0 <= self.inter_node_share < 1.0:
             raise RelibraConfigError(f"{SECTION}.inter_node_share must be in [0, 1), got {self.inter_node_share}")
         if self.mode in ("replicate", "both") and self.replica_slots == 0 and self.enable:

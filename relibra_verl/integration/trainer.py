@@ -36,7 +36,7 @@ from relibra_verl.config import RelibraConfig
 from relibra_verl.integration import runtime_bridge as rb
 from relibra_verl.integration.microbatch import micro_batch_loads
 from relibra_verl.integration.routes import RoutesError, moe_layers_of
-from relibra_verl.planner.relibra import ReorderConfig, plan_relibra
+from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig, plan_relibra
 from relibra_verl.planner.strategies import plan_outcome
 from relibra_verl.planner.types import BatchPlan, Topology
 
@@ -89,6 +89,8 @@ class RelibraTrainer:
         self.plan: BatchPlan | None = None
         self._next_placement: np.ndarray | None = None
         self._next_future: Future | None = None                         # the next placement, being planned
+        self.replication = ReplicationConfig()                           # time-aware after _setup (profile)
+        self.move_cost_pairs = 0.0
         self.optimizer_steps = 0
         self.fallbacks_total = 0
         self._mb: dict = {}
@@ -112,10 +114,27 @@ class RelibraTrainer:
                              replica_slots=self.cfg.replica_slots if self.cfg.replicates else 0,
                              node_of_rank=self._node_layout(G, g))
         self.runtime = rb.build(engine.module, self.topo, self.cfg, self.ep_group)
+        self._plan_for_time(tf)
         self.ready = True
         logger.warning("relibra-verl: engine ready: E=%d EP=%d nodes=%d R=%d mode=%s MoE layers=%d runtime=%s",
                        E, G, self.topo.num_nodes, self.topo.R, self.cfg.mode, len(self.moe_layers),
                        type(self.runtime).__name__ if self.runtime is not None else "none (plain dispatch)")
+
+    def _plan_for_time(self, tf) -> None:
+        """Time-aware planner limits from the cost model of `cfg.profile` and the model's expert shape."""
+        if self.cfg.profile == "none":
+            return
+        from relibra_verl.sim.planning import ExpertShape, planner_limits
+        from relibra_verl.sim.profiles import load_profile
+
+        ffn = getattr(tf, "moe_ffn_hidden_size", None) or tf.ffn_hidden_size
+        limits = planner_limits(ExpertShape(int(tf.hidden_size), int(ffn)), load_profile(self.cfg.profile),
+                                self.topo.num_nodes, self.topo.ranks_per_node)
+        self.replication = ReplicationConfig(min_replica_tokens=limits["min_replica_tokens"],
+                                             replica_overhead_pairs=limits["replica_overhead_pairs"])
+        self.move_cost_pairs = float(limits["move_cost_pairs"])
+        logger.warning("relibra-verl: time-aware planning (%s): %s", self.cfg.profile,
+                       ", ".join(f"{k}={v:.0f}" for k, v in limits.items()))
 
     def _node_layout(self, G: int, g: int):
         """node_of_rank from the EP ranks' host names when each host holds exactly g ranks, else r // g."""
@@ -227,12 +246,12 @@ class RelibraTrainer:
         counts = counts[..., :E].transpose(1, 2, 0, 3)                      # [M, L, G, E]
         placement = rb.applied_placement(self.runtime, L, self.topo)
         if self.cfg.replicates:  # this mini-batch: replicas on the placement the layers hold now
-            plan = plan_relibra(counts, self.topo, placement, mode="replicate")
+            plan = plan_relibra(counts, self.topo, placement, mode="replicate", replication=self.replication)
         else:
             plan = _static_plan(self.topo, placement, len(micro_batches))
         if self.cfg.reorders and not self._forward_only and self._reorder_due():
             reorder = ReorderConfig(max_moves_per_layer=None if self.cfg.max_moved_experts < 0
-                                    else self.cfg.max_moved_experts,
+                                    else self.cfg.max_moved_experts, move_cost_pairs=self.move_cost_pairs,
                                     inter_node_share=float(self.cfg.inter_node_share))
             # every rank plans the same placement from the same gathered counts; a PlanError surfaces on
             # every rank alike when the placement is collected after the optimizer step

@@ -18,6 +18,7 @@ that moves inter-node pairs repays itself sooner than one inside a single node.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from relibra_verl.sim.cost import expert_gemm_coeffs, non_moe_flops_per_token
@@ -102,3 +103,27 @@ def inter_node_share(model: ModelPreset, profile: HardwareProfile) -> float:
     _, b = expert_gemm_coeffs(model, profile)
     c_ib = 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
     return c_ib / ((1.0 + profile.bwd_compute_factor) * b + c_ib)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShape:
+    """The part of a model the planning inputs need: hidden size H and expert intermediate size I (a
+    trainer has them from Megatron's config; `name` selects a measured GEMM fit of the profile, if any)."""
+
+    hidden: int
+    moe_intermediate: int
+    name: str = ""
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden * self.moe_intermediate
+
+
+def planner_limits(model, profile: HardwareProfile, num_nodes: int, gpus_per_node: int) -> dict:
+    """The time-aware planner inputs a trainer can use without attention shapes: ReplicationConfig's
+    min_replica_tokens (copies sent ahead) and replica_overhead_pairs, ReorderConfig's move_cost_pairs.
+    model: a ModelPreset or an ExpertShape."""
+    return {"min_replica_tokens": min_replica_tokens(model, profile, include_call=False, num_nodes=num_nodes,
+                                                     gpus_per_node=gpus_per_node),
+            "replica_overhead_pairs": replica_overhead_tokens(model, profile),
+            "move_cost_pairs": move_cost_pairs(model, profile)}

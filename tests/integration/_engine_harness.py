@@ -227,7 +227,9 @@ def run(rank: int, world: int, steps: int = 2) -> dict:
     from relibra_verl.config import RelibraConfig
 
     ti = _setup(world)
-    cfg = RelibraConfig(enable=True, mode="both", replica_slots=1, gpus_per_node=world, reorder_every=1)
+    # profile none: on this toy model a time-aware planner would rightly make no replica (each GEMM call
+    # costs more than the few tokens it could move), and this run is here to exercise the replica path
+    cfg = RelibraConfig(enable=True, mode="both", replica_slots=1, gpus_per_node=world, reorder_every=1, profile="none")
     out = {}
     for name, rc in (("off", None), ("on", cfg)):
         eng = build_engine(ti, rc)

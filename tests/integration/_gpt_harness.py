@@ -373,7 +373,10 @@ def run(rank: int, world: int, tmpdir: str, steps: int = 2) -> dict:
     _setup_process()
     from verl.workers.utils.losses import sft_loss
 
-    on = {"enable": True, "mode": "both", "replica_slots": 1, "gpus_per_node": world, "reorder_every": 1}
+    # profile none: on this toy model a time-aware planner would rightly make no replica; this run is here to
+    # exercise the replica path (the time-aware limits are tested in test_microbatch.py)
+    on = {"enable": True, "mode": "both", "replica_slots": 1, "gpus_per_node": world, "reorder_every": 1,
+          "profile": "none"}
     loss_fn = functools.partial(sft_loss, None)
     import verl.workers.engine.megatron.transformer_impl as ti
 

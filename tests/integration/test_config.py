@@ -32,6 +32,7 @@ def test_defaults_documented_and_equal_to_yaml():
     ({"enable": "yes"}, "enable must be bool"),
     ({"enable": True, "mode": "replicate", "replica_slots": 0}, "needs replica_slots >= 1"),
     ({"inter_node_share": 1.5}, "inter_node_share must be in [0, 1), got 1.5"),
+    ({"profile": "h100-ib200"}, "actor_rollout_ref.relibra.profile: unknown hardware profile 'h100-ib200'"),
     ({"inter_node_share": "high"}, "inter_node_share must be float"),
     ({"inter_node_share": True}, "inter_node_share must be float"),
 ])

@@ -187,3 +187,29 @@ def test_a_failing_background_reorder_surfaces_after_the_optimizer_step():
         st.after_optimizer_step(_engine())
     assert st._next_future is None and st.next_placement is None          # raised once, not again
 
+
+def test_time_aware_limits_come_from_the_profile_and_reach_the_plan():
+    import relibra_verl.integration.plugin  # noqa: F401
+    from verl.workers.engine.megatron import transformer_impl as ti
+
+    from relibra_verl.sim.planning import planner_limits
+    from relibra_verl.sim.presets import get_preset
+    from relibra_verl.sim.profiles import load_profile
+
+    st = _trainer(RelibraConfig(enable=True, replica_slots=1, profile="h800-ib400"))
+    assert st.replication.min_replica_tokens == 1 and st.move_cost_pairs == 0   # before setup: pair counts
+    # Qwen3-30B-A3B's expert shape, as Megatron's TransformerConfig names it
+    st._plan_for_time(types.SimpleNamespace(hidden_size=2048, moe_ffn_hidden_size=768, ffn_hidden_size=6144))
+    want = planner_limits(get_preset("qwen3-30b-a3b"), load_profile("h800-ib400"), 1, 2)
+    assert st.replication.min_replica_tokens == want["min_replica_tokens"] > 1
+    assert st.replication.replica_overhead_pairs == want["replica_overhead_pairs"] > 0
+    assert st.move_cost_pairs == pytest.approx(want["move_cost_pairs"]) and st.move_cost_pairs > 0
+    data = v1_batch(1, 8, E, K, L, skew=1.0)
+    st.begin(_engine(), data, forward_only=False)
+    try:
+        ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        st.end()
+    q = st.plan.replica_quota.sum(-1)[st.plan.replica_expert >= 0]
+    assert (q >= st.replication.min_replica_tokens).all()                # no replica below what repays it
+

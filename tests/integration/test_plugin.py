@@ -130,3 +130,5 @@ def test_example_prints_composed_config(script):
     rc = from_actor_rollout_ref(arr)
     ep = arr["actor"]["megatron"]["expert_model_parallel_size"]
     assert ep == cfg["trainer"]["nnodes"] * cfg["trainer"]["n_gpus_per_node"] and rc.gpus_per_node == 8
+    assert rc.profile == "h100-ib400"                                    # time-aware planning
+    assert rc.inter_node_share == (0.9 if cfg["trainer"]["nnodes"] > 1 else 0.0)   # NIC-aware reorder across nodes
