@@ -103,6 +103,15 @@ def check_tensor(name: str, t, *, ndim: int, kind: str, device: torch.device | N
         raise ValueError(f"{name} is on {t.device}, expected {device} like the other inputs")
 
 
+def check_int(name: str, value, *, low: int, none_ok: bool = False) -> None:
+    """A Python int >= low (low 0: non-negative, 1: positive; bool refused), or None when none_ok."""
+    if none_ok and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
+        raise ValueError(f"{name} must be {what}{' or None' if none_ok else ''}, got {value!r}")
+
+
 def raise_failed(checks: list[tuple[str, torch.Tensor]]) -> None:
     """Evaluate several on-device boolean checks with one host sync; raise on the first that fails.
 

@@ -24,6 +24,7 @@ import torch
 
 from ._utils import (
     TritonKernel,
+    check_int,
     check_tensor,
     int_range,
     next_pow2,
@@ -206,8 +207,7 @@ def _check_assign_args(topk_ids, copy_slot, quota, num_slots, values=True):
     dev = topk_ids.device
     check_tensor("copy_slot", copy_slot, ndim=2, kind="int", device=dev)
     check_tensor("quota", quota, ndim=2, kind="int", device=dev)
-    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
-        raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
+    check_int("num_slots", num_slots, low=1)
     if quota.shape != copy_slot.shape:
         raise ValueError(f"quota has shape {tuple(quota.shape)} but copy_slot has {tuple(copy_slot.shape)}: "
                          "both must be [E, C]")

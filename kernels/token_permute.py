@@ -19,7 +19,7 @@ rows) and the probs' gradient (a per-pair dot product over H inside one program)
 """
 import torch
 
-from ._utils import TritonKernel, check_tensor, int_range, next_pow2, raise_failed, resolve_backend, tl
+from ._utils import TritonKernel, check_int, check_tensor, int_range, next_pow2, raise_failed, resolve_backend, tl
 from .slot_assign import RANK_BLOCK, RANK_WARPS, _rank, block_ranks, triton_cdiv
 
 COPY_BLOCK_H = 1024  # hidden elements per program in the row kernels
@@ -293,8 +293,7 @@ def permute(hidden: torch.Tensor, probs: torch.Tensor, slot_of_pair: torch.Tenso
              int_range(slot_of_pair, -1, num_slots)),
             ("slot_counts must be >= 0", int_range(slot_counts, 0, 2**62)),
         ])
-    if num_out is not None and (not isinstance(num_out, int) or num_out < 0):
-        raise ValueError(f"num_out must be a non-negative int or None, got {num_out!r}")
+    check_int("num_out", num_out, low=0, none_ok=True)
     if resolve_backend(backend, dev) == "torch":
         if validate:
             _check_counts(torch.bincount(slot_of_pair.reshape(-1).to(torch.int64).clamp(min=-1) + 1,
@@ -336,8 +335,7 @@ def unpermute(expert_out: torch.Tensor, probs: torch.Tensor, row_index: torch.Te
     dev = expert_out.device
     check_tensor("probs", probs, ndim=2, kind="float", device=dev)
     check_tensor("row_index", row_index, ndim=2, kind="int", device=dev)
-    if isinstance(T, bool) or not isinstance(T, int) or T < 0:
-        raise ValueError(f"T must be a non-negative int, got {T!r}")
+    check_int("T", T, low=0)
     if probs.shape[0] != T or row_index.shape != probs.shape:
         raise ValueError(f"probs {tuple(probs.shape)} and row_index {tuple(row_index.shape)} must both be "
                          f"[T={T}, K]")
