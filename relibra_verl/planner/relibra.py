@@ -26,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
+from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement, invert_placement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +153,7 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     rank_pos = np.empty(G, dtype=np.int64)                               # position of a rank in its node
     rank_pos[node_ranks.reshape(-1)] = np.tile(np.arange(g), N)
 
-    prev_home = np.empty_like(prev)
-    np.put_along_axis(prev_home, prev, np.broadcast_to(np.arange(E), (L, E)), axis=1)
+    prev_home = invert_placement(prev)                                   # [L, E] home slot of each expert
     prev_rank = prev_home // S                                           # [L, E]
 
     # 1. experts -> nodes
@@ -293,8 +292,7 @@ class _InterNodeLoads:
         self.node_ranks = topo.node_ranks()                              # [N, g]
         N, g = self.node_ranks.shape
         # pairs from each node's sources to each expert, rows (node, layer, expert) of (micro-batch, source)
-        by_node = counts.reshape(M, L, N, g, E) if np.array_equal(self.node_ranks.reshape(-1), np.arange(G)) \
-            else counts[:, :, self.node_ranks]                           # [M, L, N, g, E]
+        by_node = _by_node(counts, self.node_ranks)                      # [M, L, N, g, E]
         self.to_expert = by_node.transpose(2, 1, 4, 0, 3).astype(np.float64).reshape(N * L * E, M * g)
         self.tokens = counts.sum(-1).transpose(1, 0, 2).astype(np.float64)   # [L, M, G] pairs each source sends
         if load is None:
@@ -490,22 +488,24 @@ def _same_node_pairs(counts: np.ndarray, topo: Topology, expert_at_home: np.ndar
 
     counts: [M, L, G, E]; expert_at_home: [L, E]."""
     M, L, G, E = counts.shape
-    node_ranks = topo.node_ranks()
-    N, g = node_ranks.shape
-    if np.array_equal(node_ranks.reshape(-1), np.arange(G)):
-        from_node = counts.reshape(M, L, N, g, E).sum(3)                 # [M, L, N, E] (no copy of counts)
-    else:
-        from_node = counts[:, :, node_ranks].sum(3)
+    from_node = _by_node(counts, topo.node_ranks()).sum(3)               # [M, L, N, E]
     home_node = np.asarray(topo.node_of_rank)[_home_rank(expert_at_home, topo.S)]   # [L, E]
     return np.take_along_axis(from_node, np.broadcast_to(home_node[None, :, None], (M, L, 1, E)), axis=2)[:, :, 0]
 
 
+def _by_node(counts: np.ndarray, node_ranks: np.ndarray) -> np.ndarray:
+    """counts [M, L, G, E] -> [M, L, N, g, E], the sources grouped by node (a view in Megatron's layout,
+    where node n holds ranks n*g .. n*g+g-1)."""
+    M, L, G, E = counts.shape
+    N, g = node_ranks.shape
+    if np.array_equal(node_ranks.reshape(-1), np.arange(G)):
+        return counts.reshape(M, L, N, g, E)
+    return counts[:, :, node_ranks]
+
+
 def _home_rank(expert_at_home: np.ndarray, S: int) -> np.ndarray:
     """[L, E] rank holding each expert's home slot."""
-    L, E = expert_at_home.shape
-    rank = np.empty_like(expert_at_home)
-    np.put_along_axis(rank, expert_at_home, np.broadcast_to(np.arange(E) // S, (L, E)), axis=1)
-    return rank
+    return invert_placement(expert_at_home) // S
 
 
 def _group_cumsum(x: np.ndarray, group_start: np.ndarray) -> np.ndarray:
