@@ -202,24 +202,21 @@ def resolve_model(args):
     return model
 
 
-def replication_config(args, model, profile) -> tuple[ReplicationConfig, ReorderConfig, dict]:
+def replication_config(args, model, profile, topo: Topology) -> tuple[ReplicationConfig, ReorderConfig, dict]:
     """The relibra planner's limits: the flags, or the cost model's (time-aware) when --model is given:
     replica limits, each replica's GEMM-call overhead, and the cost of moving an expert across nodes."""
-    from relibra_verl.sim.planning import (inter_node_share, max_copies_per_owner, min_replica_tokens,
-                                           move_cost_pairs, replica_overhead_tokens)
+    from relibra_verl.sim.planning import inter_node_share, max_copies_per_owner, planner_limits
 
     mrt, mco, src = args.min_replica_tokens, args.max_copies_per_owner, "flags"
     overhead, move_cost, share = 0, 0.0, 0.0
     if model is not None:
-        prefetch = not args.online_copies
-        shape = {"num_nodes": max(1, args.ep // max(1, args.gpus_per_node)), "gpus_per_node": args.gpus_per_node}
+        # the GEMM call is charged to the receiver (replica_overhead_pairs): min_replica_tokens counts the copies
+        limits = planner_limits(model, profile, topo.num_nodes, topo.ranks_per_node, prefetch=not args.online_copies)
         if mrt is None:
-            # the GEMM call is charged to the receiver below (replica_overhead_pairs): count the copies only
-            mrt, src = min_replica_tokens(model, profile, prefetch=prefetch, include_call=False, **shape), "cost model"
+            mrt, src = limits["min_replica_tokens"], "cost model"
         if mco is None:
             mco = max_copies_per_owner(model, profile, args.tokens_per_rank)
-        overhead = replica_overhead_tokens(model, profile)
-        move_cost = move_cost_pairs(model, profile)
+        overhead, move_cost = limits["replica_overhead_pairs"], limits["move_cost_pairs"]
         share = inter_node_share(model, profile)
     mrt = 1 if mrt is None else mrt
     return (ReplicationConfig(min_replica_tokens=mrt, max_copies_per_owner=mco, replica_overhead_pairs=overhead),
@@ -261,7 +258,7 @@ def replay(args) -> ReplayRun:
     if "eplb-history" in strategies and warmup is None and len(counts) == 1:
         strategies.remove("eplb-history")
         notes.append("eplb-history left out: one shuffled batch has no previous batch (use --steps >= 2 or --resample)")
-    replication, reorder, limits = replication_config(args, model, profile)
+    replication, reorder, limits = replication_config(args, model, profile, topo)
     num_groups = args.num_groups if args.num_groups is not None else (model.num_expert_groups if model else 1)
     bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
     results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar, reorder)

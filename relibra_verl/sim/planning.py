@@ -119,11 +119,13 @@ class ExpertShape:
         return 3 * self.hidden * self.moe_intermediate
 
 
-def planner_limits(model, profile: HardwareProfile, num_nodes: int, gpus_per_node: int) -> dict:
-    """The time-aware planner inputs a trainer can use without attention shapes: ReplicationConfig's
-    min_replica_tokens (copies sent ahead) and replica_overhead_pairs, ReorderConfig's move_cost_pairs.
-    model: a ModelPreset or an ExpertShape."""
-    return {"min_replica_tokens": min_replica_tokens(model, profile, include_call=False, num_nodes=num_nodes,
-                                                     gpus_per_node=gpus_per_node),
+def planner_limits(model, profile: HardwareProfile, num_nodes: int, gpus_per_node: int, *,
+                   prefetch: bool = True) -> dict:
+    """The time-aware planner inputs that need no attention shapes: ReplicationConfig's min_replica_tokens
+    (the copies only: the GEMM call is replica_overhead_pairs, charged to the receiver; prefetch: copies
+    sent ahead) and replica_overhead_pairs, ReorderConfig's move_cost_pairs. model: a ModelPreset or an
+    ExpertShape."""
+    return {"min_replica_tokens": min_replica_tokens(model, profile, prefetch=prefetch, include_call=False,
+                                                     num_nodes=num_nodes, gpus_per_node=gpus_per_node),
             "replica_overhead_pairs": replica_overhead_tokens(model, profile),
             "move_cost_pairs": move_cost_pairs(model, profile)}

@@ -89,7 +89,7 @@ def simulate_timing(results_by_strategy: dict, model: ModelPreset | str, profile
     profile = load_profile(profile)
     check_shapes(results_by_strategy, model, topo)
     costs = strategy_costs(results_by_strategy, model, profile, topo, prefetch=prefetch, mean_context=mean_context)
-    shape = {"num_nodes": int(np.max(topo.node_of_rank)) + 1, "gpus_per_node": len(topo.node_of_rank) // (int(np.max(topo.node_of_rank)) + 1)}
+    shape = {"num_nodes": topo.num_nodes, "gpus_per_node": topo.ranks_per_node}
     if IDEAL in costs:
         costs[IDEAL] = ideal_costs(results_by_strategy, model, profile, topo, mean_context=mean_context)
     initial = {name: cs[0].migration_s if cs[0].initial_migration_s is None else cs[0].initial_migration_s for name, cs in costs.items()}
