@@ -16,12 +16,14 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
   max_moved_experts    -1       move budget: experts whose home may change per layer and reorder (-1: any)
   profile              h100-ib400  hardware profile (relibra_verl/sim/profiles.py name, or a JSON/YAML
                                 file) for time-aware planning: a replica must repay its weight copies,
-                                its GEMM call is charged to its receiver, an expert's move must repay its
-                                migration (the cost model of `relibra-verl simulate`); none: plan pair
-                                counts only
-  inter_node_share     0.0      share of a routed pair's cost that is its InfiniBand transfer when it
-                                crosses nodes; > 0 makes the reorder weigh the busiest NIC (sends and
-                                receive) against the busiest node's GEMMs (0: nodes by pairs only).
+                                its GEMM call is charged to the rank that runs it, replication weighs the
+                                busiest NIC against the busiest rank's GEMMs, an expert's move must repay
+                                its migration (the cost model of `relibra-verl simulate`); none: plan
+                                pair counts only
+  inter_node_share     0.0      the reorder's NIC-aware node assignment: the share of a routed pair's
+                                cost that is its InfiniBand transfer when it crosses nodes; > 0 makes
+                                the reorder weigh the busiest NIC (sends and receive) against the
+                                busiest node's GEMMs (0: nodes by pairs only).
                                 `relibra-verl simulate --model M` prints it (h100-ib400: qwen3-30b-a3b
                                 0.90, deepseek-v3 0.78). Worth it where InfiniBand dominates the step;
                                 it costs planner time (README, "How the planner works"), spent in the

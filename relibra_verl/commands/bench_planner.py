@@ -15,8 +15,11 @@ import numpy as np
 
 from relibra_verl.errors import UsageError
 from relibra_verl.config import RelibraConfig
-from relibra_verl.planner.relibra import ReorderConfig, plan_relibra
+from relibra_verl.planner.relibra import plan_relibra
 from relibra_verl.planner.types import PlanError, Topology
+from relibra_verl.sim.planning import planner_configs
+from relibra_verl.sim.presets import get_preset
+from relibra_verl.sim.profiles import load_profile
 
 # (MoE layers, routed experts, top-k), from ../shared/reference/facts.md "Model shapes"
 PLANNER_SHAPES = {
@@ -54,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--mode", default="both", choices=("both", "reorder", "replicate"))
     p.add_argument("--inter-node-share", type=float, default=RelibraConfig().inter_node_share,
                    help="the reorder's weight of the busiest NIC (default: the verl config's default; 0: nodes by pairs)")
+    p.add_argument("--profile", default=RelibraConfig().profile, metavar="NAME|PATH|none",
+                   help="hardware profile for the time-aware planner configuration, as the verl trainer derives it "
+                        "(default: the verl config's default; none: pair counts)")
     p.add_argument("--json", default=None, metavar="PATH")
     p.set_defaults(func=run)
 
@@ -67,12 +73,15 @@ def run(args) -> int:
     if not 0.0 <= args.inter_node_share < 1.0:
         raise UsageError(f"--inter-node-share must be in [0, 1), got {args.inter_node_share}")
     counts = synthetic_counts(L, E, K, args.ep, args.micro_batches, args.tokens_per_rank)
-    reorder = ReorderConfig(inter_node_share=args.inter_node_share)   # what the verl trainer runs
-    plan_relibra(counts, topo, mode=args.mode, reorder=reorder)  # warm-up (imports, allocator)
+    # what the verl trainer plans with: sim.planning.planner_configs for the preset's expert shape
+    profile = None if args.profile == "none" else load_profile(args.profile)
+    replication, reorder = planner_configs(get_preset(args.preset), profile, topo.num_nodes, topo.ranks_per_node,
+                                           reorder_inter_node_share=args.inter_node_share)
+    plan_relibra(counts, topo, mode=args.mode, replication=replication, reorder=reorder)  # warm-up (imports, allocator)
     times = []
     for _ in range(max(1, args.repeats)):
         t0 = time.perf_counter()
-        plan = plan_relibra(counts, topo, mode=args.mode, reorder=reorder)
+        plan = plan_relibra(counts, topo, mode=args.mode, replication=replication, reorder=reorder)
         times.append(time.perf_counter() - t0)
     whole_ms = float(np.median(times) * 1e3)
     pairs = args.micro_batches * L
@@ -80,7 +89,7 @@ def run(args) -> int:
         "preset": args.preset, "layers": L, "experts": E, "topk": K, "ep": args.ep,
         "gpus_per_node": args.gpus_per_node, "micro_batches": args.micro_batches,
         "replica_slots": args.replica_slots, "tokens_per_rank": args.tokens_per_rank, "mode": args.mode,
-        "inter_node_share": args.inter_node_share,
+        "inter_node_share": args.inter_node_share, "profile": args.profile,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "whole_batch_ms": whole_ms, "per_layer_microbatch_us": whole_ms * 1e3 / pairs,
         "runs_ms": [t * 1e3 for t in times],
@@ -88,7 +97,8 @@ def run(args) -> int:
         "moved_experts": int(plan.moved_experts.sum()),
     }
     print(f"bench-planner {args.preset}: L={L} E={E} top-{K}, EP {args.ep} ({topo.num_nodes} nodes x {args.gpus_per_node}),"
-          f" {args.micro_batches} micro-batches, R={args.replica_slots}, mode={args.mode}, inter_node_share={args.inter_node_share}")
+          f" {args.micro_batches} micro-batches, R={args.replica_slots}, mode={args.mode}, profile={args.profile},"
+          f" inter_node_share={args.inter_node_share}")
     print(f"  whole_batch_ms          {whole_ms:9.2f}   (median of {len(times)})")
     print(f"  per_layer_microbatch_us {report['per_layer_microbatch_us']:9.2f}   ({pairs} (micro-batch, layer) pairs)")
     print(f"  replicas planned {report['replicas_planned']}, experts moved {report['moved_experts']}")

@@ -203,26 +203,29 @@ def resolve_model(args):
 
 
 def replication_config(args, model, profile, topo: Topology) -> tuple[ReplicationConfig, ReorderConfig, dict]:
-    """The relibra planner's limits: the flags, or the cost model's (time-aware) when --model is given:
-    replica limits, each replica's GEMM-call overhead, and the cost of moving an expert across nodes."""
-    from relibra_verl.sim.planning import inter_node_share, max_copies_per_owner, planner_limits
+    """The relibra planner's configuration: the flags, or with --model the cost model's (time-aware, as the
+    verl trainer plans: sim.planning.planner_configs), with the reorder's NIC-aware node assignment on and
+    the copy cap of the prefetch window; --min-replica-tokens / --max-copies-per-owner override."""
+    from relibra_verl.sim.planning import max_copies_per_owner, planner_configs
 
-    mrt, mco, src = args.min_replica_tokens, args.max_copies_per_owner, "flags"
-    overhead, move_cost, share = 0, 0.0, 0.0
-    if model is not None:
-        # the GEMM call is charged to the receiver (replica_overhead_pairs): min_replica_tokens counts the copies
-        limits = planner_limits(model, profile, topo.num_nodes, topo.ranks_per_node, prefetch=not args.online_copies)
-        if mrt is None:
-            mrt, src = limits["min_replica_tokens"], "cost model"
-        if mco is None:
-            mco = max_copies_per_owner(model, profile, args.tokens_per_rank)
-        overhead, move_cost = limits["replica_overhead_pairs"], limits["move_cost_pairs"]
-        share = inter_node_share(model, profile)
-    mrt = 1 if mrt is None else mrt
-    return (ReplicationConfig(min_replica_tokens=mrt, max_copies_per_owner=mco, replica_overhead_pairs=overhead),
-            ReorderConfig(move_cost_pairs=move_cost, inter_node_share=share),
-            {"min_replica_tokens": mrt, "max_copies_per_owner": mco, "replica_overhead_pairs": overhead,
-             "move_cost_pairs": round(move_cost, 1), "inter_node_share": round(share, 3), "source": src})
+    src = "flags"
+    if model is None:
+        replication, reorder = ReplicationConfig(), ReorderConfig()
+    else:
+        replication, reorder = planner_configs(model, profile, topo.num_nodes, topo.ranks_per_node,
+                                               prefetch=not args.online_copies, reorder_inter_node_share=None)
+        replication = dataclasses.replace(replication, max_copies_per_owner=max_copies_per_owner(model, profile, args.tokens_per_rank))
+        if args.min_replica_tokens is None:
+            src = "cost model"
+    if args.min_replica_tokens is not None:
+        replication = dataclasses.replace(replication, min_replica_tokens=args.min_replica_tokens)
+    if args.max_copies_per_owner is not None:
+        replication = dataclasses.replace(replication, max_copies_per_owner=args.max_copies_per_owner)
+    limits = {"min_replica_tokens": replication.min_replica_tokens, "max_copies_per_owner": replication.max_copies_per_owner,
+              "replica_overhead_pairs": replication.replica_overhead_pairs,
+              "move_cost_pairs": round(reorder.move_cost_pairs, 1), "rank_move_cost_pairs": round(reorder.rank_move_cost_pairs, 1),
+              "inter_node_share": round(replication.inter_node_share, 3) if model is not None else 0.0, "source": src}
+    return replication, reorder, limits
 
 
 def replay(args) -> ReplayRun:
@@ -276,12 +279,16 @@ def replay(args) -> ReplayRun:
 
 
 def nic_imbalance(result: StrategyResult, node_of_rank) -> np.ndarray:
-    """[M, L] max over ranks / mean of the pairs each rank receives from other nodes (what its InfiniBand
-    NIC takes in the dispatch all-to-all; 1.0 where nothing crosses nodes)."""
+    """[M, L] the busiest InfiniBand NIC over the mean: per rank the busier direction of its NIC in the
+    dispatch all-to-all (the pairs it receives from other nodes, or those it sends to them), max over ranks,
+    over the mean per rank of the pairs that cross nodes (1.0 where nothing crosses). What sets the
+    all-to-all's time over InfiniBand; its send side is the data's (which rank holds which tokens) and the
+    placement's, replication cannot lower it."""
     nodes = np.asarray(node_of_rank)
-    recv = (np.asarray(result.traffic, dtype=np.float64) * (nodes[:, None] != nodes[None, :])).sum(2)   # [M, L, G]
+    cross = np.asarray(result.traffic, dtype=np.float64) * (nodes[:, None] != nodes[None, :])
+    recv, sent = cross.sum(2), cross.sum(3)                                  # [M, L, G]
     mean = recv.mean(-1)
-    return np.where(mean > 0, recv.max(-1) / np.where(mean > 0, mean, 1), 1.0)
+    return np.where(mean > 0, np.maximum(recv, sent).max(-1) / np.where(mean > 0, mean, 1), 1.0)
 
 
 def _percentiles(x: np.ndarray) -> dict:
@@ -290,7 +297,7 @@ def _percentiles(x: np.ndarray) -> dict:
 
 def summarize(run: ReplayRun) -> dict[str, dict]:
     """Per strategy: imbalance p50/p95/max over all (step, micro-batch, layer), replicas, moves, plan time;
-    with several nodes also the imbalance of each rank's inter-node receive (nic_imbalance)."""
+    with several nodes also the busiest InfiniBand NIC (nic_imbalance)."""
     out = {}
     for name, steps in run.results.items():
         imb = np.concatenate([r.imbalance().reshape(-1) for r in steps])
@@ -311,7 +318,8 @@ def print_table(summary: dict[str, dict], header: str, file=None) -> None:
     nic = all("nic_imbalance" in s for s in summary.values())
     print(header, file=file)
     if nic:
-        print("NIC = the same for the pairs a rank receives from other nodes (its InfiniBand NIC), p50 / p95", file=file)
+        print("NIC = the busiest InfiniBand NIC (pairs a rank receives from or sends to other nodes, the busier) over the\n"
+              "      mean pairs per rank that cross nodes, p50 / p95", file=file)
     print(f"{'strategy':<19}{'p50':>8}{'p95':>8}{'max':>8}  {'replicas/mb/layer':>17}  {'moved/step':>10}  {'plan ms':>8}"
           + (f"  {'NIC p50':>8}{'NIC p95':>8}" if nic else ""), file=file)
     for name, s in summary.items():
@@ -389,6 +397,7 @@ def run(args) -> int:
             print(f"time-aware planning ({name}): {t['step_time_s']:.4f} s/step with min_replica_tokens="
                   f"{lim['min_replica_tokens']}, max_copies_per_owner={lim['max_copies_per_owner']}, "
                   f"replica_overhead_pairs={lim['replica_overhead_pairs']}, move_cost_pairs={lim['move_cost_pairs']}, "
+                  f"rank_move_cost_pairs={lim['rank_move_cost_pairs']}, "
                   f"inter_node_share={lim['inter_node_share']} "
                   f"({t['replicas_per_microbatch_layer']:.1f} replicas/mb/layer); {t['step_time_s_without']:.4f} s/step "
                   f"without ({t['replicas_per_microbatch_layer_without']:.1f})")

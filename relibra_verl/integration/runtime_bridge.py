@@ -5,12 +5,13 @@ step (e.g. reordering) degrades to the native path for that step with one logged
 
   build(model_chunks, topo, cfg)       -> handle | None   RelibraRuntime + patch_layer for each MoE layer
   set_plan(handle, plan)                                   collective: validate + hash-check on every EP rank
+  extend_plan(handle, plan)                                collective: the same plan with more micro-batches
   set_micro_batch(handle, m)                               before the forward (and the backward) of micro-batch m
   apply_placement(handle, placement, optimizer) -> int|None after optimizer.step: move weights + optimizer state
   canonical_export(handle, optimizer)  -> context manager  weights/checkpoints in canonical expert order
 
 Runtime API used (relibra_verl/runtime): RelibraRuntime(topo, ep_group, kernels, strict) with patch_layer,
-set_plan, set_micro_batch, expert_at_home; apply_placement(rt, placement, optimizer) and
+set_plan, extend_plan, set_micro_batch, expert_at_home; apply_placement(rt, placement, optimizer) and
 canonical_order(rt, optimizer) from relibra_verl.runtime (or relibra_verl.runtime.reorder).
 """
 from __future__ import annotations
@@ -70,6 +71,11 @@ def build(model_chunks, topo, cfg, ep_group):
 def set_plan(handle, plan) -> None:
     if handle is not None:
         handle.set_plan(plan)
+
+
+def extend_plan(handle, plan) -> None:
+    if handle is not None:
+        handle.extend_plan(plan)
 
 
 def set_micro_batch(handle, m: int) -> None:

@@ -53,12 +53,20 @@ class RelibraError(RuntimeError):
 _reorder_pool: ThreadPoolExecutor | None = None
 
 
-def _reorder_planner() -> ThreadPoolExecutor:
-    """One background thread per process for the next placement's plan (plans are pure numpy)."""
+def _planner() -> ThreadPoolExecutor:
+    """One background thread per process for the plans not needed at once (pure numpy, in submission
+    order): the replicas of a mini-batch's later micro-batches, then the next placement."""
     global _reorder_pool
     if _reorder_pool is None:
-        _reorder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-reorder")
+        _reorder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
     return _reorder_pool
+
+
+def _timed(fn, *args, **kwargs):
+    """(fn's result, its wall time in ms)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, (time.perf_counter() - t0) * 1e3
 
 
 def active() -> "RelibraTrainer | None":
@@ -89,8 +97,9 @@ class RelibraTrainer:
         self.plan: BatchPlan | None = None
         self._next_placement: np.ndarray | None = None
         self._next_future: Future | None = None                         # the next placement, being planned
-        self.replication = ReplicationConfig()                           # time-aware after _setup (profile)
-        self.move_cost_pairs = 0.0
+        # the planner's configuration: pair counts until _setup makes it time-aware (profile)
+        self.replication = ReplicationConfig()
+        self.reorder = ReorderConfig(max_moves_per_layer=self._max_moves(), inter_node_share=float(self.cfg.inter_node_share))
         self.optimizer_steps = 0
         self.fallbacks_total = 0
         self._mb: dict = {}
@@ -120,21 +129,22 @@ class RelibraTrainer:
                        E, G, self.topo.num_nodes, self.topo.R, self.cfg.mode, len(self.moe_layers),
                        type(self.runtime).__name__ if self.runtime is not None else "none (plain dispatch)")
 
+    def _max_moves(self) -> int | None:
+        return None if self.cfg.max_moved_experts < 0 else self.cfg.max_moved_experts
+
     def _plan_for_time(self, tf) -> None:
-        """Time-aware planner limits from the cost model of `cfg.profile` and the model's expert shape."""
+        """Time-aware planner configuration from the cost model of `cfg.profile` and the model's expert shape."""
         if self.cfg.profile == "none":
             return
-        from relibra_verl.sim.planning import ExpertShape, planner_limits
+        from relibra_verl.sim.planning import ExpertShape, planner_configs
         from relibra_verl.sim.profiles import load_profile
 
         ffn = getattr(tf, "moe_ffn_hidden_size", None) or tf.ffn_hidden_size
-        limits = planner_limits(ExpertShape(int(tf.hidden_size), int(ffn)), load_profile(self.cfg.profile),
-                                self.topo.num_nodes, self.topo.ranks_per_node)
-        self.replication = ReplicationConfig(min_replica_tokens=limits["min_replica_tokens"],
-                                             replica_overhead_pairs=limits["replica_overhead_pairs"])
-        self.move_cost_pairs = float(limits["move_cost_pairs"])
-        logger.warning("relibra-verl: time-aware planning (%s): %s", self.cfg.profile,
-                       ", ".join(f"{k}={v:.0f}" for k, v in limits.items()))
+        self.replication, self.reorder = planner_configs(
+            ExpertShape(int(tf.hidden_size), int(ffn)), load_profile(self.cfg.profile), self.topo.num_nodes,
+            self.topo.ranks_per_node, reorder_inter_node_share=float(self.cfg.inter_node_share),
+            max_moves_per_layer=self._max_moves())
+        logger.warning("relibra-verl: time-aware planning (%s): %s; %s", self.cfg.profile, self.replication, self.reorder)
 
     def _node_layout(self, G: int, g: int):
         """node_of_rank from the EP ranks' host names when each host holds exactly g ranks, else r // g."""
@@ -157,12 +167,14 @@ class RelibraTrainer:
         self._r3 = getattr(getattr(engine.engine_config, "router_replay", None), "mode", "disabled") == "R3"
         self._metrics = {}
         self.plan = None
+        self._rest_future = None
         if getattr(engine.engine_config, "dynamic_context_parallel", False):
             # verl's DynamicCPScheduler splits this mini-batch without prepare_micro_batches: no plan
             self._fallback([None], "dynamic context parallel is not supported by relibra yet")
         self._token = _active.set(self)
 
     def end(self) -> None:
+        self._rest_future = None      # a mini-batch that stopped early: its remaining replicas are dropped
         if self._token is not None:
             _active.reset(self._token)
             self._token = None
@@ -245,32 +257,52 @@ class RelibraTrainer:
             return self._fallback(micro_batches, f"micro-batches without routed_experts on EP ranks {bad}")
         counts = counts[..., :E].transpose(1, 2, 0, 3)                      # [M, L, G, E]
         placement = rb.applied_placement(self.runtime, L, self.topo)
-        if self.cfg.replicates:  # this mini-batch: replicas on the placement the layers hold now
-            plan = plan_relibra(counts, self.topo, placement, mode="replicate", replication=self.replication)
+        M = len(micro_batches)
+        if self.cfg.replicates:
+            # this mini-batch's replicas, on the placement the layers hold now: the first micro-batch's
+            # before its forward, the others' in the background beside it (installed at micro-batch 1)
+            plan = plan_relibra(counts[:1], self.topo, placement, mode="replicate", replication=self.replication)
+            if M > 1:
+                self._rest_future = _planner().submit(_timed, plan_relibra, counts[1:], self.topo, placement,
+                                                      mode="replicate", replication=self.replication)
         else:
-            plan = _static_plan(self.topo, placement, len(micro_batches))
+            plan = _static_plan(self.topo, placement, M)
         if self.cfg.reorders and not self._forward_only and self._reorder_due():
-            reorder = ReorderConfig(max_moves_per_layer=None if self.cfg.max_moved_experts < 0
-                                    else self.cfg.max_moved_experts, move_cost_pairs=self.move_cost_pairs,
-                                    inter_node_share=float(self.cfg.inter_node_share))
             # every rank plans the same placement from the same gathered counts; a PlanError surfaces on
             # every rank alike when the placement is collected after the optimizer step
             self._next_placement = None
-            self._next_future = _reorder_planner().submit(plan_relibra, counts, self.topo, placement,
-                                                          mode="reorder", reorder=reorder)
+            self._next_future = _planner().submit(plan_relibra, counts, self.topo, placement,
+                                                  mode="reorder", reorder=self.reorder)
         plan_ms = (time.perf_counter() - t0) * 1e3
         rb.set_plan(self.runtime, plan)
         self.plan = plan
+        self._counts, self._placement = counts, placement
         if self.cfg.metrics:
-            static = _static_plan(self.topo, placement, len(micro_batches))
-            self._metrics.update({
-                "relibra/imbalance_before": imbalance(plan_outcome(static, counts)[0]),
-                "relibra/imbalance_after": imbalance(plan_outcome(plan, counts)[0]),
-                "relibra/plan_ms": plan_ms,
-                "relibra/replicas": float((plan.replica_expert >= 0).sum()) / max(1, len(micro_batches)),
-                "relibra/unknown_pairs": float(unknown),
-                "relibra/fallbacks": 0.0,
-            })
+            self._metrics.update({"relibra/plan_ms": plan_ms, "relibra/plan_ms_background": 0.0,
+                                  "relibra/unknown_pairs": float(unknown), "relibra/fallbacks": 0.0})
+            if self._rest_future is None:
+                self._plan_metrics()
+
+    def _complete_plan(self) -> None:
+        """Install the rest of the mini-batch's replicas (planned in the background) on every EP rank. A
+        planning error surfaces here on every rank alike (all plan from the same gathered counts)."""
+        future, self._rest_future = self._rest_future, None
+        rest, ms = future.result()
+        plan = self.plan.followed_by(rest)
+        rb.extend_plan(self.runtime, plan)
+        self.plan = plan
+        if self.cfg.metrics:
+            self._metrics["relibra/plan_ms_background"] = ms
+            self._plan_metrics()
+
+    def _plan_metrics(self) -> None:
+        counts, M = self._counts, self._counts.shape[0]
+        static = _static_plan(self.topo, self._placement, M)
+        self._metrics.update({
+            "relibra/imbalance_before": imbalance(plan_outcome(static, counts)[0]),
+            "relibra/imbalance_after": imbalance(plan_outcome(self.plan, counts)[0]),
+            "relibra/replicas": float((self.plan.replica_expert >= 0).sum()) / max(1, M),
+        })
 
     @property
     def next_placement(self) -> np.ndarray | None:
@@ -298,6 +330,8 @@ class RelibraTrainer:
         m = _mb_index(batch)
         if m is None or self.plan is None or self.runtime is None:
             return
+        if m >= self.plan.num_micro_batches and self._rest_future is not None:
+            self._complete_plan()
         rb.set_micro_batch(self.runtime, m)
 
     def finish(self, output) -> None:

@@ -11,14 +11,15 @@ Node and rank labels are then matched to the previous placement so that as few e
 possible change rank; a layer whose previous placement is already within `keep_tolerance` of the new
 one keeps it (no moves).
 
-Replicate (per micro-batch and layer, inside each node): the most loaded rank sheds load of one of
-its home experts to a rank of the same node that has a free replica slot and no copy of that expert.
-Pairs are of two kinds, balanced separately: from the home node (NVLink, or no transfer at all) and from
-other nodes (InfiniBand: the busiest NIC sets the all-to-all's time, and balancing pairs alone leaves
-the NICs of a node uneven). Each move takes of each kind min(donor's excess, receiver's deficit, what
-is left at home). Each source rank's pairs are then split over the copies: of the intra-node kind, a
-replica holder's own pairs first (they never leave the GPU), then the home node's sources in rank order;
-of the inter-node kind, the other nodes' sources in rank order.
+Replicate (per micro-batch and layer, inside each node): pairs are of two kinds, from the home node
+(NVLink, or no transfer at all) and from other nodes (InfiniBand: the busiest NIC sets the
+all-to-all's time). The planner lowers the node's critical path, a weighted sum of its busiest rank's
+GEMM work (pairs plus a fixed cost per GEMM call) and its busiest NIC, by moves of one home expert's
+pairs of both kinds to a replica on another rank of the node (a free replica slot, no copy of that
+expert yet), greedily, the best move first; the moves up to the lowest critical path are kept. Each
+source rank's pairs are then split over the copies: of the intra-node kind, a replica holder's own
+pairs first (they never leave the GPU), then the home node's sources in rank order; of the inter-node
+kind, the other nodes' sources in rank order.
 """
 from __future__ import annotations
 
@@ -34,18 +35,23 @@ class ReplicationConfig:
     """Knobs of the replication planner.
 
     min_replica_tokens: a replica must carry at least this many pairs (time-aware planning sets it to
-        the tokens that repay the replica's weight copy and small GEMM; see relibra_verl.sim).
+        the tokens that repay the replica's weight copy; see relibra_verl.sim).
     max_copies_per_owner: cap on replicas one owner rank sends per micro-batch and layer (None: R*(g-1)).
-    tolerance: stop when the most loaded rank is within this fraction of its node's mean.
-    replica_overhead_pairs: what one more expert GEMM call costs its receiver, in routed pairs
-        (relibra_verl.sim.planning.replica_overhead_tokens): receivers are filled to the mean of time,
-        not of pairs.
+    tolerance: a problem stops once its objective is within this fraction of its lower bound (every
+        rank at its node's mean).
+    replica_overhead_pairs: what one more expert GEMM call costs its rank, in routed pairs of GEMM work
+        (relibra_verl.sim.planning.replica_overhead_tokens); a home expert left without pairs frees its call.
+    inter_node_share: the weight of the busiest InfiniBand NIC against the busiest rank's GEMM work in the
+        objective: the share of a cross-node pair's cost that is its transfer
+        (relibra_verl.sim.planning.inter_node_share, 0.78-0.90 for the presets on h100-ib400). No effect
+        with one node.
     """
 
     min_replica_tokens: int = 1
     max_copies_per_owner: int | None = None
     tolerance: float = 0.002
     replica_overhead_pairs: float = 0.0
+    inter_node_share: float = 0.8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +63,16 @@ class ReorderConfig:
     max_moves_per_layer: a layer whose new placement would move more experts keeps its old one.
     node_stickiness, rank_stickiness: an expert keeps its node (rank) when that costs at most this
         fraction of its load times the mean node (rank) load in squared imbalance (see _pack_vectors);
-        0 ignores moves. Moves inside a node go over NVLink and are cheap, so rank_stickiness is 0.
+        0 ignores moves (the defaults: the move costs below choose the stickiness per layer instead).
     move_cost_pairs: what moving one expert's state across nodes costs, in routed pairs of one rank's
         expert compute (relibra_verl.sim.planning.move_cost_pairs derives it from a hardware profile).
         When > 0, each layer takes, among node assignments of increasing stickiness and the previous
         one, the one with the least sum over micro-batches of (max node load / g) + moves / G * cost.
+    inter_node_share: when > 0 (and counts are at hand), that choice also weighs each micro-batch's
+        busiest InfiniBand NIC against the busiest node's GEMMs (_node_cost); costs planner time.
+    rank_move_cost_pairs: the same for a move between ranks of one node (NVLink), in routed pairs on the
+        busiest rank (relibra_verl.sim.planning.rank_move_cost_pairs). When > 0, each (layer, node) takes
+        its rank assignment the same way (_assign_ranks).
     """
 
     keep_tolerance: float = 0.01
@@ -70,6 +81,7 @@ class ReorderConfig:
     rank_stickiness: float = 0.0
     move_cost_pairs: float = 0.0
     inter_node_share: float = 0.0
+    rank_move_cost_pairs: float = 0.0
 
 
 # stickiness values tried by the move-cost-aware node assignment (0: balance only ... 1: strongly sticky)
@@ -171,9 +183,7 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     same_node = rank_node[old_rank] == np.repeat(np.arange(N)[None], L, 0).reshape(L * N, 1)
     old_pos = np.where(same_node, rank_pos[old_rank], -1)
     if g > 1:
-        pos_of = _pack_vectors(member_load, g, old_pos, config.rank_stickiness)
-        pos_of = _match_labels(pos_of, old_pos, g)
-        pos_of = _refine_by_swaps(member_load, pos_of, g)
+        pos_of = _assign_ranks(member_load, g, old_pos, config)
     else:
         pos_of = np.zeros((L * N, g * S), dtype=np.int64)
     rank_of = node_ranks[np.repeat(np.tile(np.arange(N), L)[:, None], g * S, 1), pos_of]   # [L*N, g*S]
@@ -189,6 +199,47 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     if config.max_moves_per_layer is not None:
         keep |= moves > config.max_moves_per_layer
     return np.where(keep[:, None], prev, new)
+
+
+def _assign_ranks(load: np.ndarray, g: int, old_pos: np.ndarray, config: ReorderConfig) -> np.ndarray:
+    """Each node's experts -> its g ranks. load: [P, n, M] per (layer, node) problem, its n = g*S experts'
+    per-micro-batch loads; old_pos: [P, n] each expert's previous rank position in the node (-1: it
+    comes from another node). Returns pos_of [P, n] (S experts per position).
+
+    Without a move cost: one greedy packing at config.rank_stickiness, refined by swaps. With
+    config.rank_move_cost_pairs > 0, like _assign_nodes: among packings of increasing stickiness and the
+    previous assignment (where the node kept its experts), then the refining swap steps on the chosen
+    one, the one with the least _rank_cost (busiest rank per micro-batch plus the busiest rank's arrivals)."""
+    if config.rank_move_cost_pairs <= 0:
+        pos_of = _pack_vectors(load, g, old_pos, config.rank_stickiness)
+        return _refine_by_swaps(load, _match_labels(pos_of, old_pos, g), g)
+    P, n, M = load.shape
+    levels = np.array(sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.rank_stickiness}))
+    K = len(levels)
+    packed = _pack_vectors(np.tile(load, (K, 1, 1)), g, np.tile(old_pos, (K, 1)), np.repeat(levels, P))
+    packed = _match_labels(packed, np.tile(old_pos, (K, 1)), g).reshape(K, P, n)
+    kept = (old_pos >= 0).all(axis=1, keepdims=True)                    # the node holds the same experts
+    previous = np.where(kept, old_pos, packed[0])
+    stacked = np.concatenate([previous[None], packed])                   # [C, P, n]
+    cost = lambda cand: _rank_cost(cand, load, old_pos, g, config.rank_move_cost_pairs, config.move_cost_pairs)
+    chosen = stacked[np.argmin(cost(stacked), axis=0), np.arange(P)]     # ties: the previous one
+    steps = _refine_by_swaps(load, chosen, g, every_step=True)          # [steps + 1, P, n]
+    return steps[np.argmin(cost(steps), axis=0), np.arange(P)]
+
+
+def _rank_cost(pos_of: np.ndarray, load: np.ndarray, old_pos: np.ndarray, g: int, move_cost: float,
+               arrival_cost: float) -> np.ndarray:
+    """[C, P] cost of candidate rank assignments pos_of [C, P, n] (load [P, n, M], old_pos [P, n]), in
+    pairs: summed over micro-batches, the busiest rank's pairs, plus the migration of the rank that
+    receives most: its experts from other ranks of the node (NVLink, move_cost each) or from other nodes
+    (InfiniBand, arrival_cost each), whichever link takes longer (they run concurrently)."""
+    onehot = (pos_of[..., None] == np.arange(g)).astype(np.float64)     # [C, P, n, g]
+    busy = np.einsum("cpng,pnm->cpgm", onehot, load).max(axis=2).sum(-1)
+    moved = (pos_of != old_pos[None]) & (old_pos[None] >= 0)             # [C, P, n] over NVLink
+    arrived = np.broadcast_to(old_pos[None] < 0, pos_of.shape)           # from another node
+    nvl_in = np.einsum("cpng,cpn->cpg", onehot, moved.astype(np.float64))
+    ib_in = np.einsum("cpng,cpn->cpg", onehot, arrived.astype(np.float64))
+    return busy + np.maximum(nvl_in * move_cost, ib_in * arrival_cost).max(-1)
 
 
 def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int = 8,
@@ -371,11 +422,21 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
                   total: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Replicas and quotas for every (micro-batch, layer), inside each node.
 
-    Each rank's pairs are of two kinds: from its own node (they arrive over NVLink, or never leave the
-    GPU) and from other nodes (they arrive over InfiniBand, the slow link whose busiest NIC sets the
-    all-to-all's time). Both kinds are balanced: every move of an expert's pairs from the donor to a
-    replica takes of each kind what brings the two ranks towards the node's mean of that kind. With one
-    node the second kind is empty and this is plain pair balancing.
+    Each (micro-batch, layer, node) is one problem; its ranks' state is, in routed pairs,
+      T_r  GEMM work: pairs computed + replica_overhead_pairs per GEMM call (a copy that computes pairs),
+      R_r  pairs received from other nodes (InfiniBand: the busiest NIC sets the all-to-all's time),
+    and the objective is the problem's critical path (`_ReplicaState.objective`):
+      J = (1 - s) * max T + s * max(max R, F),
+    s = inter_node_share, F = the most any rank of the layer sends to other nodes (replication inside a
+    node cannot lower it). Greedy: each step makes the move of one home expert's pairs from its home
+    rank to a replica on another rank of the node that lowers J most (of moves that lower it about as
+    much, the largest: replica slots are few; a move that leaves J unchanged can still resolve a tie at
+    the maximum for the next one); a move takes
+    the pairs of each kind (from other nodes, from the home node) that bring the two ranks towards the
+    node's means (_best_move). The steps up to the lowest J are kept: no problem ends above its
+    unreplicated J; and a node that does not set its layer's time keeps only the steps that bring it
+    under the layer's busiest rank and NIC (_shortest_equal_prefix): its other replicas would cost
+    copies and GEMM calls for nothing.
 
     counts: [M, L, G, E]; expert_at_home: [L, E]; total: counts summed over ranks [M, L, E], when at hand.
     Returns replica_expert [M, L, G, R] (-1 empty) and replica_quota [M, L, G, R, G_src].
@@ -396,77 +457,67 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     total = counts.sum(axis=2) if total is None else total               # [M, L, E]
     home_l = per_node_slot(_same_node_pairs(counts, topo, expert_at_home) if N > 1 else total)   # from the home node
     home_r = per_node_slot(total) - home_l                               # from other nodes (left at home)
-    rank_r = home_r.sum(-1, dtype=np.float64)                            # [P, g] inter-node pairs
-    rank_l = home_l.sum(-1, dtype=np.float64)                            # intra-node pairs + replica overheads
-    mean_r, mean_l = rank_r.mean(-1), rank_l.mean(-1)                    # [P] node means
-    # [problem, node-local expert, rank]: the rank cannot take the expert (holds a copy, or no free slot)
+    overhead = float(config.replica_overhead_pairs)
+    share = float(config.inter_node_share) if N > 1 else 0.0
+    state = _ReplicaState(
+        T=(home_r + home_l).sum(-1, dtype=np.float64) + overhead * ((home_r + home_l) > 0).sum(-1),
+        R=home_r.sum(-1, dtype=np.float64),
+        floor=np.repeat(_inter_node_sent_max(counts, topo, expert_at_home), N) if N > 1 else np.zeros(P),
+        share=share)
+    # [problem, node-local expert (donor * S + slot), rank]: the rank cannot take the expert (holds a copy, or
+    # has no free slot)
     blocked = np.zeros((P, g * S, g), dtype=bool)
     blocked[:, np.arange(g * S), np.arange(g).repeat(S)] = True
-    blocked_rows = blocked.reshape(P * g * S, g)                         # a flat row take is the fast gather
-    used = np.zeros((P, g), dtype=np.int64)
-    sent = np.zeros((P, g), dtype=np.int64)
+    used = np.zeros((P, g), dtype=np.int64)                              # replica slots taken
+    sent = np.zeros((P, g), dtype=np.int64)                              # replicas each owner sends
     cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
     min_tokens = max(1, int(config.min_replica_tokens))
-    overhead = float(config.replica_overhead_pairs)
+    best_j = state.objective(np.arange(P))
+    best_steps = np.zeros(P, dtype=np.int64)
+    done_j = state.lower_bound() * (1 + config.tolerance)                # close enough to the bound: stop
     picks = []                                          # (problems, donor, slot, recv, k, amount, inter-node part)
-    slot_ids = np.arange(S)
-    live = np.arange(P)                                                  # problems still improving
-    for _ in range(g * R):
-        n_live = len(live)
-        sub = np.arange(n_live)
-        rr, ll, used_l = rank_r[live], rank_l[live], used[live]
-        mr, ml = mean_r[live], mean_l[live]
-        # the donor: most pairs, inter-node ones counted twice (they load its NIC as well as its GEMMs)
-        load = 2 * rr + ll
-        donor = np.argmax(load, axis=1)
-        excess = load[sub, donor] - (2 * mr + ml)
-        x_all = donor[:, None] * S + slot_ids[None, :]                   # [P', S] node-local expert ids
-        # receiver r may take expert x: a free slot and no copy of x yet (never the donor: it has one)
-        not_ok = np.take(blocked_rows, live[:, None] * (g * S) + x_all, axis=0)   # [P', S, g]
-        # inter-node pairs: fill the receiver up to the mean, as far as the donor is above it
-        take_r = np.minimum(np.maximum(mr[:, None] - rr, 0), np.maximum(rr[sub, donor] - mr, 0)[:, None])
-        # intra-node pairs: fill the receiver up to the mean (less its GEMM-call overhead); a receiver too
-        # close to the mean for that may still take load above the mean, up to where it meets the donor
-        # (the busiest of the two sets the time), as long as the donor stays above the mean. A receiver's
-        # last free slot takes as much as fills it, even if the donor then drops below the mean: the donor
-        # has free slots of its own to be refilled, the receiver would have none. Per receiver: [P', g].
-        excess_l = np.maximum(ll[sub, donor] - ml, 0)
-        deficit = ml[:, None] - ll - overhead
-        meet = (ll[sub, donor][:, None] - ll - overhead) / 2
-        limit = np.where(used_l == R - 1, np.inf, excess_l[:, None])
-        take_l = np.where(deficit >= min_tokens, np.minimum(deficit, limit), np.minimum(meet, excess_l[:, None]))
-        take_l = np.maximum(take_l, 0)
-        # of what is left at home of each expert, whole pairs (int32: the loop's arrays are its cost): [P', S, g]
-        whole = lambda t: np.minimum(np.floor(t), 2 ** 30).astype(np.int32)[:, None, :]
-        part_r = np.minimum(whole(take_r), home_r[live, donor][:, :, None])
-        part_l = np.minimum(whole(take_l), home_l[live, donor][:, :, None])
-        # the largest single move (fewest replicas for the same balance) among allowed (expert, receiver)
-        amount_all = part_r + part_l
-        np.putmask(amount_all, not_ok, -1)
-        best = np.argmax(amount_all.reshape(n_live, S * g), axis=1)
-        s_loc, recv = np.divmod(best, g)
-        amount = amount_all[sub, s_loc, recv]
-        go = (amount >= min_tokens) & (excess > config.tolerance * (2 * mr + ml)) & (sent[live, donor] < cap)
+    live = np.flatnonzero(best_j > done_j)                               # problems still improving
+    peaks = [state.peaks()]                                              # (max T, max R) after each step
+    for step in range(g * R):
+        if not len(live):
+            break
+        # only a move off a busiest rank lowers J: the donor is the rank with the most GEMM work or the
+        # one with the most inter-node pairs
+        donors = np.stack([state.T[live].argmax(-1), state.R[live].argmax(-1)], axis=1) if N > 1 \
+            else state.T[live].argmax(-1)[:, None]                       # [n, D]
+        at = (live[:, None], donors)
+        d, sl, rv, a, y, go = _best_move(state, live, donors, home_r[at], home_l[at],
+                                         blocked.reshape(P, g, S, g)[at], sent[at] >= cap, R - used[live],
+                                         overhead, min_tokens)
         if not go.any():
             break
-        p = live[go]
-        d, sl, rv = donor[go], s_loc[go], recv[go]
-        y = part_r[go, sl, rv]
-        a = amount[go]
+        p, d, sl, rv, a, y = live[go], d[go], sl[go], rv[go], a[go], y[go]
         k = used[p, rv]
-        picks.append((p, d, sl, rv, k, a.astype(np.int64), y.astype(np.int64)))
-        home_r[p, d, sl] -= y
-        home_l[p, d, sl] -= a - y
-        rank_r[p, d] -= y
-        rank_r[p, rv] += y
-        rank_l[p, d] -= a - y
-        rank_l[p, rv] += a - y + overhead
-        used[p, rv] += 1
+        picks.append((p, d, sl, rv, k, a, y))
+        home_r[p, d, sl] -= y.astype(np.int32)
+        home_l[p, d, sl] -= (a - y).astype(np.int32)
+        emptied = (home_r[p, d, sl] + home_l[p, d, sl]) == 0             # the home copy's GEMM call goes
+        state.T[p, d] -= a + overhead * emptied
+        state.T[p, rv] += a + overhead
+        state.R[p, d] -= y
+        state.R[p, rv] += y
         sent[p, d] += 1
+        used[p, rv] += 1
         blocked[p, d * S + sl, rv] = True
         full = used[p, rv] == R
         blocked[p[full], :, rv[full]] = True
-        live = p
+        j = state.objective(p)
+        better = j < best_j[p] - 1e-9
+        best_j[p[better]] = j[better]
+        best_steps[p[better]] = step + 1
+        live = p[j > done_j[p]]
+        peaks.append(state.peaks())
+    if N > 1:  # a node that does not set its layer's time needs only the replicas that keep it so
+        best_steps = _shortest_equal_prefix(np.stack([pk[0] for pk in peaks]), np.stack([pk[1] for pk in peaks]),
+                                            best_steps, state.floor, N)
+    # keep each problem's steps up to its lowest objective
+    picks = [tuple(x[best_steps[pk[0]] > step] for x in pk) for step, pk in enumerate(picks)]
+    picks = [pk for pk in picks if len(pk[0])]
     if not picks:
         return replica_expert, replica_quota
     p, d, sl, rv, k, a, y = (np.concatenate(c) for c in zip(*picks))
@@ -481,6 +532,140 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     src_of = lambda idx: flat[(((m[idx] * L + l[idx]) * G)[:, None] + np.arange(G)) * E + expert[idx][:, None]]
     replica_quota[m, l, holder, k] = _split_quota(src_of, holder, donor_rank, a, y, key, topo)
     return replica_expert, replica_quota
+
+
+@dataclasses.dataclass
+class _ReplicaState:
+    """The replication problems' rank state, [P, g] each (see plan_replicas)."""
+
+    T: np.ndarray           # GEMM work: pairs + overhead per GEMM call
+    R: np.ndarray           # pairs received from other nodes
+    floor: np.ndarray       # [P] the most any rank of the layer sends to other nodes
+    share: float            # inter_node_share
+
+    def objective(self, idx: np.ndarray) -> np.ndarray:
+        """[len(idx)] J of problems idx: (1 - s) max T + s max(max R, F)."""
+        nic = np.maximum(self.R[idx].max(-1), self.floor[idx])
+        return (1 - self.share) * self.T[idx].max(-1) + self.share * nic
+
+    def peaks(self) -> tuple[np.ndarray, np.ndarray]:
+        """[P] max T and max R of every problem."""
+        return self.T.max(-1), self.R.max(-1)
+
+    def lower_bound(self) -> np.ndarray:
+        """[P] J with every rank at its node's mean and no copies (replicas only add GEMM calls)."""
+        return (1 - self.share) * self.T.mean(-1) + self.share * np.maximum(self.R.mean(-1), self.floor)
+
+
+def _shortest_equal_prefix(peak_T: np.ndarray, peak_R: np.ndarray, best_steps: np.ndarray, floor: np.ndarray,
+                           N: int) -> np.ndarray:
+    """Fewer steps for the nodes that do not set their layer's time: each node's shortest prefix of its
+    steps whose busiest rank and NIC stay within the layer's maxima (over its nodes, at their best
+    prefixes). peak_T, peak_R: [steps + 1, P] after each step (P = layers x N, node fastest);
+    best_steps: [P]. Returns steps to keep [P]."""
+    K, P = peak_T.shape
+    cols = np.arange(P)
+    T_star = peak_T[best_steps, cols].reshape(-1, N).max(1).repeat(N)
+    R_star = np.maximum(peak_R[best_steps, cols].reshape(-1, N).max(1).repeat(N), floor)
+    ok = (peak_T <= T_star + 1e-6) & (peak_R <= R_star + 1e-6) & (np.arange(K)[:, None] <= best_steps)
+    return np.argmax(ok, axis=0)
+
+
+def _max_excluding(v: np.ndarray, donors: np.ndarray) -> np.ndarray:
+    """v [n, g], donors [n, D] -> [n, D, g]: entry (i, r) is the largest v over the ranks other than
+    donors[:, i] and r (-inf if none)."""
+    n, g = v.shape
+    order = np.argsort(-v, axis=1, kind="stable")[:, :3]
+    top = np.take_along_axis(v, order, axis=1)
+    if g < 3:
+        top = np.concatenate([top, np.full((n, 3 - top.shape[1]), -np.inf, dtype=v.dtype)], axis=1)
+        order = np.concatenate([order, np.full((n, 3 - order.shape[1]), -1)], axis=1)
+    d, r = donors[:, :, None], np.arange(g)[None, None, :]
+    hit = [(order[:, i, None, None] == d) | (order[:, i, None, None] == r) for i in range(2)]
+    return np.where(~hit[0], top[:, 0, None, None], np.where(~hit[1], top[:, 1, None, None], top[:, 2, None, None]))
+
+
+def _best_move(state: _ReplicaState, live: np.ndarray, donors: np.ndarray, home_r: np.ndarray, home_l: np.ndarray,
+               blocked: np.ndarray, capped: np.ndarray, free_slots: np.ndarray, overhead: float, min_tokens: int):
+    """The best move of each live problem: from one of its donors d, every (home slot of d, receiver r)
+    of the node, with the amounts that bring d and r towards the node's means (below), scored by how
+    much it lowers J and, secondarily, by its size (score_of).
+
+    donors: [n, D] ranks (in the node); home_r, home_l: [n, D, S] pairs left at the donors' home slots
+    (from other nodes, from the home node); blocked: [n, D, S, g] (the receiver holds a copy or has no
+    free slot); capped: [n, D] donors at their copy cap; free_slots: [n, g].
+    Returns donor, slot, receiver, amount, inter-node part ([n] each) and go [n] (a move lowers J, or
+    keeps it and evens out the ranks).
+    """
+    n, D, S = home_r.shape
+    g = free_slots.shape[1]
+    s = state.share
+    rows = np.arange(n)
+    f32 = np.float32                                                     # exact for pair counts < 2**24
+    T, Rr = state.T[live].astype(f32), state.R[live].astype(f32)         # [n, g]
+    pick = lambda x: x[rows[:, None], donors]                            # [n, g] -> [n, D]
+    floor = state.floor[live].astype(f32)[:, None, None, None]
+    # axes: [n, donor, slot, receiver]
+    Td, Tr = pick(T)[:, :, None, None], T[:, None, None, :]
+    Rd, Rr_ = pick(Rr)[:, :, None, None], Rr[:, None, None, :]
+    hr = home_r[..., None].astype(f32)
+    hl = home_l[..., None].astype(f32)
+    # Amounts, towards the node's means. Rule "per kind": pairs from other nodes fill the receiver's R up
+    # to the mean, as far as the donor is above it; the rest (GEMM work T less R) likewise, less the
+    # receiver's new GEMM call. Rule "GEMM work": the amount fills the receiver's T, of any kind (as many
+    # from other nodes as the first rule takes, within it): where no NIC is near the critical path,
+    # the kinds need no balance of their own. In either, a receiver too close to the mean may still take
+    # work above it, up to where it meets the donor, as long as the donor stays above the mean; a
+    # receiver's last free slot takes as much as fills it (the donor has free slots of its own to be
+    # refilled, the receiver would have none). A receiver is never pushed far above the mean: it cannot
+    # shed a replica. The better-scoring rule is taken.
+    last = (free_slots == 1)[:, None, None, :]
+
+    def towards_mean(have_d, have_r, mean):
+        excess = np.maximum(have_d - mean, 0)
+        deficit = mean - have_r - overhead
+        meet = (have_d - have_r - overhead) / 2
+        return np.where(deficit >= min_tokens, np.minimum(deficit, np.where(last, np.inf, excess)),
+                        np.minimum(meet, excess))
+
+    r_mean = Rr.mean(-1)[:, None, None, None]
+    clip = lambda x, lo, hi: np.minimum(np.maximum(x, lo), hi)          # (np.clip is slower on small arrays)
+    y_kind = np.floor(clip(np.minimum(r_mean - Rr_, Rd - r_mean), 0, hr))
+    u_kind = y_kind + np.floor(clip(towards_mean(Td - Rd, Tr - Rr_, (T - Rr).mean(-1)[:, None, None, None]), 0, hl))
+    u_work = np.floor(clip(towards_mean(Td, Tr, T.mean(-1)[:, None, None, None]), 0, hr + hl))
+    y_work = clip(y_kind, u_work - hl, np.minimum(u_work, hr))
+    T_other = _max_excluding(T, donors)[:, :, None, :]
+    R_other = _max_excluding(Rr, donors)[:, :, None, :]
+    j_now = state.objective(live).astype(f32)[:, None, None, None]
+
+    def score_of(u, y):
+        """J's drop, plus 0.001 per pair moved: of moves that lower J about as much, the largest (the
+        donor sheds more for the replica slot it uses)."""
+        shed = u + np.where(u >= hr + hl, f32(overhead), f32(0))         # the home copy computes nothing
+        T_new = np.maximum(np.maximum(Td - shed, Tr + u + f32(overhead)), T_other)
+        R_new = np.maximum(np.maximum(np.maximum(Rd - y, Rr_ + y), R_other), floor)
+        return (j_now - f32(1 - s) * T_new - f32(s) * R_new) + f32(1e-3) * u
+
+    score_kind, score_work = score_of(u_kind, y_kind), score_of(u_work, y_work)
+    work = score_work > score_kind
+    u, y = np.where(work, u_work, u_kind), np.where(work, y_work, y_kind)
+    score = np.maximum(score_kind, score_work)
+    bad = blocked | (u < min_tokens) | capped[:, :, None, None]
+    score = np.where(bad, -np.inf, score)
+    best = np.argmax(score.reshape(n, -1), axis=1)
+    i, rest = np.divmod(best, S * g)
+    sl, rv = np.divmod(rest, g)
+    go = score[rows, i, sl, rv] > 1e-6 * j_now[:, 0, 0, 0]
+    return donors[rows, i], sl, rv, u[rows, i, sl, rv].astype(np.int64), y[rows, i, sl, rv].astype(np.int64), go
+
+
+def _inter_node_sent_max(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray) -> np.ndarray:
+    """[M * L] the most pairs any rank sends to experts homed on other nodes, per (micro-batch, layer)."""
+    node = np.asarray(topo.node_of_rank)
+    home_node = node[_home_rank(expert_at_home, topo.S)]                  # [L, E]
+    cross = node[None, :, None] != home_node[:, None, :]                  # [L, G, E]
+    sent = np.einsum("mlge,lge->mlg", counts, cross.astype(counts.dtype))
+    return sent.max(-1).reshape(-1).astype(np.float64)
 
 
 def _same_node_pairs(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray) -> np.ndarray:

@@ -39,6 +39,8 @@ class StrategyResult:
     placement:     [L, P] the expert in each home (or EPLB physical) slot; carried into the next batch.
     plan_ms:       planner wall time for the batch.
     plan:          the BatchPlan (relibra strategies), else None.
+    calls:         [M, L, G] expert GEMM calls of each rank: its copies (home, replica, redundant) that
+                   compute at least one pair; None: every copy counts (the ideal's S per rank).
     """
 
     name: str
@@ -50,6 +52,7 @@ class StrategyResult:
     placement: np.ndarray
     plan_ms: float
     plan: BatchPlan | None = None
+    calls: np.ndarray | None = None
 
     def imbalance(self) -> np.ndarray:
         """[M, L] max over ranks / mean over ranks (1.0 for empty pairs)."""
@@ -58,10 +61,11 @@ class StrategyResult:
         return np.where(mean > 0, peak / np.where(mean > 0, mean, 1), 1.0)
 
 
-def plan_outcome(plan: BatchPlan, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def plan_outcome(plan: BatchPlan, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where a relibra plan computes every pair.
 
-    counts: [M, L, G, E].  Returns rank_tokens [M, L, G] and traffic [M, L, G_src, G_dst].
+    counts: [M, L, G, E].  Returns rank_tokens [M, L, G], traffic [M, L, G_src, G_dst] and calls
+    [M, L, G] (each rank's copies that compute at least one pair).
     """
     t = plan.topo
     M, L, G, E = counts.shape
@@ -69,26 +73,32 @@ def plan_outcome(plan: BatchPlan, counts: np.ndarray) -> tuple[np.ndarray, np.nd
     onehot = np.zeros((L, E, G))
     np.put_along_axis(onehot, home_rank[:, :, None], 1.0, axis=2)
     traffic = np.einsum("mlre,leg->mlrg", counts.astype(np.float64), onehot)
+    at_home = counts.sum(axis=2).astype(np.int64)                               # [M, L, E] pairs the home computes
     rep = plan.replica_expert
     m_i, l_i, r_i, k_i = np.nonzero(rep >= 0)
+    calls = np.zeros((M, L, G), dtype=np.int64)
     if len(m_i):
         q = plan.replica_quota[m_i, l_i, r_i, k_i].astype(np.float64)        # [K, G_src]
-        h_i = home_rank[l_i, rep[m_i, l_i, r_i, k_i]]
+        e_i = rep[m_i, l_i, r_i, k_i]
+        h_i = home_rank[l_i, e_i]
         src = np.arange(G)
         np.add.at(traffic, (m_i[:, None], l_i[:, None], src[None, :], h_i[:, None]), -q)
         np.add.at(traffic, (m_i[:, None], l_i[:, None], src[None, :], r_i[:, None]), q)
-    return traffic.sum(2), traffic
+        np.subtract.at(at_home, (m_i, l_i, e_i), q.sum(1).astype(np.int64))
+        np.add.at(calls, (m_i, l_i, r_i), (q.sum(1) > 0).astype(np.int64))
+    calls += np.einsum("mle,leg->mlg", (at_home > 0).astype(np.float64), onehot).astype(np.int64)   # busy home copies
+    return traffic.sum(2), traffic, calls
 
 
 def _relibra(counts, topo, mode, prev, replication, reorder) -> StrategyResult:
     t0 = time.perf_counter()
     plan = plan_relibra(counts, topo, prev, mode=mode, replication=replication, reorder=reorder)
     ms = (time.perf_counter() - t0) * 1e3
-    rank_tokens, traffic = plan_outcome(plan, counts)
+    rank_tokens, traffic, calls = plan_outcome(plan, counts)
     replicas = (plan.replica_expert >= 0).sum(-1)
     M, L, G, _ = counts.shape
     return StrategyResult("", rank_tokens, traffic, replicas, np.zeros((L, G), np.int64), plan.moved_experts,
-                          plan.expert_at_home, ms, plan)
+                          plan.expert_at_home, ms, plan, calls)
 
 
 def _eplb(counts, topo, weight, prev_phy2log, num_groups) -> StrategyResult:
@@ -98,11 +108,14 @@ def _eplb(counts, topo, weight, prev_phy2log, num_groups) -> StrategyResult:
     ms = (time.perf_counter() - t0) * 1e3
     share = counts.astype(np.float64) / np.take_along_axis(logcnt, np.arange(E)[None], 1)[None, :, None, :]
     per_phy = np.take_along_axis(share, np.broadcast_to(phy2log[None, :, None, :], (M, L, G, phy2log.shape[1])), axis=3)
-    traffic = per_phy.reshape(M, L, G, G, topo.S + topo.R).sum(-1)          # [m, l, src, dst]
+    per_slot = per_phy.reshape(M, L, G, G, topo.S + topo.R)                   # [m, l, src, dst rank, slot]
+    traffic = per_slot.sum(-1)                                                # [m, l, src, dst]
+    calls = (per_slot.sum(2) > 0).sum(-1)                                     # [m, l, dst]: slots with pairs
     redundant = np.full((L, G), topo.R, dtype=np.int64)
     moved = (phy2log != prev_phy2log).sum(1) if prev_phy2log is not None and prev_phy2log.shape == phy2log.shape \
         else _eplb_moves_from_identity(phy2log, topo)
-    return StrategyResult("", traffic.sum(2), traffic, np.zeros((M, L, G), np.int64), redundant, moved, phy2log, ms)
+    return StrategyResult("", traffic.sum(2), traffic, np.zeros((M, L, G), np.int64), redundant, moved, phy2log, ms,
+                          calls=calls)
 
 
 def _eplb_moves_from_identity(phy2log: np.ndarray, topo: Topology) -> np.ndarray:

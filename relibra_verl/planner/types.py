@@ -124,6 +124,14 @@ class BatchPlan:
     def num_micro_batches(self) -> int:
         return self.replica_expert.shape[0]
 
+    def followed_by(self, rest: "BatchPlan") -> "BatchPlan":
+        """This plan's micro-batches, then those of `rest` (the same topology and placement): a mini-batch
+        planned in parts."""
+        if rest.topo != self.topo or not np.array_equal(rest.expert_at_home, self.expert_at_home):
+            raise PlanError("followed_by: the plans are for different topologies or placements")
+        return BatchPlan(self.topo, self.expert_at_home, np.concatenate([self.replica_expert, rest.replica_expert]),
+                         np.concatenate([self.replica_quota, rest.replica_quota]), self.moved_experts)
+
     @property
     def num_layers(self) -> int:
         return self.expert_at_home.shape[0]

@@ -144,7 +144,31 @@ class RelibraRuntime:
     def set_plan(self, plan: BatchPlan | None) -> None:
         """Install the batch plan on every EP rank (collective). Raises the same error on every rank
         if any rank's plan is invalid or the ranks' plans differ; None means home-only dispatch."""
-        err = None if plan is None else self._validate(plan)
+        self._agree(plan, None if plan is None else self._validate(plan))
+        self.replicas.invalidate()
+        self.plan = plan
+        self.micro_batch = 0
+        self._tables = {}
+
+    def extend_plan(self, plan: BatchPlan) -> None:
+        """Replace the installed plan by one that covers more micro-batches and equals it on those it
+        covers (collective, checked like set_plan): the rest of a mini-batch, planned while its first
+        micro-batches ran. The current micro-batch, cached tables and replica weights stay."""
+        if self.plan is None:
+            err = "extend_plan: no plan installed to extend"
+        else:
+            M0 = self.plan.num_micro_batches
+            err = self._validate(plan)
+            if err is None and (plan.num_micro_batches < M0
+                                or not np.array_equal(plan.replica_expert[:M0], self.plan.replica_expert)
+                                or not np.array_equal(plan.replica_quota[:M0], self.plan.replica_quota)):
+                err = f"extend_plan: the new plan does not begin with the installed plan's {M0} micro-batch(es)"
+        self._agree(plan, err)
+        self.plan = plan
+
+    def _agree(self, plan: BatchPlan | None, err: str | None) -> None:
+        """Every EP rank's local error (None: its plan is valid) and plan digest, all-gathered: raises the
+        same error on every rank if any rank's plan is invalid or the ranks' plans differ."""
         digest = None if plan is None else plan.digest()
         gathered = [None] * self.topo.G
         dist.all_gather_object(gathered, (digest, err), group=self.ep_group)
@@ -160,10 +184,6 @@ class RelibraRuntime:
             raise RelibraRuntimeError(
                 "EP ranks hold different relibra plans (digest mismatch; the planner must be a deterministic "
                 f"function of the all-gathered loads): rank groups {sorted(groups.values())}")
-        self.replicas.invalidate()
-        self.plan = plan
-        self.micro_batch = 0
-        self._tables = {}
 
     def set_micro_batch(self, m: int) -> None:
         """Select the micro-batch whose replicas/quotas the next layer calls execute."""

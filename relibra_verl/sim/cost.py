@@ -14,7 +14,9 @@ Terms (each vectorised over all (m, l); all ranks wait for the slowest one at ev
              the rank needs max(sent, received); NVLink and IB run concurrently:
              t = max_r max(nvl_bytes / nvlink_a2a, ib_bytes / ib_a2a) + a2a_latency.
              ib_forwarding = 1 models DeepEP-style NIC forwarding (see dispatch_time).
-  expert     per rank: calls * a + b * pairs, calls = S home experts + replicas + redundant (one call each);
+  expert     per rank: calls * a + b * pairs, calls = the copies (home experts, replicas, redundant) that
+             compute at least one pair (`calls`; a copy without pairs runs no GEMM; without `calls`:
+             S + replicas + redundant);
              a = expert weight bytes / HBM + call overhead, b = 6*H*I FLOPs / gemm rate (SwiGLU: 3 matmuls of
              2*H*I FLOPs per pair). Backward: bwd_compute_factor * (a, b). t = max over ranks.
   replica    per-micro-batch replicas (relibra): weight copy W = 3*H*I*weight_bytes before the layer's
@@ -143,7 +145,8 @@ def dispatch_time(traffic: np.ndarray, node_of_rank: np.ndarray, model: ModelPre
 def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarray, moved_experts: np.ndarray,
                node_of_rank, model: ModelPreset, profile: HardwareProfile, *, redundant: np.ndarray | None = None,
                prefetch: bool = True, mean_context: float = 1024.0,
-               replica_sends: np.ndarray | None = None, plan_ms: float = 0.0, balanced: bool = False) -> BatchCost:
+               replica_sends: np.ndarray | None = None, plan_ms: float = 0.0, balanced: bool = False,
+               calls: np.ndarray | None = None) -> BatchCost:
     """Cost of one batch.
 
     rank_tokens [M, L, G], traffic [M, L, G, G], replicas [M, L, G] (per micro-batch copies), moved_experts
@@ -153,7 +156,8 @@ def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarra
     attended positions per token (causal: about E[len^2] / (2 E[len]) over the batch's sequences).
     balanced: the idealised cost of the same work: every rank receives and computes the mean pairs (sources
     send as they do), S calls per rank, no replicas, redundant copies or migration (a lower bound of the
-    unbalanced cost).
+    unbalanced cost). calls [M, L, G]: GEMM calls of each rank (its copies that compute pairs), when
+    known; else S + replicas + redundant.
     """
     rank_tokens = np.asarray(rank_tokens, dtype=np.float64)
     replicas = np.asarray(replicas, dtype=np.float64)
@@ -175,7 +179,12 @@ def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarra
     # 2. expert GEMMs, slowest rank
     a, b = expert_gemm_coeffs(model, profile)
     red = np.zeros((L, G)) if redundant is None else np.asarray(redundant, dtype=np.float64)
-    calls = S + replicas + red[None]
+    if balanced or calls is None:
+        calls = S + replicas + red[None]
+    else:
+        calls = np.asarray(calls, dtype=np.float64)
+        if calls.shape != (M, L, G):
+            raise ValueError(f"shapes: calls {calls.shape}, expected {(M, L, G)}")
     per_rank = calls * a + rank_tokens * b
     fwd["expert"] = per_rank.mean(axis=2) if balanced else per_rank.max(axis=2)
     bwd["expert"] = f * fwd["expert"]
@@ -258,12 +267,13 @@ def migration_time(prev: np.ndarray, new: np.ndarray, node_of_rank, model: Model
 def result_cost(result, node_of_rank, model: ModelPreset, profile: HardwareProfile, *,
                 prefetch: bool = True, mean_context: float = 1024.0, prev_placement: np.ndarray | None = None) -> BatchCost:
     """batch_cost of a planner StrategyResult (duck-typed: rank_tokens, traffic, replicas, moved_experts,
-    plan_ms; optional redundant [L, G], replica_sends [M, L, G], placement [L, P]). With a `placement`, the
+    plan_ms; optional redundant [L, G], replica_sends [M, L, G], placement [L, P], calls [M, L, G]). With a `placement`, the
     migration term is migration_time(prev_placement or Megatron's layout, placement) instead of the
     moved_experts estimate."""
     cost = batch_cost(result.rank_tokens, result.traffic, result.replicas, result.moved_experts, node_of_rank,
                       model, profile, redundant=getattr(result, "redundant", None), prefetch=prefetch, mean_context=mean_context,
-                      replica_sends=getattr(result, "replica_sends", None), plan_ms=float(getattr(result, "plan_ms", 0.0) or 0.0))
+                      replica_sends=getattr(result, "replica_sends", None), plan_ms=float(getattr(result, "plan_ms", 0.0) or 0.0),
+                      calls=getattr(result, "calls", None))
     placement = getattr(result, "placement", None)
     if placement is not None:
         cost.migration_s = migration_time(prev_placement, placement, node_of_rank, model, profile)

@@ -1,5 +1,6 @@
 """Time-aware planning inputs derived from the cost model (for the planner's `min_replica_tokens`,
-`replica_overhead_pairs`, `max_copies_per_owner` and `move_cost_pairs`).
+`replica_overhead_pairs`, `inter_node_share`, `max_copies_per_owner`, `move_cost_pairs` and
+`rank_move_cost_pairs`).
 
 A routed pair costs the rank that computes it (1 + f) * b of expert time (f = bwd_compute_factor) and its
 bytes in the 4 all-to-alls of the layer (dispatch and combine, forward and backward: 4 * H * act_bytes) on
@@ -94,6 +95,15 @@ def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
     return migration_seconds_per_expert(model, profile) / per_pair
 
 
+def rank_move_cost_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
+    """A move between ranks of one node in routed pairs on the busiest rank: ReorderConfig's
+    rank_move_cost_pairs. The move sends the expert's full state over NVLink (its exposed share, as in
+    the migration term); a pair on the busiest rank costs pair_seconds (GEMMs and all-to-all bytes)."""
+    seconds = (model.expert_params * profile.state_bytes_per_param / (profile.nvlink_p2p_GBps * 1e9)
+               * profile.migration_exposed_share)
+    return seconds / pair_seconds(model, profile, num_nodes, gpus_per_node)
+
+
 def inter_node_share(model: ModelPreset, profile: HardwareProfile) -> float:
     """The share of a routed pair's cost that is its inter-node transfer when it crosses nodes:
     c_ib / (c_gemm + c_ib), c_ib = its bytes in the 4 all-to-alls at the inter-node rate, c_gemm = its
@@ -123,9 +133,37 @@ def planner_limits(model, profile: HardwareProfile, num_nodes: int, gpus_per_nod
                    prefetch: bool = True) -> dict:
     """The time-aware planner inputs that need no attention shapes: ReplicationConfig's min_replica_tokens
     (the copies only: the GEMM call is replica_overhead_pairs, charged to the receiver; prefetch: copies
-    sent ahead) and replica_overhead_pairs, ReorderConfig's move_cost_pairs. model: a ModelPreset or an
+    sent ahead), replica_overhead_pairs and inter_node_share (also ReorderConfig's, where the NIC-aware
+    node assignment is on), ReorderConfig's move_cost_pairs and rank_move_cost_pairs. model: a ModelPreset or an
     ExpertShape."""
     return {"min_replica_tokens": min_replica_tokens(model, profile, prefetch=prefetch, include_call=False,
                                                      num_nodes=num_nodes, gpus_per_node=gpus_per_node),
             "replica_overhead_pairs": replica_overhead_tokens(model, profile),
-            "move_cost_pairs": move_cost_pairs(model, profile)}
+            "inter_node_share": inter_node_share(model, profile),
+            "move_cost_pairs": move_cost_pairs(model, profile),
+            "rank_move_cost_pairs": rank_move_cost_pairs(model, profile, num_nodes, gpus_per_node)}
+
+
+def planner_configs(model, profile: HardwareProfile | None, num_nodes: int, gpus_per_node: int, *,
+                    prefetch: bool = True, reorder_inter_node_share: float | None = 0.0,
+                    max_moves_per_layer: int | None = None):
+    """(ReplicationConfig, ReorderConfig) of the relibra planner for a model's expert shape on a hardware
+    profile: what the verl trainer plans with (and bench-planner times). profile None: pair counts (no
+    time-aware limits; the replication planner's default weight of the busiest NIC).
+    reorder_inter_node_share: the reorder's NIC-aware node assignment (0: off, it costs planner time;
+    None: the profile's inter_node_share). model: a ModelPreset or an ExpertShape."""
+    from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig
+
+    if profile is None:
+        return (ReplicationConfig(), ReorderConfig(max_moves_per_layer=max_moves_per_layer,
+                                                   inter_node_share=reorder_inter_node_share or 0.0))
+    limits = planner_limits(model, profile, num_nodes, gpus_per_node, prefetch=prefetch)
+    if reorder_inter_node_share is None:
+        reorder_inter_node_share = limits["inter_node_share"]
+    replication = ReplicationConfig(min_replica_tokens=limits["min_replica_tokens"],
+                                    replica_overhead_pairs=limits["replica_overhead_pairs"],
+                                    inter_node_share=limits["inter_node_share"])
+    reorder = ReorderConfig(max_moves_per_layer=max_moves_per_layer, move_cost_pairs=limits["move_cost_pairs"],
+                            rank_move_cost_pairs=limits["rank_move_cost_pairs"],
+                            inter_node_share=reorder_inter_node_share)
+    return replication, reorder

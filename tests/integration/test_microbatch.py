@@ -48,7 +48,8 @@ def _trainer(cfg, G=2):
     st.moe_layers, st.num_layers, st.ready = MOE, L, True
     plans = []
     st.runtime = types.SimpleNamespace(topo=st.topo, expert_at_home=np.tile(np.arange(E), (L, 1)), plans=plans,
-                                       set_plan=plans.append, set_micro_batch=lambda m: None)  # runtime stand-in
+                                       set_plan=plans.append, extend_plan=plans.append,
+                                       set_micro_batch=lambda m: None)  # runtime stand-in
     st._all_gather = lambda local: np.stack([local] * G)  # G ranks with the same (skewed) loads
     return st
 
@@ -70,19 +71,33 @@ def test_patched_prepare_micro_batches_plans_every_micro_batch():
     st.begin(_engine(), data, forward_only=False)
     try:
         micro_batches, _ = ti.prepare_micro_batches(data, dp_group=None)
+        M = len(micro_batches)
+        assert M > 1
+        # micro-batch 0's replicas are installed before its forward; the others are planned beside it and
+        # installed (extend_plan) before micro-batch 1's forward
+        first = st.plan
+        assert first is not None and first.num_micro_batches == 1 and st.runtime.plans == [first]
+        assert "relibra/imbalance_after" not in st._metrics
+        st.on_forward(micro_batches[0])
+        assert st.runtime.plans == [first]
+        st.on_forward(micro_batches[1])
     finally:
         st.end()
-    M = len(micro_batches)
     tags = [tu.get_non_tensor_data(mb, key="relibra_micro_batch", default=None) for mb in micro_batches]
     assert tags == list(range(M))
     plan = st.plan
     assert plan is not None and plan.num_micro_batches == M and plan.num_layers == L
-    assert st.runtime.plans == [plan]                                       # installed in the runtime
+    assert st.runtime.plans == [first, plan]                                # installed in the runtime
     counts = np.stack([micro_batch_loads(mb, num_experts=E, moe_layers=MOE, num_layers=L)[0]
                        for mb in micro_batches])                            # [M, L, E] of "rank 0"
     full = np.stack([counts, counts], axis=2)                               # the two ranks all-gathered
     validate_plan(plan, full)
+    # planned in two parts, the plan equals the planner's on the whole mini-batch
+    from relibra_verl.planner.relibra import plan_relibra as _plan
+    whole = _plan(full, st.topo, np.tile(np.arange(E), (L, 1)), mode="replicate", replication=st.replication)
+    assert plan.digest() == whole.digest()
     m = st._metrics
+    assert m["relibra/plan_ms_background"] > 0
     assert m["relibra/imbalance_after"] <= m["relibra/imbalance_before"] and m["relibra/imbalance_before"] > 1.0
     assert m["relibra/replicas"] > 0 and m["relibra/fallbacks"] == 0 and m["relibra/plan_ms"] >= 0
     # the next placement is planned in the background; collecting it waits for that plan, which equals the
@@ -197,19 +212,27 @@ def test_time_aware_limits_come_from_the_profile_and_reach_the_plan():
     from relibra_verl.sim.profiles import load_profile
 
     st = _trainer(RelibraConfig(enable=True, replica_slots=1, profile="h800-ib400"))
-    assert st.replication.min_replica_tokens == 1 and st.move_cost_pairs == 0   # before setup: pair counts
+    assert st.replication.min_replica_tokens == 1 and st.reorder.move_cost_pairs == 0   # before setup: pair counts
     # Qwen3-30B-A3B's expert shape, as Megatron's TransformerConfig names it
     st._plan_for_time(types.SimpleNamespace(hidden_size=2048, moe_ffn_hidden_size=768, ffn_hidden_size=6144))
     want = planner_limits(get_preset("qwen3-30b-a3b"), load_profile("h800-ib400"), 1, 2)
     assert st.replication.min_replica_tokens == want["min_replica_tokens"] > 1
     assert st.replication.replica_overhead_pairs == want["replica_overhead_pairs"] > 0
-    assert st.move_cost_pairs == pytest.approx(want["move_cost_pairs"]) and st.move_cost_pairs > 0
-    data = v1_batch(1, 8, E, K, L, skew=1.0)
+    assert st.replication.inter_node_share == pytest.approx(want["inter_node_share"])
+    assert st.reorder.move_cost_pairs == pytest.approx(want["move_cost_pairs"]) and st.reorder.move_cost_pairs > 0
+    assert st.reorder.rank_move_cost_pairs == pytest.approx(want["rank_move_cost_pairs"])
+    assert st.reorder.rank_move_cost_pairs > 0
+    assert st.reorder.inter_node_share == st.cfg.inter_node_share == 0.0              # NIC-aware reorder: opt-in
+    # micro-batches of ~4k tokens: enough pairs per expert for some replicas to repay their GEMM call
+    data = v1_batch(1, 48, E, K, L, skew=1.0, max_len=1024, max_token_len=4096)
     st.begin(_engine(), data, forward_only=False)
     try:
-        ti.prepare_micro_batches(data, dp_group=None)
+        micro_batches, _ = ti.prepare_micro_batches(data, dp_group=None)
+        for mb in micro_batches:
+            st.on_forward(mb)
     finally:
         st.end()
+    assert st.plan.num_micro_batches == len(micro_batches)
     q = st.plan.replica_quota.sum(-1)[st.plan.replica_expert >= 0]
-    assert (q >= st.replication.min_replica_tokens).all()                # no replica below what repays it
+    assert q.size and (q >= st.replication.min_replica_tokens).all()     # no replica below what repays it
 

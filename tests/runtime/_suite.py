@@ -195,7 +195,39 @@ CASES = {
     "bad_other_E": lambda r, w: _compare(r, w, R=2, plan_fn=_other_E, seed=9),
     "bad_off_node": lambda r, w: _compare(r, w, R=2, plan_fn=_off_node, seed=10),
     "bad_diverging": lambda r, w: _compare(r, w, R=2, plan_fn=_diverging, seed=12),
+    "extend_plan": lambda r, w: _extend(r, w, bad=False),
+    "bad_extend_plan": lambda r, w: _extend(r, w, bad=True),
 }
+
+
+def _extend(rank, world, *, bad):
+    """A mini-batch planned in two parts: micro-batch 0's plan, then (extend_plan) the whole. A whole whose
+    first micro-batch differs from the installed one is refused on every rank."""
+    from relibra_verl.planner.types import BatchPlan, Topology
+    from relibra_verl.runtime import harness
+    from relibra_verl.runtime.moe import RelibraRuntime, RelibraRuntimeError
+
+    rng = np.random.default_rng(31)
+    topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=2)
+    counts = rng.integers(1, 40, size=(2, 1, world, E))
+    whole = harness.random_plan(topo, counts, rng)
+    rt = RelibraRuntime(topo)
+    rt.patch_layer(harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=3), 0)
+    rt.set_plan(BatchPlan(topo, whole.expert_at_home, whole.replica_expert[:1].copy(), whole.replica_quota[:1].copy(),
+                          whole.moved_experts))
+    rt.set_micro_batch(0)
+    before = rt.tables(0)[1].clone()
+    try:
+        rt.set_micro_batch(1)
+        outside = None
+    except RelibraRuntimeError as exc:
+        outside = str(exc)
+    if bad:
+        whole.replica_quota[0] += (whole.replica_expert[0] >= 0)[..., None]   # micro-batch 0 planned again, differently
+    rt.extend_plan(whole)
+    rt.set_micro_batch(1)
+    return {"outside": outside, "micro_batches": rt.plan.num_micro_batches, "micro_batch": rt.micro_batch,
+            "tables_kept": bool(torch.equal(rt.tables(0, m=0)[1], before))}
 
 
 def run_cases(rank: int, world: int, names: list[str]) -> dict:

@@ -88,9 +88,17 @@ def test_prefetch_with_empty_nodes_and_layers(megatron_suite):
         assert x["blocking"] == 0 and x["ahead"] > 0
 
 
+def test_extend_plan_installs_the_rest_of_the_mini_batch(megatron_suite):
+    for r in megatron_suite:
+        x = r["extend_plan"]
+        assert "outside the plan's 1" in x["outside"]          # micro-batch 1 needs the rest of the plan
+        assert x["micro_batches"] == 2 and x["micro_batch"] == 1 and x["tables_kept"]
+
+
 @pytest.mark.parametrize("name,needle", [("bad_other_E", "plan is for E=16"),
                                          ("bad_off_node", "off its home node"),
-                                         ("bad_diverging", "different relibra plans")])
+                                         ("bad_diverging", "different relibra plans"),
+                                         ("bad_extend_plan", "does not begin with the installed plan")])
 def test_bad_plans_raise_same_error_everywhere(megatron_suite, name, needle):
     errs = [r[name] for r in megatron_suite]
     assert all(e.get("error") == "RelibraRuntimeError" for e in errs), errs

@@ -77,6 +77,21 @@ def test_expert_by_hand():
     assert c.bwd["expert"][0, 0] == pytest.approx(2 * 13 * 192 * NS)
 
 
+def test_expert_counts_only_calls_that_compute_pairs():
+    # rank 3 (12 pairs) with its one expert copy busy: 1 call; rank 1's home copy gave all its pairs to its
+    # replica: 1 call, not 2; a rank given 2 calls for its 11 pairs (rank 0) is then the slowest: 13 * 192 ns
+    calls = np.array([2, 1, 1, 1])[None, None]
+    c = tiny_cost(calls=calls)
+    assert c.fwd["expert"][0, 0] == pytest.approx(13 * 192 * NS)
+    one = tiny_cost(calls=np.ones((1, 1, 4)))
+    assert one.fwd["expert"][0, 0] == pytest.approx((1 + 12) * 192 * NS)       # rank 3 alone
+    with pytest.raises(ValueError, match="calls"):
+        tiny_cost(calls=np.ones((1, 1, 3)))
+    # the balanced (ideal) cost keeps S calls per rank whatever `calls` says
+    assert tiny_cost(calls=np.zeros((1, 1, 4)), balanced=True).fwd["expert"][0, 0] == \
+        pytest.approx(tiny_cost(balanced=True).fwd["expert"][0, 0])
+
+
 def test_non_moe_and_rest_by_hand():
     # busiest source rank: 15 pairs / K 2 = 7.5 tokens; per token 2*(100 attn + 8*4 router) + 2*1*(4+4)*10 = 424 FLOP
     c = tiny_cost()
