@@ -203,6 +203,35 @@ def test_a_failing_background_reorder_surfaces_after_the_optimizer_step():
     assert st._next_future is None and st.next_placement is None          # raised once, not again
 
 
+def test_a_failing_background_replica_plan_surfaces_before_micro_batch_1(monkeypatch):
+    import relibra_verl.integration.plugin  # noqa: F401
+    from verl.workers.engine.megatron import transformer_impl as ti
+
+    from relibra_verl.integration import trainer as tr
+    from relibra_verl.planner.types import PlanError
+
+    real = tr.plan_relibra
+
+    def plan(counts, *args, **kwargs):   # the second part (micro-batches 1..) fails, as a planner bug would
+        if counts.shape[0] > 1 and kwargs.get("mode") == "replicate":
+            raise PlanError("counts must be nonnegative")
+        return real(counts, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "plan_relibra", plan)
+    st = _trainer(RelibraConfig(enable=True, replica_slots=1, mode="replicate"))
+    data = v1_batch(1, 12, E, K, L, skew=1.0)
+    st.begin(_engine(), data, forward_only=False)
+    try:
+        micro_batches, _ = ti.prepare_micro_batches(data, dp_group=None)
+        assert len(micro_batches) > 2
+        st.on_forward(micro_batches[0])                                   # micro-batch 0 runs on its plan
+        with pytest.raises(PlanError, match="nonnegative"):
+            st.on_forward(micro_batches[1])
+    finally:
+        st.end()
+    assert st._rest_future is None and len(st.runtime.plans) == 1         # nothing half-installed
+
+
 def test_time_aware_limits_come_from_the_profile_and_reach_the_plan():
     import relibra_verl.integration.plugin  # noqa: F401
     from verl.workers.engine.megatron import transformer_impl as ti
