@@ -223,6 +223,7 @@ def replication_config(args, model, profile, topo: Topology) -> tuple[Replicatio
         replication = dataclasses.replace(replication, max_copies_per_owner=args.max_copies_per_owner)
     limits = {"min_replica_tokens": replication.min_replica_tokens, "max_copies_per_owner": replication.max_copies_per_owner,
               "replica_overhead_pairs": replication.replica_overhead_pairs,
+              "copy_cost_pairs": round(replication.copy_cost_pairs, 1),
               "move_cost_pairs": round(reorder.move_cost_pairs, 1), "rank_move_cost_pairs": round(reorder.rank_move_cost_pairs, 1),
               "inter_node_share": round(replication.inter_node_share, 3) if model is not None else 0.0, "source": src}
     return replication, reorder, limits
@@ -396,7 +397,8 @@ def run(args) -> int:
         for name, t in timing.get("time_aware", {}).items():
             print(f"time-aware planning ({name}): {t['step_time_s']:.4f} s/step with min_replica_tokens="
                   f"{lim['min_replica_tokens']}, max_copies_per_owner={lim['max_copies_per_owner']}, "
-                  f"replica_overhead_pairs={lim['replica_overhead_pairs']}, move_cost_pairs={lim['move_cost_pairs']}, "
+                  f"replica_overhead_pairs={lim['replica_overhead_pairs']}, copy_cost_pairs={lim['copy_cost_pairs']}, "
+                  f"move_cost_pairs={lim['move_cost_pairs']}, "
                   f"rank_move_cost_pairs={lim['rank_move_cost_pairs']}, "
                   f"inter_node_share={lim['inter_node_share']} "
                   f"({t['replicas_per_microbatch_layer']:.1f} replicas/mb/layer); {t['step_time_s_without']:.4f} s/step "

@@ -45,6 +45,11 @@ class ReplicationConfig:
         objective: the share of a cross-node pair's cost that is its transfer
         (relibra_verl.sim.planning.inter_node_share, 0.78-0.90 for the presets on h100-ib400). No effect
         with one node.
+    copy_cost_pairs: what a replica copy costs the rank that sends or receives most copies (the exposed
+        part of its weight copies and gradient reduce), in routed pairs of GEMM work
+        (relibra_verl.sim.planning.copy_cost_pairs). Charged to exchanges, which add no GEMM call, where
+        they raise the node's busiest copier; a move's GEMM call is its cost. Exchanges are planned only
+        with replica_overhead_pairs > 0 (without a call cost a move does as well).
     """
 
     min_replica_tokens: int = 1
@@ -52,6 +57,7 @@ class ReplicationConfig:
     tolerance: float = 0.002
     replica_overhead_pairs: float = 0.0
     inter_node_share: float = 0.8
+    copy_cost_pairs: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,7 +437,9 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     node cannot lower it). Greedy: each step makes the move of one home expert's pairs from its home
     rank to a replica on another rank of the node that lowers J most (of moves that lower it about as
     much, the largest: replica slots are few; a move that leaves J unchanged can still resolve a tie at
-    the maximum for the next one); a move takes
+    the maximum for the next one), or, where it lowers J more, an exchange: two ranks' home experts
+    trade places for the micro-batch, each as a replica with all of the other's remaining pairs, which
+    adds no GEMM call (_best_exchange); a move takes
     the pairs of each kind (from other nodes, from the home node) that bring the two ranks towards the
     node's means (_best_move). The steps up to the lowest J are kept: no problem ends above its
     unreplicated J; and a node that does not set its layer's time keeps only the steps that bring it
@@ -464,59 +472,23 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
         R=home_r.sum(-1, dtype=np.float64),
         floor=np.repeat(_inter_node_sent_max(counts, topo, expert_at_home), N) if N > 1 else np.zeros(P),
         share=share)
-    # [problem, node-local expert (donor * S + slot), rank]: the rank cannot take the expert (holds a copy, or
-    # has no free slot)
-    blocked = np.zeros((P, g * S, g), dtype=bool)
-    blocked[:, np.arange(g * S), np.arange(g).repeat(S)] = True
-    used = np.zeros((P, g), dtype=np.int64)                              # replica slots taken
-    sent = np.zeros((P, g), dtype=np.int64)                              # replicas each owner sends
-    cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
-    min_tokens = max(1, int(config.min_replica_tokens))
-    best_j = state.objective(np.arange(P))
-    best_steps = np.zeros(P, dtype=np.int64)
-    done_j = state.lower_bound() * (1 + config.tolerance)                # close enough to the bound: stop
-    picks = []                                          # (problems, donor, slot, recv, k, amount, inter-node part)
-    live = np.flatnonzero(best_j > done_j)                               # problems still improving
-    peaks = [state.peaks()]                                              # (max T, max R) after each step
-    for step in range(g * R):
-        if not len(live):
-            break
-        # only a move off a busiest rank lowers J: the donor is the rank with the most GEMM work or the
-        # one with the most inter-node pairs
-        donors = np.stack([state.T[live].argmax(-1), state.R[live].argmax(-1)], axis=1) if N > 1 \
-            else state.T[live].argmax(-1)[:, None]                       # [n, D]
-        at = (live[:, None], donors)
-        d, sl, rv, a, y, go = _best_move(state, live, donors, home_r[at], home_l[at],
-                                         blocked.reshape(P, g, S, g)[at], sent[at] >= cap, R - used[live],
-                                         overhead, min_tokens)
-        if not go.any():
-            break
-        p, d, sl, rv, a, y = live[go], d[go], sl[go], rv[go], a[go], y[go]
-        k = used[p, rv]
-        picks.append((p, d, sl, rv, k, a, y))
-        home_r[p, d, sl] -= y.astype(np.int32)
-        home_l[p, d, sl] -= (a - y).astype(np.int32)
-        emptied = (home_r[p, d, sl] + home_l[p, d, sl]) == 0             # the home copy's GEMM call goes
-        state.T[p, d] -= a + overhead * emptied
-        state.T[p, rv] += a + overhead
-        state.R[p, d] -= y
-        state.R[p, rv] += y
-        sent[p, d] += 1
-        used[p, rv] += 1
-        blocked[p, d * S + sl, rv] = True
-        full = used[p, rv] == R
-        blocked[p[full], :, rv[full]] = True
-        j = state.objective(p)
-        better = j < best_j[p] - 1e-9
-        best_j[p[better]] = j[better]
-        best_steps[p[better]] = step + 1
-        live = p[j > done_j[p]]
-        peaks.append(state.peaks())
+    # moves only, and (with a GEMM-call cost) moves and exchanges; each problem keeps the run that ends
+    # lower (greedy either way: exchanges gain more at once, and sometimes leave less to gain after)
+    runs = [_greedy_replicas(state, home_r, home_l, config, R, exchanges=False)]
+    if overhead > 0:
+        runs.append(_greedy_replicas(state, home_r, home_l, config, R, exchanges=True))
+    chosen = np.argmin(np.stack([r.best_j for r in runs]), axis=0)      # [P] ties: moves only
+    K = max(len(r.peak_T) for r in runs)
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], K - len(x), axis=0)])
+    cols = np.arange(P)
+    peak_T = np.stack([pad(r.peak_T) for r in runs])[chosen, :, cols].T  # [K, P]
+    peak_R = np.stack([pad(r.peak_R) for r in runs])[chosen, :, cols].T
+    best_steps = np.stack([r.best_steps for r in runs])[chosen, cols]
     if N > 1:  # a node that does not set its layer's time needs only the replicas that keep it so
-        best_steps = _shortest_equal_prefix(np.stack([pk[0] for pk in peaks]), np.stack([pk[1] for pk in peaks]),
-                                            best_steps, state.floor, N)
-    # keep each problem's steps up to its lowest objective
-    picks = [tuple(x[best_steps[pk[0]] > step] for x in pk) for step, pk in enumerate(picks)]
+        best_steps = _shortest_equal_prefix(peak_T, peak_R, best_steps, state.floor, N)
+    # keep each problem's steps of its run up to its lowest objective
+    picks = [tuple(x[(best_steps[pk[0]] > step) & (chosen[pk[0]] == i)] for x in pk)
+             for i, r in enumerate(runs) for step, pk in zip(r.steps_of, r.picks)]
     picks = [pk for pk in picks if len(pk[0])]
     if not picks:
         return replica_expert, replica_quota
@@ -532,6 +504,104 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     src_of = lambda idx: flat[(((m[idx] * L + l[idx]) * G)[:, None] + np.arange(G)) * E + expert[idx][:, None]]
     replica_quota[m, l, holder, k] = _split_quota(src_of, holder, donor_rank, a, y, key, topo)
     return replica_expert, replica_quota
+
+
+@dataclasses.dataclass
+class _GreedyRun:
+    """One greedy replication run over all problems (plan_replicas)."""
+
+    picks: list            # (problems, donor, slot, receiver, replica slot k, amount, inter-node part)
+    steps_of: list         # the step of each entry of picks
+    best_j: np.ndarray     # [P] lowest objective reached
+    best_steps: np.ndarray  # [P] steps up to it
+    peak_T: np.ndarray     # [steps + 1, P] busiest rank's GEMM work after each step
+    peak_R: np.ndarray     # [steps + 1, P] busiest inter-node receive after each step
+
+
+def _greedy_replicas(state0: "_ReplicaState", home_r0: np.ndarray, home_l0: np.ndarray, config: "ReplicationConfig",
+                     R: int, exchanges: bool) -> _GreedyRun:
+    """The greedy of plan_replicas on copies of its state: state0 (T, R per rank), home_r0 / home_l0 [P, g, S]
+    pairs at each home slot; R replica slots per rank; exchanges: also consider exchanges."""
+    P, g, S = home_r0.shape
+    state = dataclasses.replace(state0, T=state0.T.copy(), R=state0.R.copy())
+    home_r, home_l = home_r0.copy(), home_l0.copy()
+    overhead, share, multi = float(config.replica_overhead_pairs), state.share, state.share > 0 or state.R.any()
+    # [problem, node-local expert (donor * S + slot), rank]: the rank cannot take the expert (holds a copy, or
+    # has no free slot)
+    blocked = np.zeros((P, g * S, g), dtype=bool)
+    blocked[:, np.arange(g * S), np.arange(g).repeat(S)] = True
+    used = np.zeros((P, g), dtype=np.int64)                              # replica slots taken
+    sent = np.zeros((P, g), dtype=np.int64)                              # replicas each owner sends
+    cap = R * (g - 1) if config.max_copies_per_owner is None else config.max_copies_per_owner
+    min_tokens = max(1, int(config.min_replica_tokens))
+    best_j = state.objective(np.arange(P))
+    best_steps = np.zeros(P, dtype=np.int64)
+    done_j = state.lower_bound() * (1 + config.tolerance)                # close enough to the bound: stop
+    picks, steps_of = [], []
+    live = np.flatnonzero(best_j > done_j)                               # problems still improving
+    peaks = [state.peaks()]                                              # (max T, max R) after each step
+    step = 0
+
+    def apply_pick(p, d, sl, rv, a, y):
+        """Replicas of (problem p, donor d's home slot sl) on rv taking a pairs, y of them inter-node."""
+        picks.append((p, d, sl, rv, used[p, rv], a, y))
+        steps_of.append(step)
+        home_r[p, d, sl] -= y.astype(np.int32)
+        home_l[p, d, sl] -= (a - y).astype(np.int32)
+        emptied = (home_r[p, d, sl] + home_l[p, d, sl]) == 0             # the home copy's GEMM call goes
+        state.T[p, d] -= a + overhead * emptied
+        state.T[p, rv] += a + overhead
+        state.R[p, d] -= y
+        state.R[p, rv] += y
+        sent[p, d] += 1
+        used[p, rv] += 1
+        blocked[p, d * S + sl, rv] = True
+        full = used[p, rv] == R
+        blocked[p[full], :, rv[full]] = True
+
+    for step in range(g * R):
+        if not len(live):
+            break
+        # only a move off a busiest rank lowers J: the donor is the rank with the most GEMM work or the
+        # one with the most inter-node pairs
+        donors = np.stack([state.T[live].argmax(-1), state.R[live].argmax(-1)], axis=1) if multi \
+            else state.T[live].argmax(-1)[:, None]                       # [n, D]
+        at = (live[:, None], donors)
+        d, sl, rv, a, y, go, score = _best_move(state, live, donors, home_r[at], home_l[at],
+                                                blocked.reshape(P, g, S, g)[at], sent[at] >= cap, R - used[live],
+                                                overhead, min_tokens)
+        moves = [(d, sl, rv, a, y, go)]
+        if exchanges:
+            # one donor for exchanges (their search is the costly one): the busiest rank of the term,
+            # GEMM work or NIC, whose excess weighs more in J
+            exd = donors
+            if multi:
+                Tl, Rl, fl = state.T[live], state.R[live], state.floor[live]
+                e_t = (1 - share) * (Tl.max(-1) - Tl.mean(-1))
+                e_r = share * (np.maximum(Rl.max(-1), fl) - np.maximum(Rl.mean(-1), fl))
+                exd = np.where(e_t >= e_r, donors[:, 0], donors[:, 1])[:, None]
+            ed, ea, er, eb, ua, ya, ub, yb, ex_score, ex_ok = _best_exchange(
+                state, live, exd, home_r[live], home_l[live], blocked[live], np.maximum(used[live], sent[live]),
+                R - used[live], sent[live] >= cap, min_tokens, float(config.copy_cost_pairs))
+            swap = ex_ok & (ex_score > score)                            # an exchange beats the best move
+            go &= ~swap
+            # an exchange is two replica picks, each holding all of the other's remaining pairs
+            moves += [(ed, ea, er, ua, ya, swap), (er, eb, ed, ub, yb, swap)]
+            go = go | swap
+        if not go.any():
+            break
+        for *move, ok in moves:
+            if ok.any():
+                apply_pick(live[ok], *(x[ok] for x in move))
+        p = live[go]
+        j = state.objective(p)
+        better = j < best_j[p] - 1e-9
+        best_j[p[better]] = j[better]
+        best_steps[p[better]] = step + 1
+        live = p[j > done_j[p]]
+        peaks.append(state.peaks())
+    return _GreedyRun(picks, steps_of, best_j, best_steps, np.stack([pk[0] for pk in peaks]),
+                      np.stack([pk[1] for pk in peaks]))
 
 
 @dataclasses.dataclass
@@ -655,8 +725,67 @@ def _best_move(state: _ReplicaState, live: np.ndarray, donors: np.ndarray, home_
     best = np.argmax(score.reshape(n, -1), axis=1)
     i, rest = np.divmod(best, S * g)
     sl, rv = np.divmod(rest, g)
-    go = score[rows, i, sl, rv] > 1e-6 * j_now[:, 0, 0, 0]
-    return donors[rows, i], sl, rv, u[rows, i, sl, rv].astype(np.int64), y[rows, i, sl, rv].astype(np.int64), go
+    best_score = score[rows, i, sl, rv]
+    go = best_score > 1e-6 * j_now[:, 0, 0, 0]
+    return (donors[rows, i], sl, rv, u[rows, i, sl, rv].astype(np.int64), y[rows, i, sl, rv].astype(np.int64),
+            go, best_score)
+
+
+def _best_exchange(state: _ReplicaState, live: np.ndarray, donors: np.ndarray, home_r: np.ndarray,
+                   home_l: np.ndarray, blocked: np.ndarray, copies: np.ndarray, free_slots: np.ndarray,
+                   capped: np.ndarray, min_tokens: int, copy_cost: float):
+    """The best exchange of each live problem: a donor d's home expert a and another rank r's home expert b
+    trade places for the micro-batch, each as a replica that takes all of the other's remaining pairs. Both
+    home copies then run no GEMM, so unlike a move no call is added; it costs two copies. For each
+    (d, a, r) the b whose pairs best even out d and r is taken. Scored like a move, less the copies'
+    exposed cost where the exchange raises the node's busiest copier (copy_cost, in pairs of GEMM work).
+
+    home_r, home_l: [n, g, S] pairs left at every home slot; blocked: [n, g * S, g]; copies: [n, g] copies
+    each rank receives or sends (the larger); free_slots, capped: [n, g]. Returns d, a, r, b ([n] each),
+    the amounts (all, inter-node part) of a and of b, the score and ok ([n])."""
+    n, g, S = home_r.shape
+    s = state.share
+    rows = np.arange(n)
+    f32 = np.float32
+    T, Rr = state.T[live].astype(f32), state.R[live].astype(f32)          # [n, g]
+    pick = lambda x: x[rows[:, None], donors]                             # [n, g, ...] -> [n, D, ...]
+    left = (home_r + home_l).astype(f32)                                  # [n, g, S]
+    # axes [n, D (d), S (a), g (r)]
+    uA, yA = pick(left)[..., None], pick(home_r).astype(f32)[..., None]
+    Td, Tr = pick(T)[:, :, None, None], T[:, None, None, :]
+    Rd, Rr_ = pick(Rr)[:, :, None, None], Rr[:, None, None, :]
+    bl = blocked.reshape(n, g, S, g)                                      # [n, rank, slot, receiver]
+    # b on r: d must be able to take it; of those, the one that brings d and r closest together
+    b_ok = ~np.take_along_axis(bl, donors[:, None, None, :], axis=3).transpose(0, 3, 1, 2)   # [n, D, g, S]
+    b_ok &= left[:, None] >= min_tokens
+    want = (uA - (Td - Tr) / 2)[..., None]                                # [n, D, S, g, 1]: d and r even
+    miss = np.where(b_ok[:, :, None], np.abs(left[:, None, None] - want), np.inf)
+    b = np.argmin(miss, axis=-1)                                          # [n, D, S, g]
+    b_found = np.isfinite(miss.min(axis=-1))
+    r_idx = np.arange(g)[None, None, None, :]
+    uB = left[rows[:, None, None, None], r_idx, b]
+    yB = home_r.astype(f32)[rows[:, None, None, None], r_idx, b]
+    T_new = np.maximum(np.maximum(Td - uA + uB, Tr - uB + uA), _max_excluding(T, donors)[:, :, None, :])
+    R_new = np.maximum(np.maximum(np.maximum(Rd - yA + yB, Rr_ - yB + yA), _max_excluding(Rr, donors)[:, :, None, :]),
+                       state.floor[live].astype(f32)[:, None, None, None])
+    C = copies.astype(f32)
+    C_new = np.maximum(np.maximum(pick(C)[:, :, None, None], C[:, None, None, :]) + 1, _max_excluding(C, donors)[:, :, None, :])
+    raised = C_new - C.max(-1)[:, None, None, None]
+    j_now = state.objective(live).astype(f32)[:, None, None, None]
+    score = (j_now - f32(1 - s) * T_new - f32(s) * R_new) + f32(1e-3) * np.abs(uA - uB) \
+        - f32((1 - s) * copy_cost) * raised
+    bad = bl[rows[:, None], donors] | (uA < min_tokens) | ~b_found \
+        | (pick(free_slots) == 0)[:, :, None, None] | (free_slots == 0)[:, None, None, :] \
+        | pick(capped)[:, :, None, None] | capped[:, None, None, :]
+    score = np.where(bad, -np.inf, score)
+    best = np.argmax(score.reshape(n, -1), axis=1)
+    i, rest = np.divmod(best, S * g)
+    a, r = np.divmod(rest, g)
+    d, bb = donors[rows, i], b[rows, i, a, r]
+    sc = score[rows, i, a, r]
+    ok = sc > 1e-6 * j_now[:, 0, 0, 0]
+    hrA, hrB = home_r[rows, d, a].astype(np.int64), home_r[rows, r, bb].astype(np.int64)
+    return d, a, r, bb, hrA + home_l[rows, d, a], hrA, hrB + home_l[rows, r, bb], hrB, sc, ok
 
 
 def _inter_node_sent_max(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray) -> np.ndarray:

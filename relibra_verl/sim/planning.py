@@ -1,6 +1,6 @@
 """Time-aware planning inputs derived from the cost model (for the planner's `min_replica_tokens`,
-`replica_overhead_pairs`, `inter_node_share`, `max_copies_per_owner`, `move_cost_pairs` and
-`rank_move_cost_pairs`).
+`replica_overhead_pairs`, `copy_cost_pairs`, `inter_node_share`, `max_copies_per_owner`,
+`move_cost_pairs` and `rank_move_cost_pairs`).
 
 A routed pair costs the rank that computes it (1 + f) * b of expert time (f = bwd_compute_factor) and its
 bytes in the 4 all-to-alls of the layer (dispatch and combine, forward and backward: 4 * H * act_bytes) on
@@ -64,6 +64,17 @@ def replica_overhead_tokens(model: ModelPreset, profile: HardwareProfile) -> int
     receive separately, so the charge is in GEMM pairs, not in pair_seconds.)"""
     a, b = expert_gemm_coeffs(model, profile)
     return max(0, math.ceil(a / b))
+
+
+def copy_cost_pairs(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True) -> float:
+    """What one more replica copy costs the rank that sends or receives most copies, in routed pairs of
+    GEMM work ((1 + f) * b each): the exposed part of its forward copy, backward re-copy and gradient
+    reduce (all of it online; sent ahead, the contention share: relibra_verl.sim.cost). The planner's
+    ReplicationConfig.copy_cost_pairs."""
+    _, b = expert_gemm_coeffs(model, profile)
+    w, g = replica_copy_seconds(model, profile)
+    exposed = (2.0 * w + g) * (profile.replica_contention_share if prefetch else 1.0)
+    return exposed / ((1.0 + profile.bwd_compute_factor) * b)
 
 
 def max_copies_per_owner(model: ModelPreset, profile: HardwareProfile, tokens_per_rank: int, *,
@@ -133,12 +144,13 @@ def planner_limits(model, profile: HardwareProfile, num_nodes: int, gpus_per_nod
                    prefetch: bool = True) -> dict:
     """The time-aware planner inputs that need no attention shapes: ReplicationConfig's min_replica_tokens
     (the copies only: the GEMM call is replica_overhead_pairs, charged to the receiver; prefetch: copies
-    sent ahead), replica_overhead_pairs and inter_node_share (also ReorderConfig's, where the NIC-aware
-    node assignment is on), ReorderConfig's move_cost_pairs and rank_move_cost_pairs. model: a ModelPreset or an
+    sent ahead), replica_overhead_pairs, copy_cost_pairs and inter_node_share (also ReorderConfig's, where
+    the NIC-aware node assignment is on), ReorderConfig's move_cost_pairs and rank_move_cost_pairs. model: a ModelPreset or an
     ExpertShape."""
     return {"min_replica_tokens": min_replica_tokens(model, profile, prefetch=prefetch, include_call=False,
                                                      num_nodes=num_nodes, gpus_per_node=gpus_per_node),
             "replica_overhead_pairs": replica_overhead_tokens(model, profile),
+            "copy_cost_pairs": copy_cost_pairs(model, profile, prefetch=prefetch),
             "inter_node_share": inter_node_share(model, profile),
             "move_cost_pairs": move_cost_pairs(model, profile),
             "rank_move_cost_pairs": rank_move_cost_pairs(model, profile, num_nodes, gpus_per_node)}
@@ -162,6 +174,7 @@ def planner_configs(model, profile: HardwareProfile | None, num_nodes: int, gpus
         reorder_inter_node_share = limits["inter_node_share"]
     replication = ReplicationConfig(min_replica_tokens=limits["min_replica_tokens"],
                                     replica_overhead_pairs=limits["replica_overhead_pairs"],
+                                    copy_cost_pairs=limits["copy_cost_pairs"],
                                     inter_node_share=limits["inter_node_share"])
     reorder = ReorderConfig(max_moves_per_layer=max_moves_per_layer, move_cost_pairs=limits["move_cost_pairs"],
                             rank_move_cost_pairs=limits["rank_move_cost_pairs"],

@@ -248,6 +248,8 @@ def test_time_aware_limits_come_from_the_profile_and_reach_the_plan():
     assert st.replication.min_replica_tokens == want["min_replica_tokens"] > 1
     assert st.replication.replica_overhead_pairs == want["replica_overhead_pairs"] > 0
     assert st.replication.inter_node_share == pytest.approx(want["inter_node_share"])
+    assert st.replication.copy_cost_pairs == pytest.approx(want["copy_cost_pairs"])
+    assert st.replication.copy_cost_pairs > 0
     assert st.reorder.move_cost_pairs == pytest.approx(want["move_cost_pairs"]) and st.reorder.move_cost_pairs > 0
     assert st.reorder.rank_move_cost_pairs == pytest.approx(want["rank_move_cost_pairs"])
     assert st.reorder.rank_move_cost_pairs > 0

@@ -105,6 +105,50 @@ def test_every_planner_keeps_invariants(case):
         assert (objective(rep) <= objective(base) + 1e-6).all()
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(counts_strategy(), st.sampled_from([(50.0, 0.0), (300.0, 20.0), (1000.0, 200.0)]))
+def test_time_aware_replication_keeps_invariants_and_never_lengthens_a_layer(case, costs):
+    # with a GEMM-call cost the planner also exchanges experts between ranks: every plan is still valid,
+    # deterministic, computes every pair once, and no layer's critical path (GEMM work with its calls,
+    # busiest NIC) rises above the unreplicated one
+    topo, counts = case
+    overhead, copy_cost = costs
+    cfg = ReplicationConfig(replica_overhead_pairs=overhead, copy_cost_pairs=copy_cost)
+    plan = plan_relibra(counts, topo, mode="replicate", replication=cfg)
+    validate_plan(plan, counts)
+    check_deterministic(lambda: plan_relibra(counts, topo, mode="replicate", replication=cfg))
+    base = plan_relibra(counts, dataclasses.replace(topo, replica_slots=0), mode="replicate")
+    nodes = np.asarray(topo.node_of_rank)
+    cross = nodes[:, None] != nodes[None, :]
+    s = cfg.inter_node_share if topo.num_nodes > 1 else 0.0
+
+    def objective(p):
+        tokens, traffic, calls = plan_outcome(p, counts)
+        np.testing.assert_allclose(tokens.sum(-1), counts.sum((2, 3)))
+        nic = np.maximum((traffic * cross).sum(2).max(-1), (traffic * cross).sum(3).max(-1))
+        return (1 - s) * (tokens + overhead * calls).max(-1) + s * nic
+    assert (objective(plan) <= objective(base) + 1e-3).all()
+
+
+def test_an_exchange_balances_two_ranks_without_a_gemm_call():
+    # one node of 2 ranks, 2 experts each: rank 0 holds 700 + 300 pairs, rank 1 500 + 100; a GEMM call costs
+    # 300 pairs. The best move (50 pairs of expert 0 to rank 1) leaves GEMM work 950 + 2 calls and 650 + 3
+    # calls (1550 each); exchanging expert 0 (700) with expert 2 (500) leaves 800 + 2 calls on each (1400)
+    counts = np.zeros((1, 1, 2, 4), dtype=np.int64)
+    counts[0, 0, 0] = [700, 300, 500, 100]                               # all pairs from rank 0
+    topo = Topology(4, 2, 2, 1)
+    plan = plan_relibra(counts, topo, mode="replicate",
+                        replication=ReplicationConfig(replica_overhead_pairs=300, copy_cost_pairs=10))
+    validate_plan(plan, counts)
+    tokens, _, calls = plan_outcome(plan, counts)
+    assert tokens[0, 0].tolist() == [800, 800] and calls[0, 0].tolist() == [2, 2]
+    assert plan.replica_expert[0, 0, :, 0].tolist() == [2, 0]            # each holds the other's expert
+    # when the two copies cost more than the exchange gains, the planner moves instead (or does nothing)
+    dear = plan_relibra(counts, topo, mode="replicate",
+                        replication=ReplicationConfig(replica_overhead_pairs=300, copy_cost_pairs=1e6))
+    assert plan_outcome(dear, counts)[2][0, 0].sum() > 4 or (dear.replica_expert < 0).all()
+
+
 def test_replication_balances_one_node_exactly_enough():
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, 65) ** 1.2
