@@ -5,7 +5,7 @@ step (e.g. reordering) degrades to the native path for that step with one logged
 
   build(model_chunks, topo, cfg)       -> handle | None   RelibraRuntime + patch_layer for each MoE layer
   set_plan(handle, plan)                                   collective: validate + hash-check on every EP rank
-  extend_plan(handle, plan)                                collective: the same plan with more micro-batches
+  extend_plan(handle, plan, error=None)                    collective: the same plan with more micro-batches
   set_micro_batch(handle, m)                               before the forward (and the backward) of micro-batch m
   apply_placement(handle, placement, optimizer) -> int|None after optimizer.step: move weights + optimizer state
   canonical_export(handle, optimizer)  -> context manager  weights/checkpoints in canonical expert order
@@ -73,9 +73,9 @@ def set_plan(handle, plan) -> None:
         handle.set_plan(plan)
 
 
-def extend_plan(handle, plan) -> None:
+def extend_plan(handle, plan, error: str | None = None) -> None:
     if handle is not None:
-        handle.extend_plan(plan)
+        handle.extend_plan(plan, error=error)
 
 
 def set_micro_batch(handle, m: int) -> None:

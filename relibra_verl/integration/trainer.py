@@ -13,9 +13,10 @@ and runs natively. The verl patches (relibra_verl/patches/verl_engine.py) call, 
   finish(output)                        metrics into verl's metrics dict
   after_optimizer_step(engine)          apply the next placement (reordering) via the runtime
 
-The next placement (reordering) is only needed after the optimizer step, so it is planned in a background
-thread beside the mini-batch's forward and backward (numpy releases the GIL in its array work); only the
-replicas, needed before the first forward, are planned on the critical path (`relibra/plan_ms`).
+Only the first micro-batch's replicas, needed before its forward, are planned on the critical path
+(`relibra/plan_ms`). The other micro-batches' replicas (installed before micro-batch 1's forward) and the
+next placement (needed only after the optimizer step) are planned in a background thread beside the
+mini-batch's forward and backward (numpy releases the GIL in its array work).
 
 Without routes (R3 off, or a micro-batch without `routed_experts`) the mini-batch runs Megatron's plain
 dispatch, a warning is logged once and `relibra/fallbacks` counts the micro-batches; with
@@ -50,16 +51,16 @@ class RelibraError(RuntimeError):
     """relibra cannot run this mini-batch and the user asked for strict mode."""
 
 
-_reorder_pool: ThreadPoolExecutor | None = None
+_planner_pool: ThreadPoolExecutor | None = None
 
 
 def _planner() -> ThreadPoolExecutor:
     """One background thread per process for the plans not needed at once (pure numpy, in submission
     order): the replicas of a mini-batch's later micro-batches, then the next placement."""
-    global _reorder_pool
-    if _reorder_pool is None:
-        _reorder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
-    return _reorder_pool
+    global _planner_pool
+    if _planner_pool is None:
+        _planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
+    return _planner_pool
 
 
 def _timed(fn, *args, **kwargs):
@@ -287,8 +288,14 @@ class RelibraTrainer:
         """Install the rest of the mini-batch's replicas (planned in the background) on every EP rank. A
         planning error surfaces here on every rank alike (all plan from the same gathered counts)."""
         future, self._rest_future = self._rest_future, None
-        rest, ms = future.result()
-        plan = self.plan.followed_by(rest)
+        try:
+            rest, ms = future.result()
+            plan = self.plan.followed_by(rest)
+        except Exception as exc:
+            # the other ranks are entering extend_plan's agreement: join it with the error, so that every
+            # rank raises it instead of waiting for this one (a failure on one rank only, e.g. memory)
+            rb.extend_plan(self.runtime, None, error=f"{type(exc).__name__}: {exc}")
+            raise
         rb.extend_plan(self.runtime, plan)
         self.plan = plan
         if self.cfg.metrics:

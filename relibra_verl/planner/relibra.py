@@ -216,20 +216,33 @@ def _assign_ranks(load: np.ndarray, g: int, old_pos: np.ndarray, config: Reorder
     config.rank_move_cost_pairs > 0, like _assign_nodes: among packings of increasing stickiness and the
     previous assignment (where the node kept its experts), then the refining swap steps on the chosen
     one, the one with the least _rank_cost (busiest rank per micro-batch plus the busiest rank's arrivals)."""
-    if config.rank_move_cost_pairs <= 0:
-        pos_of = _pack_vectors(load, g, old_pos, config.rank_stickiness)
-        return _refine_by_swaps(load, _match_labels(pos_of, old_pos, g), g)
+    cost = None
+    if config.rank_move_cost_pairs > 0:
+        cost = lambda cand: _rank_cost(cand, load, old_pos, g, config.rank_move_cost_pairs, config.move_cost_pairs)
+    return _cheapest_assignment(load, g, old_pos, config.rank_stickiness, cost)
+
+
+def _cheapest_assignment(load: np.ndarray, num_bins: int, prev: np.ndarray, stickiness: float, cost) -> np.ndarray:
+    """Items -> bins (experts -> nodes, or a node's experts -> its ranks) for P problems. load: [P, n, M];
+    prev: [P, n] each item's previous bin (-1: none). Returns bin_of_item [P, n] (n / num_bins per bin).
+
+    cost None: one greedy packing at `stickiness`, labels matched to prev, refined by swaps. Otherwise
+    cost(candidates [C, P, n]) -> [C, P]: per problem the cheapest of packings at every stickiness level
+    and the previous assignment (where every item had a bin), then of the refining swap steps on it, so
+    that each problem keeps only the moves that pay for themselves."""
+    if cost is None:
+        return _refine_by_swaps(load, _match_labels(_pack_vectors(load, num_bins, prev, stickiness), prev, num_bins),
+                                num_bins)
     P, n, M = load.shape
-    levels = np.array(sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.rank_stickiness}))
+    # every stickiness level packed in one pass: [levels * P] problems
+    levels = np.array(sorted(set(_NODE_STICKINESS_CANDIDATES) | {stickiness}))
     K = len(levels)
-    packed = _pack_vectors(np.tile(load, (K, 1, 1)), g, np.tile(old_pos, (K, 1)), np.repeat(levels, P))
-    packed = _match_labels(packed, np.tile(old_pos, (K, 1)), g).reshape(K, P, n)
-    kept = (old_pos >= 0).all(axis=1, keepdims=True)                    # the node holds the same experts
-    previous = np.where(kept, old_pos, packed[0])
+    packed = _pack_vectors(np.tile(load, (K, 1, 1)), num_bins, np.tile(prev, (K, 1)), np.repeat(levels, P))
+    packed = _match_labels(packed, np.tile(prev, (K, 1)), num_bins).reshape(K, P, n)
+    previous = np.where((prev >= 0).all(axis=1, keepdims=True), prev, packed[0])
     stacked = np.concatenate([previous[None], packed])                   # [C, P, n]
-    cost = lambda cand: _rank_cost(cand, load, old_pos, g, config.rank_move_cost_pairs, config.move_cost_pairs)
     chosen = stacked[np.argmin(cost(stacked), axis=0), np.arange(P)]     # ties: the previous one
-    steps = _refine_by_swaps(load, chosen, g, every_step=True)          # [steps + 1, P, n]
+    steps = _refine_by_swaps(load, chosen, num_bins, every_step=True)   # [steps + 1, P, n]
     return steps[np.argmin(cost(steps), axis=0), np.arange(P)]
 
 
@@ -302,10 +315,7 @@ def _refine_by_swaps(load: np.ndarray, node_of: np.ndarray, N: int, iters: int =
         members[do, h[do], i[do]], members[do, k[do], j[do]] = b, a
         if every_step:
             steps.append(assignment())
-    if every_step:
-        return np.stack(steps)
-    node_of = assignment()
-    return node_of
+    return np.stack(steps) if every_step else assignment()
 
 
 def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: ReorderConfig,
@@ -317,25 +327,13 @@ def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: Reord
     refined by swaps. Otherwise, per layer, the cheapest of several stickiness levels and of keeping the
     previous assignment, then of the refining swap steps on it, where cost = _node_cost: per micro-batch
     the busiest node's pairs per rank and (inter_node_share > 0) the busiest NIC, plus the moves' cost
-    (moves run in parallel over the G ranks). The candidates balance pairs; the cost picks among them the
-    one whose sends and receives across nodes are most even."""
-    if config.move_cost_pairs <= 0 and config.inter_node_share <= 0:
-        node_of = _pack_vectors(load, N, prev_node, config.node_stickiness)
-        return _refine_by_swaps(load, _match_labels(node_of, prev_node, N), N)
-    L, E, M = load.shape
-    inter = None if counts is None or config.inter_node_share <= 0 else _InterNodeLoads(np.asarray(counts), topo, load)
-    cost = lambda cand: _node_cost(cand, load, prev_node, config, topo, inter)
-    # every stickiness level packed in one pass: [levels * L] problems
-    levels = np.array(sorted(set(_NODE_STICKINESS_CANDIDATES) | {config.node_stickiness}))
-    K = len(levels)
-    packed = _pack_vectors(np.tile(load, (K, 1, 1)), N, np.tile(prev_node, (K, 1)), np.repeat(levels, L))
-    packed = _match_labels(packed, np.tile(prev_node, (K, 1)), N).reshape(K, L, E)
-    stacked = np.concatenate([prev_node[None], packed])                  # [C, L, E]
-    best = np.argmin(cost(stacked), axis=0)                              # ties: the previous one
-    chosen = stacked[best, np.arange(L)]
-    # swaps repair what the greedy left on the chosen assignment: each layer keeps as many as pay for their moves
-    steps = _refine_by_swaps(load, chosen, N, every_step=True)          # [steps + 1, L, E]
-    return steps[np.argmin(cost(steps), axis=0), np.arange(L)]
+    (moves run in parallel over the G ranks; _cheapest_assignment). The candidates balance pairs; the cost
+    picks among them the one whose sends and receives across nodes are most even."""
+    cost = None
+    if config.move_cost_pairs > 0 or config.inter_node_share > 0:
+        inter = None if counts is None or config.inter_node_share <= 0 else _InterNodeLoads(np.asarray(counts), topo, load)
+        cost = lambda cand: _node_cost(cand, load, prev_node, config, topo, inter)
+    return _cheapest_assignment(load, N, prev_node, config.node_stickiness, cost)
 
 
 class _InterNodeLoads:
@@ -664,8 +662,8 @@ def _best_move(state: _ReplicaState, live: np.ndarray, donors: np.ndarray, home_
     donors: [n, D] ranks (in the node); home_r, home_l: [n, D, S] pairs left at the donors' home slots
     (from other nodes, from the home node); blocked: [n, D, S, g] (the receiver holds a copy or has no
     free slot); capped: [n, D] donors at their copy cap; free_slots: [n, g].
-    Returns donor, slot, receiver, amount, inter-node part ([n] each) and go [n] (a move lowers J, or
-    keeps it and evens out the ranks).
+    Returns donor, slot, receiver, amount, inter-node part, go (a move lowers J, or keeps it and moves
+    pairs) and the score ([n] each).
     """
     n, D, S = home_r.shape
     g = free_slots.shape[1]

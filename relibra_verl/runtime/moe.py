@@ -150,12 +150,17 @@ class RelibraRuntime:
         self.micro_batch = 0
         self._tables = {}
 
-    def extend_plan(self, plan: BatchPlan) -> None:
+    def extend_plan(self, plan: BatchPlan | None, error: str | None = None) -> None:
         """Replace the installed plan by one that covers more micro-batches and equals it on those it
         covers (collective, checked like set_plan): the rest of a mini-batch, planned while its first
-        micro-batches ran. The current micro-batch, cached tables and replica weights stay."""
-        if self.plan is None:
+        micro-batches ran. The current micro-batch, cached tables and replica weights stay. error: this
+        rank could not make the plan (plan None); every rank raises it."""
+        if error is not None:
+            err = f"extend_plan: {error}"
+        elif self.plan is None:
             err = "extend_plan: no plan installed to extend"
+        elif plan is None:
+            err = "extend_plan: no plan given"
         else:
             M0 = self.plan.num_micro_batches
             err = self._validate(plan)

@@ -34,14 +34,28 @@ def replica_copy_seconds(model: ModelPreset, profile: HardwareProfile) -> tuple[
             model.expert_params * profile.grad_bytes_per_param / p2p)
 
 
+def exposed_copy_seconds(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True) -> float:
+    """Critical-path seconds of one replica's copies: forward copy, backward re-copy and gradient reduce,
+    all of them online, the contention share when sent ahead (relibra_verl.sim.cost)."""
+    w, g = replica_copy_seconds(model, profile)
+    return (2.0 * w + g) * (profile.replica_contention_share if prefetch else 1.0)
+
+
+def _pair_costs(model: ModelPreset, profile: HardwareProfile) -> tuple[float, float]:
+    """(GEMM, InfiniBand) seconds of one routed pair: its expert compute forward and backward, and its bytes
+    in the layer's 4 all-to-alls (dispatch and combine, forward and backward) at the inter-node rate."""
+    _, b = expert_gemm_coeffs(model, profile)
+    return (1.0 + profile.bwd_compute_factor) * b, 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
+
+
 def pair_seconds(model: ModelPreset, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
     """Critical-path seconds one routed pair costs the rank that computes it: its expert GEMMs (forward
     and backward) and its bytes in the layer's 4 all-to-alls on the busier link, the rank's pairs coming
     evenly from all N * g ranks ((N-1)/N over InfiniBand, (g-1)/(N g) over NVLink)."""
-    _, b = expert_gemm_coeffs(model, profile)
+    gemm, ib = _pair_costs(model, profile)
     N, g = max(1, num_nodes), max(1, gpus_per_node)
-    per_byte = max((N - 1) / N / (profile.ib_a2a_GBps * 1e9), (g - 1) / (N * g) / (profile.nvlink_a2a_GBps * 1e9))
-    return (1.0 + profile.bwd_compute_factor) * b + 4.0 * model.hidden * profile.act_bytes * per_byte
+    nvl = 4.0 * model.hidden * profile.act_bytes / (profile.nvlink_a2a_GBps * 1e9)
+    return gemm + max((N - 1) / N * ib, (g - 1) / (N * g) * nvl)
 
 
 def min_replica_tokens(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True,
@@ -50,18 +64,16 @@ def min_replica_tokens(model: ModelPreset, profile: HardwareProfile, *, prefetch
     include_call=False: the copies only, for a planner that already charges each replica's GEMM call to
     its receiver (ReplicationConfig.replica_overhead_pairs)."""
     a, _ = expert_gemm_coeffs(model, profile)
-    w, g = replica_copy_seconds(model, profile)
-    copy = 2.0 * w + g  # forward copy, backward re-copy, gradient reduce
-    exposed = copy * (profile.replica_contention_share if prefetch else 1.0)
     call = (1.0 + profile.bwd_compute_factor) * a if include_call else 0.0
+    exposed = exposed_copy_seconds(model, profile, prefetch=prefetch)
     return max(1, math.ceil((call + exposed) / pair_seconds(model, profile, num_nodes, gpus_per_node)))
 
 
 def replica_overhead_tokens(model: ModelPreset, profile: HardwareProfile) -> int:
     """A replica's extra GEMM call expressed in routed pairs of GEMM work (a / b): what a planner should
     charge a receiving rank per replica so that the ranks' expert compute, not just their pair counts,
-    ends even. (The call costs compute only; the planner balances the ranks' NVLink and InfiniBand
-    receive separately, so the charge is in GEMM pairs, not in pair_seconds.)"""
+    ends even. (The call costs compute only; the planner weighs the ranks' InfiniBand receive
+    separately, so the charge is in GEMM pairs, not in pair_seconds.)"""
     a, b = expert_gemm_coeffs(model, profile)
     return max(0, math.ceil(a / b))
 
@@ -71,10 +83,8 @@ def copy_cost_pairs(model: ModelPreset, profile: HardwareProfile, *, prefetch: b
     GEMM work ((1 + f) * b each): the exposed part of its forward copy, backward re-copy and gradient
     reduce (all of it online; sent ahead, the contention share: relibra_verl.sim.cost). The planner's
     ReplicationConfig.copy_cost_pairs."""
-    _, b = expert_gemm_coeffs(model, profile)
-    w, g = replica_copy_seconds(model, profile)
-    exposed = (2.0 * w + g) * (profile.replica_contention_share if prefetch else 1.0)
-    return exposed / ((1.0 + profile.bwd_compute_factor) * b)
+    gemm, _ = _pair_costs(model, profile)
+    return exposed_copy_seconds(model, profile, prefetch=prefetch) / gemm
 
 
 def max_copies_per_owner(model: ModelPreset, profile: HardwareProfile, tokens_per_rank: int, *,
@@ -88,11 +98,11 @@ def max_copies_per_owner(model: ModelPreset, profile: HardwareProfile, tokens_pe
     return max(1, int(window // w))
 
 
-def migration_seconds_per_expert(model: ModelPreset, profile: HardwareProfile) -> float:
-    """Critical-path seconds to move one expert's full state (3*H*I x state_bytes) over IB from one rank:
-    what a reordering move must repay (relibra_verl.sim.cost, migration term)."""
-    return (model.expert_params * profile.state_bytes_per_param / (profile.ib_bulk_GBps * 1e9)
-            * profile.migration_exposed_share)
+def migration_seconds_per_expert(model: ModelPreset, profile: HardwareProfile, *, within_node: bool = False) -> float:
+    """Critical-path seconds to move one expert's full state (3*H*I x state_bytes) to a rank, over IB (or
+    NVLink, within_node): what a reordering move must repay (relibra_verl.sim.cost, migration term)."""
+    GBps = profile.nvlink_p2p_GBps if within_node else profile.ib_bulk_GBps
+    return model.expert_params * profile.state_bytes_per_param / (GBps * 1e9) * profile.migration_exposed_share
 
 
 def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
@@ -101,29 +111,25 @@ def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
     node) against the experts it moves across nodes. A pair on the busiest node costs its expert compute
     (forward + backward) and, since node imbalance is what InfiniBand receive imbalance is made of, its
     4 all-to-all crossings (dispatch and combine, forward and backward) at the inter-node rate."""
-    _, b = expert_gemm_coeffs(model, profile)
-    per_pair = (1.0 + profile.bwd_compute_factor) * b + 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
-    return migration_seconds_per_expert(model, profile) / per_pair
+    return migration_seconds_per_expert(model, profile) / sum(_pair_costs(model, profile))
 
 
 def rank_move_cost_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
     """A move between ranks of one node in routed pairs on the busiest rank: ReorderConfig's
     rank_move_cost_pairs. The move sends the expert's full state over NVLink (its exposed share, as in
     the migration term); a pair on the busiest rank costs pair_seconds (GEMMs and all-to-all bytes)."""
-    seconds = (model.expert_params * profile.state_bytes_per_param / (profile.nvlink_p2p_GBps * 1e9)
-               * profile.migration_exposed_share)
-    return seconds / pair_seconds(model, profile, num_nodes, gpus_per_node)
+    return (migration_seconds_per_expert(model, profile, within_node=True)
+            / pair_seconds(model, profile, num_nodes, gpus_per_node))
 
 
 def inter_node_share(model: ModelPreset, profile: HardwareProfile) -> float:
     """The share of a routed pair's cost that is its inter-node transfer when it crosses nodes:
     c_ib / (c_gemm + c_ib), c_ib = its bytes in the 4 all-to-alls at the inter-node rate, c_gemm = its
-    expert compute (forward + backward). The planner's ReorderConfig.inter_node_share: it weighs the
-    busiest NIC against the busiest node's GEMMs when it assigns experts to nodes (the same per-pair
-    cost as move_cost_pairs, which is in these pairs)."""
-    _, b = expert_gemm_coeffs(model, profile)
-    c_ib = 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
-    return c_ib / ((1.0 + profile.bwd_compute_factor) * b + c_ib)
+    expert compute (forward + backward). The planner's ReplicationConfig.inter_node_share (and
+    ReorderConfig's): it weighs the busiest NIC against the busiest rank's (node's) GEMMs (the same
+    per-pair cost as move_cost_pairs, which is in these pairs)."""
+    gemm, ib = _pair_costs(model, profile)
+    return ib / (gemm + ib)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +151,8 @@ def planner_limits(model, profile: HardwareProfile, num_nodes: int, gpus_per_nod
     """The time-aware planner inputs that need no attention shapes: ReplicationConfig's min_replica_tokens
     (the copies only: the GEMM call is replica_overhead_pairs, charged to the receiver; prefetch: copies
     sent ahead), replica_overhead_pairs, copy_cost_pairs and inter_node_share (also ReorderConfig's, where
-    the NIC-aware node assignment is on), ReorderConfig's move_cost_pairs and rank_move_cost_pairs. model: a ModelPreset or an
-    ExpertShape."""
+    the NIC-aware node assignment is on), ReorderConfig's move_cost_pairs and rank_move_cost_pairs.
+    model: a ModelPreset or an ExpertShape."""
     return {"min_replica_tokens": min_replica_tokens(model, profile, prefetch=prefetch, include_call=False,
                                                      num_nodes=num_nodes, gpus_per_node=gpus_per_node),
             "replica_overhead_pairs": replica_overhead_tokens(model, profile),

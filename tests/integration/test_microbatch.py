@@ -9,7 +9,7 @@ import pytest
 from _data import v1_batch
 from relibra_verl.config import RelibraConfig
 from relibra_verl.integration.microbatch import MissingRoutes, local_route_rows, micro_batch_loads
-from relibra_verl.planner.types import Topology
+from relibra_verl.planner.types import PlanError, Topology
 from relibra_verl.planner.validate import validate_plan
 
 E, K, L = 8, 2, 2
@@ -47,8 +47,14 @@ def _trainer(cfg, G=2):
     st.topo = Topology(num_experts=E, ep_size=G, gpus_per_node=G, replica_slots=cfg.replica_slots)
     st.moe_layers, st.num_layers, st.ready = MOE, L, True
     plans = []
+
+    def extend_plan(plan, error=None):   # the runtime raises a rank's error on every rank (a PlanError)
+        if error is not None:
+            raise PlanError(f"relibra plan rejected: extend_plan: {error}")
+        plans.append(plan)
+
     st.runtime = types.SimpleNamespace(topo=st.topo, expert_at_home=np.tile(np.arange(E), (L, 1)), plans=plans,
-                                       set_plan=plans.append, extend_plan=plans.append,
+                                       set_plan=plans.append, extend_plan=extend_plan,
                                        set_micro_batch=lambda m: None)  # runtime stand-in
     st._all_gather = lambda local: np.stack([local] * G)  # G ranks with the same (skewed) loads
     return st
@@ -192,8 +198,6 @@ def test_worker_attach_validates_and_attaches_to_the_actor_engine_only(caplog):
 def test_a_failing_background_reorder_surfaces_after_the_optimizer_step():
     from concurrent.futures import Future
 
-    from relibra_verl.planner.types import PlanError
-
     st = _trainer(RelibraConfig(enable=True, replica_slots=1))
     failed = Future()
     failed.set_exception(PlanError("previous placement has shape (1, 2), expected (4, 8)"))
@@ -208,7 +212,6 @@ def test_a_failing_background_replica_plan_surfaces_before_micro_batch_1(monkeyp
     from verl.workers.engine.megatron import transformer_impl as ti
 
     from relibra_verl.integration import trainer as tr
-    from relibra_verl.planner.types import PlanError
 
     real = tr.plan_relibra
 

@@ -197,12 +197,14 @@ CASES = {
     "bad_diverging": lambda r, w: _compare(r, w, R=2, plan_fn=_diverging, seed=12),
     "extend_plan": lambda r, w: _extend(r, w, bad=False),
     "bad_extend_plan": lambda r, w: _extend(r, w, bad=True),
+    "bad_extend_plan_one_rank_failed": lambda r, w: _extend(r, w, bad=False, failed_rank=1),
 }
 
 
-def _extend(rank, world, *, bad):
+def _extend(rank, world, *, bad, failed_rank=None):
     """A mini-batch planned in two parts: micro-batch 0's plan, then (extend_plan) the whole. A whole whose
-    first micro-batch differs from the installed one is refused on every rank."""
+    first micro-batch differs from the installed one is refused on every rank; a rank that could not plan
+    the rest (failed_rank) brings its error to the agreement and every rank raises it."""
     from relibra_verl.planner.types import BatchPlan, Topology
     from relibra_verl.runtime import harness
     from relibra_verl.runtime.moe import RelibraRuntime, RelibraRuntimeError
@@ -224,7 +226,10 @@ def _extend(rank, world, *, bad):
         outside = str(exc)
     if bad:
         whole.replica_quota[0] += (whole.replica_expert[0] >= 0)[..., None]   # micro-batch 0 planned again, differently
-    rt.extend_plan(whole)
+    if rank == failed_rank:
+        rt.extend_plan(None, error="MemoryError: the planner thread ran out of memory")
+    else:
+        rt.extend_plan(whole)
     rt.set_micro_batch(1)
     return {"outside": outside, "micro_batches": rt.plan.num_micro_batches, "micro_batch": rt.micro_batch,
             "tables_kept": bool(torch.equal(rt.tables(0, m=0)[1], before))}

@@ -98,7 +98,8 @@ def test_extend_plan_installs_the_rest_of_the_mini_batch(megatron_suite):
 @pytest.mark.parametrize("name,needle", [("bad_other_E", "plan is for E=16"),
                                          ("bad_off_node", "off its home node"),
                                          ("bad_diverging", "different relibra plans"),
-                                         ("bad_extend_plan", "does not begin with the installed plan")])
+                                         ("bad_extend_plan", "does not begin with the installed plan"),
+                                         ("bad_extend_plan_one_rank_failed", "MemoryError: the planner thread")])
 def test_bad_plans_raise_same_error_everywhere(megatron_suite, name, needle):
     errs = [r[name] for r in megatron_suite]
     assert all(e.get("error") == "RelibraRuntimeError" for e in errs), errs
