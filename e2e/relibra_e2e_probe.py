@@ -11,7 +11,8 @@ as JSON lines under $RELIBRA_E2E_PROBE_DIR (one file per process):
     `routed_experts`, prompt and response lengths), seen where verl's agent loop receives it;
   * `sample`: every rollout's prompt and generated token ids (training and validation), to compare the
     tokens of the relibra-on and -off runs;
-  * `export`: a fingerprint of every tensor the actor sends to vLLM, per weight sync;
+  * `export`: a fingerprint of every tensor the actor sends to vLLM, per weight sync
+    (RELIBRA_E2E_FAULT=swap_experts makes the export non-canonical on purpose, to see the checks fail);
   * `replay_mismatch`: on the actor's first batch, before verl's first log-prob pass, one extra forward
     pass in which verl hands the rollout's routes to the routers (set_router_replay_data, R3 mask) but the
     routers keep their own top-k; per MoE layer, how many replayable (token, layer) rows chose other
@@ -182,6 +183,7 @@ def _patch_weight_export(mod) -> None:
 
             prints = {}
             for name, tensor in gen:
+                name = _swapped(name) if os.environ.get("RELIBRA_E2E_FAULT") == "swap_experts" else name
                 t = tensor.detach().double().flatten().cpu()
                 w = torch.arange(1, t.numel() + 1, dtype=torch.float64) / t.numel()
                 prints[name] = [float(t.sum()), float((t * t).sum()), float((t * w).sum())]
@@ -191,6 +193,15 @@ def _patch_weight_export(mod) -> None:
         return fingerprinted(), extra
 
     cls.get_per_tensor_param = get_per_tensor_param
+
+
+def _swapped(name: str) -> str:
+    """Fault injection for checking the checks (RELIBRA_E2E_FAULT=swap_experts): experts 0 and 1 of every
+    layer exchange names in the export, as a non-canonical export would."""
+    for a, b in ((".mlp.experts.0.", ".mlp.experts.1."), (".mlp.experts.1.", ".mlp.experts.0.")):
+        if a in name:
+            return name.replace(a, b)
+    return name
 
 
 _TARGETS = {

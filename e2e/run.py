@@ -176,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=STEPS_DEFAULT)
     ap.add_argument("--timeout", type=int, default=1500, help="seconds per training run")
     ap.add_argument("--only", choices=["relibra_on", "relibra_off"], help="run one side only (debugging)")
+    ap.add_argument("--fault", choices=["swap_experts"],
+                    help="break the relibra-on run's weight export on purpose: the checks must then fail")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     wall = {}
@@ -189,7 +191,10 @@ def main(argv=None) -> int:
     for name in ("relibra_on", "relibra_off"):
         if a.only and name != a.only:
             continue
+        if a.fault and name == "relibra_on":
+            os.environ["RELIBRA_E2E_FAULT"] = a.fault
         runs[name] = run_one(name, assets, a.out, a.steps, a.timeout)
+        os.environ.pop("RELIBRA_E2E_FAULT", None)
         wall[name] = runs[name]["wall_s"]
     from summarize import summarize
 

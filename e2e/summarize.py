@@ -188,7 +188,8 @@ def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> t
             bad = [(i + 1, on[key][i], off[key][i]) for i in comparable if not _close(on[key][i], off[key][i], **tol)]
             checks[f"{key}_equal"] = bool(comparable) and 0 in comparable and not bad
             if not checks[f"{key}_equal"]:
-                failures.append(f"{key} differ beyond {tol} on identical rollouts (step, on, off): {bad}")
+                failures.append(f"{key}: no step with identical rollouts to compare" if 0 not in comparable else
+                                f"{key} differ beyond {tol} on identical rollouts (step, on, off): {bad}")
         checks["max_rel_diff"] = {key: max((abs(on[key][i] - off[key][i]) / max(abs(off[key][i]), 1e-12)
                                             for i in comparable), default=None) for key in ("losses", "grad_norms")}
         order = canonical_order(on["_probe"], off["_probe"])
