@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from relibra_verl.planner.types import BatchPlan, PlanError, Topology, invert_placement
+from relibra_verl.runtime.executed import ExecutedCounts
 from relibra_verl.runtime.slots import physical_routing
 
 
@@ -61,6 +62,8 @@ class RuntimeMetrics:
     fetches_ahead: int = 0           # replica fetches issued before the layer needed them (prefetch)
     fetches_blocking: int = 0        # replica fetches issued when needed (no prefetch, or a miss)
     fetches_reused: int = 0          # backward uses served by weights still in the pool (no transfer)
+    grad_returns_async: int = 0      # replica-gradient returns left in flight past their layer's backward
+    grad_returns_blocking: int = 0   # ... waited for at once (DDP params with main_grad and no attach_ddp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,6 +110,11 @@ class RelibraRuntime:
         self._pool: torch.Tensor | None = None
         self._tables: dict = {}
         self.replicas = _ReplicaBuffers(self)  # send-ahead pool (used when prefetch is on)
+        from relibra_verl.runtime.grouped import GradReturn  # grouped imports this module
+
+        self.grad_return = GradReturn(self)    # replica gradients in flight to their owners (grouped experts)
+        self.executed = ExecutedCounts()       # tokens each physical slot computed, on device
+        self.events: list | None = None        # set to [] to record the order of transfers (tests)
 
     # ---- layers ----------------------------------------------------------------------------------
     def patch_layer(self, layer, layer_index: int) -> None:
@@ -134,6 +142,7 @@ class RelibraRuntime:
         experts._relibra_plain = False
         state.param_names = [_expert_param_names(experts, i) for i in range(t.S)]
         state.numel = sum(dict(experts.named_parameters())[n].numel() for n in state.param_names[0])
+        state.grouped = _grouped_linears(experts, state.param_names[0], t.S)
         self.layers.append(state)
         if self.expert_at_home is None or self.expert_at_home.shape[0] < len(self.layers):
             ident = np.arange(t.E, dtype=np.int64)[None]
@@ -146,6 +155,7 @@ class RelibraRuntime:
         if any rank's plan is invalid or the ranks' plans differ; None means home-only dispatch."""
         self._agree(plan, None if plan is None else self._validate(plan))
         self.replicas.invalidate()
+        self.executed.reset()
         self.plan = plan
         self.micro_batch = 0
         self._tables = {}
@@ -257,6 +267,45 @@ class RelibraRuntime:
             self.metrics.fallback_micro_batches += 1
         return self._tables[key]
 
+    def attach_ddp(self, model_chunks) -> int:
+        """Let replica gradients of grouped experts stay in flight until Megatron DDP reduces their bucket:
+        each bucket group's `start_grad_sync` first waits for the pending returns into its parameters. Without
+        it, a parameter that has `main_grad` (DDP) gets its replica gradients waited for at once. Returns the
+        number of bucket groups hooked."""
+        chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+        hooked = 0
+        for chunk in chunks:
+            for bg in list(getattr(chunk, "bucket_groups", [])) + list(getattr(chunk, "expert_parallel_bucket_groups", [])):
+                if getattr(bg, "_relibra_hooked", False):
+                    continue
+                start = bg.start_grad_sync
+
+                def start_grad_sync(*a, _start=start, _params=bg.params, **k):
+                    self.grad_return.drain(_params)
+                    return _start(*a, **k)
+
+                bg.start_grad_sync = start_grad_sync
+                bg._relibra_hooked = True
+                self.grad_return.ddp_params |= set(bg.params)
+                hooked += 1
+        return hooked
+
+    def executed_tokens(self) -> np.ndarray:
+        """Tokens each physical slot computed since the last set_plan, all EP ranks (collective; one host
+        read per call, at step end): [M, L, G, S+R] int64, M = micro-batches seen."""
+        local = self.executed.read(len(self.layers), self.topo.S + self.topo.R)  # [M, L, S+R]
+        gathered = [None] * self.topo.G
+        dist.all_gather_object(gathered, local, group=self.ep_group)
+        M = max(g.shape[0] for g in gathered)
+        out = np.zeros((M, len(self.layers), self.topo.G, self.topo.S + self.topo.R), dtype=np.int64)
+        for r, g in enumerate(gathered):
+            out[: g.shape[0], :, r] = g
+        return out
+
+    def _event(self, kind: str, layer: int) -> None:
+        if self.events is not None:
+            self.events.append((kind, layer))
+
     def pool(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         """The shared replica pool: R expert slots of `numel` elements (grown to the largest expert)."""
         need = self.topo.R * numel
@@ -282,6 +331,11 @@ def _check_supported(cfg) -> None:
         bad.append("expert_tensor_parallel_size > 1")
     if getattr(cfg, "cuda_graph_impl", "none") != "none":
         bad.append("CUDA-graph capture")
+    if getattr(cfg, "moe_grouped_gemm", False):
+        if getattr(cfg, "use_transformer_engine_op_fuser", False):
+            bad.append("use_transformer_engine_op_fuser (fused grouped MLP: no per-group weights to extend)")
+        if getattr(cfg, "fp8", None) or getattr(cfg, "fp4", None):
+            bad.append("FP8/FP4 grouped experts (per-group quantization state)")
     if bad:
         raise RelibraRuntimeError("relibra does not support yet: " + ", ".join(bad))
 
@@ -354,6 +408,7 @@ class _LayerState:
         self.recompute_queue: list[int] = []  # micro-batches awaiting their recompute (MoE recompute)
         self.param_names: list[list[str]] = []
         self.numel = 0
+        self.grouped: list | None = None  # [(linear module, "weight"|"bias")] per expert parameter (grouped GEMM)
 
 
 def _expert_param_names(experts, i: int) -> list[str]:
@@ -368,6 +423,18 @@ def _expert_param_names(experts, i: int) -> list[str]:
     raise RelibraRuntimeError(f"cannot find the parameters of local expert {i} in {type(experts).__name__}")
 
 
+def _grouped_linears(experts, names, S):
+    from relibra_verl.runtime.grouped import grouped_linears
+
+    return grouped_linears(experts, names, S)
+
+
+def _grouped_forward(*args):
+    from relibra_verl.runtime.grouped import grouped_forward
+
+    return grouped_forward(*args)
+
+
 class _RelibraExpertsMixin:
     """Home slots through the stock forward; replica slots through the same structure, fetched weights."""
 
@@ -377,11 +444,15 @@ class _RelibraExpertsMixin:
             return super().forward(hidden, tokens_per_expert, probs, **kwargs)
         rt = state.runtime
         S = rt.topo.S
+        m, rep = state.active
+        if not _in_backward():  # a recompute inside the backward computes the same tokens again: not counted
+            rt.executed.add(m, state.index, tokens_per_expert)
         tpe = tokens_per_expert.cpu() if torch.is_tensor(tokens_per_expert) else torch.as_tensor(tokens_per_expert)
         n_home = int(tpe[:S].sum())
-        m, rep = state.active
         if rt.prefetch:  # the next layer to run: l+1 in the forward, l-1 in a recompute inside the backward
             rt.replicas.prefetch(m, state.index + (-1 if _in_backward() else 1))
+        if state.grouped is not None:
+            return _grouped_forward(self, super().forward, state, m, rep, hidden, tpe, probs, kwargs)
         out_home, bias = super().forward(hidden[:n_home], tpe[:S], probs[:n_home], **kwargs)
         plan = _sync_plan(rt, state, rep)
         if plan is None:  # no replica in this node for this (micro-batch, layer): nothing to join
