@@ -10,7 +10,8 @@ The runtime executes plans; it never decides them. Per patched MoE layer:
   them) and gains replica slots: the same module structure run by `torch.func.functional_call` with the
   local expert's parameters swapped for fetched replica weights. The only structural assumption is how a
   local expert's parameters are named: `local_experts.{i}.*` (SequentialMLP) or `*weight{i}` /
-  `*bias{i}` (TEGroupedMLP-style); see `_expert_param_names`. Exercised on CPU: SequentialMLP only.
+  `*bias{i}` (TEGroupedMLP-style); see `_expert_param_names`. Used for SequentialMLP (grouped experts run
+  their replicas inside the grouped call instead, below).
 * replica weights: fetched from the home rank inside the node group by `_ReplicaExperts`, an autograd
   function that also takes the dispatched tokens (so every rank of the node joins the backward
   collective, even with empty replica slots) and returns the replica gradients to the owner's parameters
@@ -24,10 +25,18 @@ The runtime executes plans; it never decides them. Per patched MoE layer:
   slots per rank instead of R), and after a forward it still holds the last two layers' replicas, which
   their backward reuses. `prefetch=False`: one buffer, a blocking all-to-all fetch per use.
 
+* grouped experts (`TEGroupedMLP`): replica slots are extra groups of the same grouped-GEMM call, and replica
+  gradients return to their owners asynchronously (runtime/grouped.py).
+* permutation 1 over physical slots: relibra's Triton kernels with `kernels="triton"` (or "auto" on CUDA), and
+  their torch reference in place of TE's fused permute when the config asks for `moe_permute_fusion`;
+  Megatron's unfused permute otherwise (`_permute_backend`; each call counted in metrics.permute_calls).
+* executed balance: tokens per physical slot counted on device per (micro-batch, layer), read at step end
+  (`executed_tokens`, runtime/executed.py).
+
 Not supported yet (refused at patch time with a clear error): EP-overlap schedule, delayed wgrad,
-CUDA-graph capture of the MoE preprocess, permute fusion, drop-and-pad, router padding for quantization,
-expert TP > 1. MoE-layer recompute works (micro-batches are replayed FIFO in the recompute, as Megatron's
-RouterReplay does).
+CUDA-graph capture of the MoE preprocess, drop-and-pad, router padding for quantization, expert TP > 1, and
+for grouped experts the TE op-fuser path and FP8/FP4. MoE-layer recompute works (micro-batches are replayed
+FIFO in the recompute, as Megatron's RouterReplay does).
 """
 from __future__ import annotations
 
@@ -64,6 +73,7 @@ class RuntimeMetrics:
     fetches_reused: int = 0          # backward uses served by weights still in the pool (no transfer)
     grad_returns_async: int = 0      # replica-gradient returns left in flight past their layer's backward
     grad_returns_blocking: int = 0   # ... waited for at once (DDP params with main_grad and no attach_ddp)
+    permute_calls: dict = dataclasses.field(default_factory=dict)  # dispatches by permute path (_permute_backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,8 +331,6 @@ def _check_supported(cfg) -> None:
         bad.append("overlap_moe_expert_parallel_comm (EP-overlap schedule)")
     if getattr(cfg, "delay_wgrad_compute", False) or getattr(cfg, "overlap_dispatch_backward_with_experts_wgrad", False):
         bad.append("delayed weight-gradient computation")
-    if getattr(cfg, "moe_permute_fusion", False):
-        bad.append("moe_permute_fusion")
     if getattr(cfg, "moe_pad_expert_input_to_capacity", False):
         bad.append("moe_pad_expert_input_to_capacity (drop-and-pad)")
     if getattr(cfg, "moe_router_padding_for_quantization", False):
@@ -377,18 +385,75 @@ def _dispatcher_cls():
                     if state.index == 0 and not _in_backward():
                         rt.replicas.invalidate()  # a new forward: weights may have changed since the pool filled
                     rt.replicas.prefetch(m, state.index)  # overlaps the token all-to-all
-                routing_map, probs = physical_routing(
-                    routing_map, probs, copy_slot.to(routing_map.device), quota.to(routing_map.device),
-                    self.num_experts, kernels=state.runtime.kernels)
-                return super().dispatch_preprocess(hidden_states, routing_map, probs)
+                backend = _permute_backend(rt.kernels, state.permute_fusion, hidden_states.device)
+                rt.metrics.permute_calls[backend] = rt.metrics.permute_calls.get(backend, 0) + 1
+                wide = physical_routing(routing_map, probs, copy_slot.to(routing_map.device),
+                                        quota.to(routing_map.device), self.num_experts, kernels=rt.kernels,
+                                        pairs=backend != "megatron")
+                self._relibra_permute = None
+                if backend == "megatron":
+                    return super().dispatch_preprocess(hidden_states, *wide)
+                return self._relibra_dispatch_preprocess(hidden_states, backend, *wide)
+
+            def _relibra_dispatch_preprocess(self, hidden_states, backend, routing_map, probs, slot_TK, probs_TK):
+                """The stock preprocess (split sizes from the physical routing map, shared experts, sync point)
+                with relibra's permute kernel as permutation 1 (same row order: by slot, then token)."""
+                from relibra_verl.kernels import permute
+
+                self.hidden_shape = hidden_states.shape
+                self.probs, self.routing_map = probs, routing_map
+                hidden = hidden_states.view(-1, self.hidden_shape[-1])
+                self.tokens_per_expert = self.preprocess(routing_map)
+                if self.shared_experts is not None:
+                    self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+                self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1",
+                                                                          self.tokens_per_expert)
+                self.hidden_shape_before_permute = hidden.shape
+                num_out = self.num_out_tokens if isinstance(self.num_out_tokens, int) else None
+                permuted, permuted_probs, row_index = permute(
+                    hidden, probs_TK, slot_TK, routing_map.sum(dim=0), backend=backend, validate=False,
+                    num_out=num_out)
+                self._relibra_permute = (backend, row_index, torch.ones_like(probs_TK, dtype=hidden.dtype))
+                return permuted, permuted_probs
+
+            def combine_postprocess(self, permutated_local_input_tokens):
+                if getattr(self, "_relibra_permute", None) is None:
+                    return super().combine_postprocess(permutated_local_input_tokens)
+                from relibra_verl.kernels import unpermute
+
+                backend, row_index, ones = self._relibra_permute
+                # probs were applied by the experts: unpermutation only sums each token's pairs (weights 1)
+                out = unpermute(permutated_local_input_tokens, ones, row_index, row_index.shape[0],
+                                backend=backend, validate=False)
+                out = out.view(self.hidden_shape)
+                if self.shared_experts is not None:
+                    out = out + self.shared_experts.get_output()
+                return out
 
         _DISPATCHER_CLS = RelibraAlltoAllTokenDispatcher
     return _DISPATCHER_CLS
 
 
+def _permute_backend(kernels: str, fusion_asked: bool, device) -> str:
+    """Who permutes over physical slots: "triton" (relibra's kernels; the interpreter on CPU), "torch" (their
+    torch reference) or "megatron" (Megatron's unfused permute). relibra's kernels take the place of TE's
+    fused permute when the user asked for `moe_permute_fusion`; counted per call in metrics.permute_calls."""
+    from relibra_verl.kernels import resolve_backend
+
+    if kernels == "triton":
+        return resolve_backend("triton", device)  # raises with the reason when Triton cannot run here
+    if kernels == "auto" and device.type == "cuda":
+        return resolve_backend("auto", device)
+    return "torch" if fusion_asked else "megatron"
+
+
 def _make_dispatcher(old, topo: Topology, ep_rank: int, state):
     wide = copy.copy(old.config)  # shallow: only the dispatcher sees the widened slot space
     wide.num_moe_experts = topo.G * (topo.S + topo.R)
+    # permutation 1 is relibra's when fusion was asked (see _permute_backend); the rest of the dispatcher
+    # (chunk sort of permutation 2) runs Megatron's unfused code, which needs no Transformer Engine
+    state.permute_fusion = bool(getattr(old.config, "moe_permute_fusion", False))
+    wide.moe_permute_fusion = False
     spr = topo.S + topo.R
     pgs = types.SimpleNamespace(ep=old.ep_group, expt_tp=old.tp_group, tp_ep=old.tp_ep_group)
     new = _dispatcher_cls()(spr, list(range(ep_rank * spr, (ep_rank + 1) * spr)), config=wide, pg_collection=pgs)
@@ -409,6 +474,7 @@ class _LayerState:
         self.param_names: list[list[str]] = []
         self.numel = 0
         self.grouped: list | None = None  # [(linear module, "weight"|"bias")] per expert parameter (grouped GEMM)
+        self.permute_fusion = False       # the user asked for moe_permute_fusion (relibra's permute replaces TE's)
 
 
 def _expert_param_names(experts, i: int) -> list[str]:

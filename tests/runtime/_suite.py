@@ -33,7 +33,7 @@ def _counts(ids: list[torch.Tensor], M: int = 1, L: int = 1) -> np.ndarray:
 
 
 def _compare(rank, world, *, R, plan_fn, skew=None, dtype=torch.float32, seed=0, rt_kwargs=None,
-             experts="sequential"):
+             experts="sequential", fusion=False):
     from relibra_verl.planner.types import Topology
     from relibra_verl.runtime import harness
     from relibra_verl.runtime.moe import RelibraRuntime
@@ -45,6 +45,7 @@ def _compare(rank, world, *, R, plan_fn, skew=None, dtype=torch.float32, seed=0,
     x = torch.as_tensor(np.random.default_rng(1000 + rank).standard_normal((T, 1, H)), dtype=dtype)
     w = torch.as_tensor(np.random.default_rng(2000 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
     ref = harness.fwd_bwd(layer, x, ids[rank], w)
+    layer.config.moe_permute_fusion = fusion  # the stock run above cannot fuse without Transformer Engine
     rt = RelibraRuntime(topo, **(rt_kwargs or {}))
     rt.patch_layer(layer, 0)
     plan = plan_fn(topo, _counts(ids), rng, rank)
@@ -63,7 +64,24 @@ def _compare(rank, world, *, R, plan_fn, skew=None, dtype=torch.float32, seed=0,
             "sync_bytes": rt.metrics.replica_sync_bytes, "grad_bytes": rt.metrics.grad_reduce_bytes,
             "pool_bytes": rt.metrics.pool_bytes, "fallback": rt.metrics.fallback_micro_batches,
             "fc1_calls": calls, "has_replicas": bool(plan is not None and (plan.replica_expert >= 0).any()),
-            "grad_async": rt.metrics.grad_returns_async}
+            "grad_async": rt.metrics.grad_returns_async, "permute_calls": dict(rt.metrics.permute_calls)}
+
+
+def _interpreted(fn):
+    """Run a case with Triton's interpreter on (CPU tensors)."""
+    import os
+
+    def run(*a, **k):
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            return fn(*a, **k)
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET")
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    return run
 
 
 def _random(topo, counts, rng, rank):
@@ -220,6 +238,14 @@ CASES = {
     "grouped_four_layers_sparse": lambda r, w: _two_layers(r, w, R=2, L=4, sparse=True, seed=13, experts="grouped"),
     "grouped_three_layers_recompute": lambda r, w: _two_layers(r, w, R=2, L=3, recompute=True, seed=17,
                                                                experts="grouped"),
+    "triton_permute": lambda r, w: _interpreted(_compare)(r, w, R=2, plan_fn=_random, skew="half", seed=0,
+                                                          rt_kwargs={"kernels": "triton"}),
+    "grouped_triton_permute": lambda r, w: _interpreted(_compare)(r, w, R=2, plan_fn=_random, skew="half", seed=1,
+                                                                  rt_kwargs={"kernels": "triton"}, experts="grouped"),
+    "fusion_asked_torch_reference": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=2,
+                                                          experts="grouped", fusion=True),
+    "triton_without_interpreter": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=0,
+                                                        rt_kwargs={"kernels": "triton"}),
     "extend_plan": lambda r, w: _extend(r, w, bad=False),
     "bad_extend_plan": lambda r, w: _extend(r, w, bad=True),
     "bad_extend_plan_one_rank_failed": lambda r, w: _extend(r, w, bad=False, failed_rank=1),
