@@ -159,7 +159,7 @@ class GradReturn:
     """Replica weight gradients on their way to the owners' parameters.
 
     `post` (in a layer's backward) sends this rank's replica gradients and posts the receives of its own
-    experts' gradients, non-blocking; `drain` waits and adds what arrived into each owner parameter
+    experts' gradients, non-blocking (their buffers, while in flight, count in metrics.peak_send_bytes); `drain` waits and adds what arrived into each owner parameter
     (`main_grad` when Megatron DDP gave it one, else `.grad`), summed in a fixed (sender, slot) order."""
 
     def __init__(self, rt):
@@ -167,6 +167,7 @@ class GradReturn:
         self.pending: list = []       # (layer, works, [(param, flat grad slice view)], keepalive)
         self.ddp_params: set = set()  # parameters whose DDP bucket waits for us (RelibraRuntime.attach_ddp)
         self._callback_queued = False
+        self.inflight_bytes = 0       # send + receive buffers of the returns in flight (metrics.peak_send_bytes)
 
     def post(self, state, plan, grads: dict) -> None:
         rt = self.rt
@@ -188,7 +189,10 @@ class GradReturn:
                 recvs.append((p, buf[off:off + p.numel()].view_as(p)))
                 off += p.numel()
         works = dist.batch_isend_irecv(ops) if ops else []
-        rt.metrics.grad_reduce_bytes += sum(g.numel() * g.element_size() for g in sends)
+        sent = sum(g.numel() * g.element_size() for g in sends)
+        rt.metrics.grad_reduce_bytes += sent
+        self.inflight_bytes += sent + len(plan.send) * state.numel * first.element_size()
+        rt.metrics.peak_send_bytes = max(rt.metrics.peak_send_bytes, self.inflight_bytes)
         rt._event("grad_send", l)
         self.pending.append((l, works, recvs, sends))
         if any(hasattr(p, "main_grad") and p not in self.ddp_params for p, _ in recvs):
@@ -225,3 +229,6 @@ class GradReturn:
                 else:
                     p.grad.add_(g)
         self.pending = keep
+        self.inflight_bytes = sum(sum(g.numel() * g.element_size() for g in sends) +
+                                  sum(g.numel() * g.element_size() for _, g in recvs)
+                                  for _, _, recvs, sends in keep)
