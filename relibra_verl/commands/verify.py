@@ -257,6 +257,8 @@ def _print(rep: dict) -> None:
           f"Megatron DistributedOptimizer state (bf16 weights {k['weights']} B, fp32 main params {k['main_params']} B, "
           f"Adam m+v {k['optimizer_state']} B), {rep['migration_seconds_max'] * 1e3:.1f} ms")
     if rep["nonfinite"]:
-        print(f"  non-finite values (NaN/Inf) in: {', '.join(rep['nonfinite'])}")
+        more = len(rep["nonfinite"]) - 4
+        print(f"  non-finite values (NaN/Inf) in: {', '.join(rep['nonfinite'][:4])}"
+              f"{f' and {more} more (all in the JSON report)' if more > 0 else ''}")
     print(f"  {'EXACT' if rep['exact'] else 'NOT EXACT'} (max rel diff {rep['max_rel_diff']:.3e}, "
           f"tolerance {rep['tolerance']:.0e})")
