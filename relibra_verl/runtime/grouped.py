@@ -166,7 +166,7 @@ class GradReturn:
         self.rt = rt
         self.pending: list = []       # (layer, works, [(param, flat grad slice view)], keepalive)
         self.ddp_params: set = set()  # parameters whose DDP bucket waits for us (RelibraRuntime.attach_ddp)
-        self._callback_queued = False
+        self._callback_task = None    # the backward pass whose end drains what is still in flight
         self.inflight_bytes = 0       # send + receive buffers of the returns in flight (metrics.peak_send_bytes)
 
     def post(self, state, plan, grads: dict) -> None:
@@ -202,13 +202,10 @@ class GradReturn:
             self.drain()
             return
         rt.metrics.grad_returns_async += 1
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-
-    def _end_of_backward(self) -> None:
-        self._callback_queued = False
-        self.drain()
+        task = torch._C._current_graph_task_id()
+        if self._callback_task != task:  # once per backward pass (a failed one leaves no stale flag)
+            self._callback_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self.drain)
 
     def drain(self, params=None) -> None:
         """Wait for the returns into `params` (all when None) and add them to their owners' gradients."""

@@ -77,3 +77,18 @@ def test_grouped_distributed_optimizer_equal_plain(megatron_suite):
             assert abs(a - b) <= FP32_TOL * max(1.0, abs(a))
         for k in ("weights_rel", "state_rel", "ckpt_weights_rel", "ckpt_state_rel", "ckpt_file_rel"):
             assert x[k] <= FP32_TOL, (k, x[k])
+
+
+@pytest.mark.parametrize("cfg,needle", [({"use_transformer_engine_op_fuser": True}, "use_transformer_engine_op_fuser"),
+                                        ({"fp8": "e4m3"}, "FP8/FP4"), ({"moe_permute_fusion": True}, None)])
+def test_grouped_configs_refused_by_name_or_accepted(cfg, needle):
+    import types
+
+    from relibra_verl.runtime.moe import RelibraRuntimeError, _check_supported
+
+    config = types.SimpleNamespace(moe_grouped_gemm=True, **cfg)
+    if needle is None:
+        _check_supported(config)  # permute fusion: relibra's permute takes the place of TE's
+        return
+    with pytest.raises(RelibraRuntimeError, match=needle):
+        _check_supported(config)
