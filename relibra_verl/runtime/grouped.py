@@ -156,7 +156,7 @@ class _AcquireInBackward(torch.autograd.Function):
 
 
 class GradReturn:
-    """Replica weight gradients on their way to the owners' parameters.
+    """Replica weight gradients on their way to the owners' parameters (grouped and sequential experts).
 
     `post` (in a layer's backward) sends this rank's replica gradients and posts the receives of its own
     experts' gradients, non-blocking (their buffers, while in flight, count in metrics.peak_send_bytes); `drain` waits and adds what arrived into each owner parameter

@@ -14,8 +14,9 @@ The runtime executes plans; it never decides them. Per patched MoE layer:
   their replicas inside the grouped call instead, below).
 * replica weights: fetched from the home rank inside the node group by `_ReplicaExperts`, an autograd
   function that also takes the dispatched tokens (so every rank of the node joins the backward
-  collective, even with empty replica slots) and returns the replica gradients to the owner's parameters
-  (straight into `main_grad` when Megatron's DDP gave the parameter one). Weights live only in a pool shared
+  collective, even with empty replica slots) and sends the replica gradients back to the owner's parameters
+  without blocking (runtime/grouped.py `GradReturn`: waited for before DDP reduces the parameter's bucket,
+  or at the end of the backward; added to `main_grad` when Megatron's DDP gave the parameter one). Weights live only in a pool shared
   by all layers; the forward computes without saving weights, the backward recomputes the (small) replica
   GEMMs with weights fetched again unless the pool still holds them.
 * send-ahead (`prefetch=True`, the default): the plan is known before the step, so a layer's replica weights
@@ -25,8 +26,8 @@ The runtime executes plans; it never decides them. Per patched MoE layer:
   slots per rank instead of R), and after a forward it still holds the last two layers' replicas, which
   their backward reuses. `prefetch=False`: one buffer, a blocking all-to-all fetch per use.
 
-* grouped experts (`TEGroupedMLP`): replica slots are extra groups of the same grouped-GEMM call, and replica
-  gradients return to their owners asynchronously (runtime/grouped.py).
+* grouped experts (`TEGroupedMLP`): replica slots are extra groups of the same grouped-GEMM call
+  (runtime/grouped.py).
 * permutation 1 over physical slots: relibra's Triton kernels with `kernels="triton"` (or "auto" on CUDA), and
   their torch reference in place of TE's fused permute when the config asks for `moe_permute_fusion`;
   Megatron's unfused permute otherwise (`_permute_backend`; each call counted in metrics.permute_calls).
@@ -771,6 +772,7 @@ class _ReplicaExperts(torch.autograd.Function):
         state = experts._relibra
         rt = state.runtime
         hidden, probs = ctx.saved_tensors
+        rt._event("experts_backward", state.index)
         if rt.prefetch:
             rt.replicas.prefetch(ctx.m, state.index - 1)  # the backward's next layer, while this one computes
             flat = rt.replicas.acquire(ctx.m, state.index)
@@ -792,33 +794,8 @@ class _ReplicaExperts(torch.autograd.Function):
         if g[id(h)] is None and hidden.requires_grad:
             g[id(h)] = torch.zeros_like(hidden)
         g_h, g_p = g[id(h)], g[id(p)]
-        numel = state.numel
-        send = [g[id(leaves[k])] if g[id(leaves[k])] is not None else torch.zeros_like(leaves[k])
-                for _, k in plan.recv]
-        send = torch.cat(send) if send else hidden.new_empty(0, dtype=next(iter(experts.parameters())).dtype)
-        # reverse direction of the fetch: replica holders -> owners
-        recv = send.new_empty(len(plan.send) * numel)
-        _a2a(rt, send, plan.recv_splits, plan.send_splits, recv, numel)
-        rt.metrics.grad_reduce_bytes += send.numel() * send.element_size()
-        rt.metrics.peak_send_bytes = max(rt.metrics.peak_send_bytes,
-                                         (send.numel() + recv.numel()) * send.element_size())
-        owner_grads: list = [None] * (rt.topo.S * len(state.param_names[0]))
-        params = dict(experts.named_parameters())
-        per_expert = {}
-        for j, (_, _, i) in enumerate(plan.send):  # (dest, k) order: deterministic sum
-            chunk = recv[j * numel:(j + 1) * numel]
-            per_expert[i] = chunk.clone() if i not in per_expert else per_expert[i].add_(chunk)
-        npe = len(state.param_names[0])
-        for i, flat_g in per_expert.items():
-            off = 0
-            for j, n in enumerate(state.param_names[i]):
-                prm = params[n]
-                gi = flat_g[off:off + prm.numel()].view_as(prm)
-                off += prm.numel()
-                if hasattr(prm, "main_grad"):
-                    # Megatron DDP: main_grad is where every gradient ends; adding there in fp32 also keeps
-                    # gradient_accumulation_fusion (which drops param.grad) correct
-                    prm.main_grad.add_(gi.to(prm.main_grad.dtype))
-                else:
-                    owner_grads[i * npe + j] = gi
-        return (None, None, None, None, g_h, g_p, *owner_grads)
+        # replica holders -> owners, in flight until the owners' gradients are consumed (GradReturn)
+        grads = {k: (g[id(leaves[k])] if g[id(leaves[k])] is not None else torch.zeros_like(leaves[k]))
+                 for _, k in plan.recv}
+        rt.grad_return.post(state, plan, grads)
+        return (None, None, None, None, g_h, g_p, *([None] * (rt.topo.S * len(state.param_names[0]))))

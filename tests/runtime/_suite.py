@@ -248,6 +248,7 @@ CASES = {
     "grouped_bf16": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", dtype=torch.bfloat16, seed=8,
                                           experts="grouped"),
     "grouped_three_layers": lambda r, w: _two_layers(r, w, R=2, L=3, experts="grouped", events=True),
+    "three_layers_events": lambda r, w: _two_layers(r, w, R=2, L=3, events=True),
     "grouped_two_layers_no_prefetch": lambda r, w: _two_layers(r, w, R=2, prefetch=False, experts="grouped"),
     "grouped_four_layers_sparse": lambda r, w: _two_layers(r, w, R=2, L=4, sparse=True, seed=13, experts="grouped"),
     "grouped_three_layers_recompute": lambda r, w: _two_layers(r, w, R=2, L=3, recompute=True, seed=17,
