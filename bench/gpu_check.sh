@@ -5,7 +5,9 @@
 #   2. `bench-kernels --device cuda`: bf16/fp32 checks, the Megatron cross-check, timings for
 #      T in {4096, 16384, 65536}, K = 8, H in {2048, 4096}, the card's copy bandwidth, goal verdicts;
 #   3. bench/calibrate_gpu.py: the cost model's expert GEMM fit (a + b*tokens per preset), matmul and HBM
-#      copy rates, written as a hardware profile (profile_measured.json) for `simulate --profile PATH`.
+#      copy rates, written as a hardware profile (profile_measured.json) for `simulate --profile PATH`;
+#   4. bench/grouped_gemm.py: the expert MLP as one grouped GEMM over S home groups, over S + R groups
+#      (replicas as extra groups, relibra's grouped-experts runtime) and as S groups + one call per replica.
 # Results go to $OUT (the device tool's folder; ./bench/results/local-<date> when unset): nvidia-smi.txt,
 # pytest.log, bench.log, bench_kernels_cuda.json, summary.txt. Copy the JSON into bench/results/.
 #
@@ -82,5 +84,18 @@ fi
 rc=${PIPESTATUS[0]}
 echo "calibrate exit $rc ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.txt"
 [ "$rc" -eq 0 ] || status=1
+
+# 4. grouped expert GEMM with and without replica groups (relibra's grouped-experts runtime: home + replica
+#    groups in one call, against home only and against one extra call per replica); step 2 already times
+#    relibra's Triton permute against Megatron's unfused and (with Transformer Engine) fused permute
+if [ "$has_cuda" = 1 ]; then
+  timeout 150 "$PY" bench/grouped_gemm.py --out "$OUT/grouped_gemm.json" 2>&1 | tee "$OUT/grouped_gemm.log" | tail -n 6
+else
+  timeout 60 "$PY" bench/grouped_gemm.py --dry-run --out "$OUT/grouped_gemm_dry_run.json" 2>&1 | tee "$OUT/grouped_gemm.log" | tail -n 2
+fi
+rc=${PIPESTATUS[0]}
+echo "grouped gemm exit $rc ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.txt"
+[ "$rc" -eq 0 ] || status=1
+grep -E "^grouped GEMM" "$OUT/grouped_gemm.log" >>"$OUT/summary.txt"
 echo "gpu_check status $status, results in $OUT" | tee -a "$OUT/summary.txt"
 exit $status

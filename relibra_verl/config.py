@@ -28,7 +28,9 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
                                 0.90, deepseek-v3 0.78). Worth it where InfiniBand dominates the step;
                                 it costs planner time (README, "How the planner works"), spent in the
                                 background thread that plans the next placement beside the step
-  kernels              auto     slot-assignment kernels: auto (Triton on GPU, else torch) | triton | torch
+  kernels              auto     slot assignment and permutation over physical slots: auto (relibra's Triton
+                                kernels on GPU; else torch, Megatron's unfused permute) | triton | torch;
+                                with moe_permute_fusion=True relibra's kernels take the place of TE's
   on_missing_routing   fallback fallback (warn, count `relibra/fallbacks`, plain dispatch) | error (strict)
   metrics              True     report relibra/* metrics in verl's metrics dict
 """

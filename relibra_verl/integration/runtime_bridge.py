@@ -11,7 +11,7 @@ step (e.g. reordering) degrades to the native path for that step with one logged
   canonical_export(handle, optimizer)  -> context manager  weights/checkpoints in canonical expert order
 
 Runtime API used (relibra_verl/runtime): RelibraRuntime(topo, ep_group, kernels, strict) with patch_layer,
-set_plan, extend_plan, set_micro_batch, expert_at_home; apply_placement(rt, placement, optimizer) and
+attach_ddp, set_plan, extend_plan, set_micro_batch, expert_at_home; apply_placement(rt, placement, optimizer) and
 canonical_order(rt, optimizer) from relibra_verl.runtime (or relibra_verl.runtime.reorder).
 """
 from __future__ import annotations
@@ -65,6 +65,7 @@ def build(model_chunks, topo, cfg, ep_group):
     rt = cls(topo, ep_group=ep_group, kernels=cfg.kernels, strict=cfg.strict)
     for i, layer in enumerate(iter_moe_layers(model_chunks)):
         rt.patch_layer(layer, i)
+    rt.attach_ddp(model_chunks)  # replica gradients may stay in flight until DDP reduces their bucket
     return rt
 
 

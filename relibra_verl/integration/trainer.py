@@ -164,6 +164,7 @@ class RelibraTrainer:
     def begin(self, engine, data, forward_only: bool):
         self.engine = engine
         self._forward_only = forward_only
+        self._flag_error = None
         self._replay = bool(getattr(engine, "enable_routing_replay", False)) and self._data_flag(data)
         self._r3 = getattr(getattr(engine.engine_config, "router_replay", None), "mode", "disabled") == "R3"
         self._metrics = {}
@@ -180,14 +181,15 @@ class RelibraTrainer:
             _active.reset(self._token)
             self._token = None
 
-    @staticmethod
-    def _data_flag(data) -> bool:
+    def _data_flag(self, data) -> bool:
+        """verl's per-call routing-replay flag; unreadable means no replay (a counted fallback, not a guess)."""
         try:
             from verl.utils import tensordict_utils as tu
 
             return bool(tu.get_non_tensor_data(data, key="enable_routing_replay", default=False))
-        except Exception:
-            return True
+        except Exception as exc:
+            self._flag_error = f"cannot read verl's enable_routing_replay flag ({type(exc).__name__}: {exc})"
+            return False
 
     def _fallback(self, micro_batches, reason: str) -> None:
         if self.cfg.strict:
@@ -196,6 +198,7 @@ class RelibraTrainer:
         n = len(micro_batches)
         self.fallbacks_total += n
         self._metrics["relibra/fallbacks"] = float(n)
+        self._metrics[f"relibra/fallbacks/{_reason_key(reason)}"] = float(n)
         self.plan = None
         if self.runtime is not None:
             rb.set_plan(self.runtime, None)
@@ -224,7 +227,8 @@ class RelibraTrainer:
             return self._fallback(micro_batches, "routing replay R3 is off (actor.megatron.router_replay.mode "
                                                  "!= R3): loads are not known in advance")
         if not self._replay:
-            return self._fallback(micro_batches, "this call does not replay routes (enable_routing_replay=False)")
+            return self._fallback(micro_batches, self._flag_error
+                                  or "this call does not replay routes (enable_routing_replay=False)")
         t0 = time.perf_counter()
         E, L = self.topo.E, len(self.moe_layers)
         local = np.zeros((len(micro_batches), L, E), dtype=np.int64)
@@ -335,20 +339,61 @@ class RelibraTrainer:
     def on_forward(self, batch, output=None) -> None:
         """Before a micro-batch's forward (output None) and, via a grad hook, before its backward."""
         m = _mb_index(batch)
+        if m is None and self.plan is not None and self.runtime is not None and output is None:
+            self._unknown_micro_batch()
         if m is None or self.plan is None or self.runtime is None:
             return
         if m >= self.plan.num_micro_batches and self._rest_future is not None:
             self._complete_plan()
         rb.set_micro_batch(self.runtime, m)
 
+    def _unknown_micro_batch(self) -> None:
+        """A forward whose micro-batch carries no relibra index: it runs on whatever plan is installed (exact,
+        balance unknown); counted, or an error in strict mode."""
+        reason = "micro-batch without relibra's index: it ran on the previously selected plan"
+        if self.cfg.strict:
+            raise RelibraError(f"relibra: {reason} (actor_rollout_ref.relibra.on_missing_routing=error)")
+        rb._warn_once("fallback:unknown-micro-batch", f"{reason}; counted in relibra/fallbacks")
+        self.fallbacks_total += 1
+        for key in ("relibra/fallbacks", f"relibra/fallbacks/{_reason_key(reason)}"):
+            self._metrics[key] = self._metrics.get(key, 0.0) + 1.0
+
+    def _measured_metrics(self) -> dict:
+        """Balance as executed: the tokens each physical slot computed this mini-batch, read from the runtime
+        once at its end (an all-gather over EP, entered by every EP rank alike). Both imbalances count every
+        computed pair (also those left to the live router, which the plan-based `*_planned` figures omit)."""
+        read = getattr(self.runtime, "executed_tokens", None)
+        if not self.cfg.metrics or self._forward_only or self.plan is None or read is None:
+            return {}
+        executed = read()  # [M, L, G, S+R]
+        M = min(executed.shape[0], self.plan.num_micro_batches)
+        executed = executed[:M]
+        G, S, E = self.topo.G, self.topo.S, self.topo.E
+        # the same tokens per logical expert (home slots by the applied placement, replicas by the plan) ...
+        eah = self.plan.expert_at_home                                      # [L, E] expert in each home slot
+        L = eah.shape[0]
+        per_expert = np.zeros((M, L, E), dtype=np.int64)
+        for l in range(L):
+            per_expert[:, l, eah[l]] = executed[:, l, :, :S].reshape(M, G * S)
+            rep = self.plan.replica_expert[:M, l]                          # [M, G, R]
+            m, r, k = np.nonzero(rep >= 0)
+            np.add.at(per_expert[:, l], (m, rep[m, r, k]), executed[m, l, r, S + k])
+        # ... each computed at its home rank: the balance this placement has without replicas
+        static = np.stack([per_expert[:, l, eah[l]].reshape(M, G, S).sum(-1) for l in range(L)], axis=1)
+        return {"relibra/imbalance_before": imbalance(static), "relibra/imbalance_after": imbalance(executed.sum(-1)),
+                "relibra/imbalance_before_planned": self._metrics.get("relibra/imbalance_before", float("nan")),
+                "relibra/imbalance_after_planned": self._metrics.get("relibra/imbalance_after", float("nan")),
+                "relibra/replica_tokens": float(executed[..., S:].sum())}
+
     def finish(self, output) -> None:
         """relibra/* metrics (one value per mini-batch) into verl's metrics dict on the output ranks."""
+        measured = self._measured_metrics()  # collective: before any rank-dependent return
         if not self.cfg.metrics or self._forward_only or not isinstance(output, dict):
             return
         metrics = output.get("metrics")
         if metrics is None:
             return
-        values = dict(self._metrics)
+        values = {**self._metrics, **measured}
         values.setdefault("relibra/fallbacks", 0.0)
         for key, val in values.items():
             metrics[key] = [float(val)]
@@ -379,6 +424,14 @@ def _static_plan(topo: Topology, placement: np.ndarray, M: int) -> BatchPlan:
     L = placement.shape[0]
     return BatchPlan(topo, placement, np.full((M, L, topo.G, topo.R), -1, dtype=np.int64),
                      np.zeros((M, L, topo.G, topo.R, topo.G), dtype=np.int64), np.zeros(L, dtype=np.int64))
+
+
+def _reason_key(reason: str) -> str:
+    """A metric-name slug of a fallback reason: its words before any detail in parentheses or after a colon."""
+    import re
+
+    head = reason.split("(")[0].split(":")[0].lower()
+    return re.sub(r"[^a-z0-9]+", "_", head).strip("_")[:48] or "other"
 
 
 def _mb_index(batch):

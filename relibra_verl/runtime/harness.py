@@ -32,8 +32,11 @@ def init_megatron(ep_size: int, seed: int = 1234) -> None:
 
 
 def build_moe_layer(num_experts: int, topk: int, hidden: int = 16, ffn: int = 8,
-                    dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
-    """A Megatron MoELayer (local spec -> SequentialMLP experts, alltoall dispatcher, routing replay on)."""
+                    dtype: torch.dtype = torch.float32, seed: int = 0, experts: str = "sequential", **overrides):
+    """A Megatron MoELayer (alltoall dispatcher, routing replay on) with `experts`: "sequential" (local spec ->
+    SequentialMLP) or "grouped" (Megatron's TEGroupedMLP over relibra's torch grouped linear with TE's
+    interface, `moe_grouped_gemm=True`). Expert weights are a function of the global expert id only, the same
+    for both kinds, so the two layers compute the same function."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -45,10 +48,18 @@ def build_moe_layer(num_experts: int, topk: int, hidden: int = 16, ffn: int = 8,
               add_bias_linear=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
               expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
               moe_router_dtype="fp32")
+    if experts not in ("sequential", "grouped"):
+        raise ValueError(f"experts must be sequential or grouped, got {experts!r}")
+    kw["moe_grouped_gemm"] = experts == "grouped"
     kw.update(overrides)
     config = TransformerConfig(**kw)
     torch.manual_seed(seed)
-    spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+    if experts == "grouped":
+        from relibra_verl.runtime.grouped_linear import grouped_moe_spec
+
+        spec = grouped_moe_spec()
+    else:
+        spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
     layer = spec(config=config, layer_number=1)
     # same router on every rank (it is data-parallel in Megatron)
     with torch.no_grad():
@@ -58,11 +69,21 @@ def build_moe_layer(num_experts: int, topk: int, hidden: int = 16, ffn: int = 8,
         # function of its global id only, so a token sent to a wrong expert shows up as a difference
         S = layer.num_local_experts
         first = parallel_state.get_expert_model_parallel_rank() * S
-        for i, expert in enumerate(layer.experts.local_experts):
+        for i in range(S):
             gen = torch.Generator().manual_seed(seed * 100003 + first + i)
-            for p in expert.parameters():
+            for p in expert_params(layer.experts, i):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return layer.to(dtype)
+
+
+def expert_params(experts, i: int) -> list:
+    """Local expert i's parameters in a fixed order (fc1 then fc2, weight then bias) for either kind."""
+    if hasattr(experts, "local_experts"):
+        return list(experts.local_experts[i].parameters())
+    out = []
+    for lin in (experts.linear_fc1, experts.linear_fc2):
+        out += [getattr(lin, f"{kind}{i}") for kind in ("weight", "bias") if hasattr(lin, f"{kind}{i}")]
+    return out
 
 
 def replay(layer, topk_ids: torch.Tensor) -> None:
@@ -91,15 +112,31 @@ def fwd_bwd(layer, x: torch.Tensor, topk_ids: torch.Tensor, w: torch.Tensor) -> 
     return res
 
 
+def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max abs diff, max rel diff) of b against reference a; rel = abs diff / max |a| (abs diff when a is 0).
+
+    A NaN or Inf in either tensor makes both inf: not exact under any tolerance, even where both hold the same
+    NaN (`max(0.0, nan)` is 0.0 in Python, so a NaN must never reach a max as a number)."""
+    x, y = a.float(), b.float()
+    if x.shape != y.shape:
+        raise ValueError(f"compared tensors differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return float("inf"), float("inf")
+    if not x.numel():
+        return 0.0, 0.0
+    ad = (x - y).abs().max().item()
+    scale = x.abs().max().item()
+    return ad, (ad / scale if scale > 0 else ad)
+
+
 def diffs(a: dict, b: dict) -> dict:
-    """{name: (max abs diff, max rel diff)}; rel = abs diff / max(max |a|, tiny)."""
-    out = {}
-    for k in a:
-        x, y = a[k].float(), b[k].float()
-        ad = (x - y).abs().max().item() if x.numel() else 0.0
-        scale = x.abs().max().item() if x.numel() else 0.0
-        out[k] = (ad, ad / scale if scale > 0 else ad)
-    return out
+    """{name: (max abs diff, max rel diff)} over a's names (see `diff`: non-finite values give inf)."""
+    return {k: diff(a[k], b[k]) for k in a}
+
+
+def max_rel(pairs) -> float:
+    """Largest relative difference over (reference, result) tensor pairs; inf if any holds a NaN or Inf."""
+    return max((diff(a, b)[1] for a, b in pairs), default=0.0)
 
 
 def random_plan(topo, counts: np.ndarray, rng: np.random.Generator, num_layers: int = 1,

@@ -10,11 +10,13 @@ The runtime executes plans; it never decides them. Per patched MoE layer:
   them) and gains replica slots: the same module structure run by `torch.func.functional_call` with the
   local expert's parameters swapped for fetched replica weights. The only structural assumption is how a
   local expert's parameters are named: `local_experts.{i}.*` (SequentialMLP) or `*weight{i}` /
-  `*bias{i}` (TEGroupedMLP-style); see `_expert_param_names`. Exercised on CPU: SequentialMLP only.
+  `*bias{i}` (TEGroupedMLP-style); see `_expert_param_names`. Used for SequentialMLP (grouped experts run
+  their replicas inside the grouped call instead, below).
 * replica weights: fetched from the home rank inside the node group by `_ReplicaExperts`, an autograd
   function that also takes the dispatched tokens (so every rank of the node joins the backward
-  collective, even with empty replica slots) and returns the replica gradients to the owner's parameters
-  (straight into `main_grad` when Megatron's DDP gave the parameter one). Weights live only in a pool shared
+  collective, even with empty replica slots) and sends the replica gradients back to the owner's parameters
+  without blocking (runtime/grouped.py `GradReturn`: waited for before DDP reduces the parameter's bucket,
+  or at the end of the backward; added to `main_grad` when Megatron's DDP gave the parameter one). Weights live only in a pool shared
   by all layers; the forward computes without saving weights, the backward recomputes the (small) replica
   GEMMs with weights fetched again unless the pool still holds them.
 * send-ahead (`prefetch=True`, the default): the plan is known before the step, so a layer's replica weights
@@ -24,10 +26,18 @@ The runtime executes plans; it never decides them. Per patched MoE layer:
   slots per rank instead of R), and after a forward it still holds the last two layers' replicas, which
   their backward reuses. `prefetch=False`: one buffer, a blocking all-to-all fetch per use.
 
+* grouped experts (`TEGroupedMLP`): replica slots are extra groups of the same grouped-GEMM call
+  (runtime/grouped.py).
+* permutation 1 over physical slots: relibra's Triton kernels with `kernels="triton"` (or "auto" on CUDA), and
+  their torch reference in place of TE's fused permute when the config asks for `moe_permute_fusion`;
+  Megatron's unfused permute otherwise (`_permute_backend`; each call counted in metrics.permute_calls).
+* executed balance: tokens per physical slot counted on device per (micro-batch, layer), read at step end
+  (`executed_tokens`, runtime/executed.py).
+
 Not supported yet (refused at patch time with a clear error): EP-overlap schedule, delayed wgrad,
-CUDA-graph capture of the MoE preprocess, permute fusion, drop-and-pad, router padding for quantization,
-expert TP > 1. MoE-layer recompute works (micro-batches are replayed FIFO in the recompute, as Megatron's
-RouterReplay does).
+CUDA-graph capture of the MoE preprocess, drop-and-pad, router padding for quantization, expert TP > 1, and
+for grouped experts the TE op-fuser path and FP8/FP4. MoE-layer recompute works (micro-batches are replayed
+FIFO in the recompute, as Megatron's RouterReplay does).
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from relibra_verl.planner.types import BatchPlan, PlanError, Topology, invert_placement
+from relibra_verl.runtime.executed import ExecutedCounts
 from relibra_verl.runtime.slots import physical_routing
 
 
@@ -61,6 +72,9 @@ class RuntimeMetrics:
     fetches_ahead: int = 0           # replica fetches issued before the layer needed them (prefetch)
     fetches_blocking: int = 0        # replica fetches issued when needed (no prefetch, or a miss)
     fetches_reused: int = 0          # backward uses served by weights still in the pool (no transfer)
+    grad_returns_async: int = 0      # replica-gradient returns left in flight past their layer's backward
+    grad_returns_blocking: int = 0   # ... waited for at once (DDP params with main_grad and no attach_ddp)
+    permute_calls: dict = dataclasses.field(default_factory=dict)  # dispatches by permute path (_permute_backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,6 +121,11 @@ class RelibraRuntime:
         self._pool: torch.Tensor | None = None
         self._tables: dict = {}
         self.replicas = _ReplicaBuffers(self)  # send-ahead pool (used when prefetch is on)
+        from relibra_verl.runtime.grouped import GradReturn  # grouped imports this module
+
+        self.grad_return = GradReturn(self)    # replica gradients in flight to their owners (grouped experts)
+        self.executed = ExecutedCounts()       # tokens each physical slot computed, on device
+        self.events: list | None = None        # set to [] to record the order of transfers (tests)
 
     # ---- layers ----------------------------------------------------------------------------------
     def patch_layer(self, layer, layer_index: int) -> None:
@@ -134,6 +153,7 @@ class RelibraRuntime:
         experts._relibra_plain = False
         state.param_names = [_expert_param_names(experts, i) for i in range(t.S)]
         state.numel = sum(dict(experts.named_parameters())[n].numel() for n in state.param_names[0])
+        state.grouped = _grouped_linears(experts, state.param_names[0], t.S)
         self.layers.append(state)
         if self.expert_at_home is None or self.expert_at_home.shape[0] < len(self.layers):
             ident = np.arange(t.E, dtype=np.int64)[None]
@@ -146,6 +166,7 @@ class RelibraRuntime:
         if any rank's plan is invalid or the ranks' plans differ; None means home-only dispatch."""
         self._agree(plan, None if plan is None else self._validate(plan))
         self.replicas.invalidate()
+        self.executed.reset()
         self.plan = plan
         self.micro_batch = 0
         self._tables = {}
@@ -257,6 +278,45 @@ class RelibraRuntime:
             self.metrics.fallback_micro_batches += 1
         return self._tables[key]
 
+    def attach_ddp(self, model_chunks) -> int:
+        """Let replica gradients of grouped experts stay in flight until Megatron DDP reduces their bucket:
+        each bucket group's `start_grad_sync` first waits for the pending returns into its parameters. Without
+        it, a parameter that has `main_grad` (DDP) gets its replica gradients waited for at once. Returns the
+        number of bucket groups hooked."""
+        chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+        hooked = 0
+        for chunk in chunks:
+            for bg in list(getattr(chunk, "bucket_groups", [])) + list(getattr(chunk, "expert_parallel_bucket_groups", [])):
+                if getattr(bg, "_relibra_hooked", False):
+                    continue
+                start = bg.start_grad_sync
+
+                def start_grad_sync(*a, _start=start, _params=bg.params, **k):
+                    self.grad_return.drain(_params)
+                    return _start(*a, **k)
+
+                bg.start_grad_sync = start_grad_sync
+                bg._relibra_hooked = True
+                self.grad_return.ddp_params |= set(bg.params)
+                hooked += 1
+        return hooked
+
+    def executed_tokens(self) -> np.ndarray:
+        """Tokens each physical slot computed since the last set_plan, all EP ranks (collective; one host
+        read per call, at step end): [M, L, G, S+R] int64, M = micro-batches seen."""
+        local = self.executed.read(len(self.layers), self.topo.S + self.topo.R)  # [M, L, S+R]
+        gathered = [None] * self.topo.G
+        dist.all_gather_object(gathered, local, group=self.ep_group)
+        M = max(g.shape[0] for g in gathered)
+        out = np.zeros((M, len(self.layers), self.topo.G, self.topo.S + self.topo.R), dtype=np.int64)
+        for r, g in enumerate(gathered):
+            out[: g.shape[0], :, r] = g
+        return out
+
+    def _event(self, kind: str, layer: int) -> None:
+        if self.events is not None:
+            self.events.append((kind, layer))
+
     def pool(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         """The shared replica pool: R expert slots of `numel` elements (grown to the largest expert)."""
         need = self.topo.R * numel
@@ -272,8 +332,6 @@ def _check_supported(cfg) -> None:
         bad.append("overlap_moe_expert_parallel_comm (EP-overlap schedule)")
     if getattr(cfg, "delay_wgrad_compute", False) or getattr(cfg, "overlap_dispatch_backward_with_experts_wgrad", False):
         bad.append("delayed weight-gradient computation")
-    if getattr(cfg, "moe_permute_fusion", False):
-        bad.append("moe_permute_fusion")
     if getattr(cfg, "moe_pad_expert_input_to_capacity", False):
         bad.append("moe_pad_expert_input_to_capacity (drop-and-pad)")
     if getattr(cfg, "moe_router_padding_for_quantization", False):
@@ -282,6 +340,11 @@ def _check_supported(cfg) -> None:
         bad.append("expert_tensor_parallel_size > 1")
     if getattr(cfg, "cuda_graph_impl", "none") != "none":
         bad.append("CUDA-graph capture")
+    if getattr(cfg, "moe_grouped_gemm", False):
+        if getattr(cfg, "use_transformer_engine_op_fuser", False):
+            bad.append("use_transformer_engine_op_fuser (fused grouped MLP: no per-group weights to extend)")
+        if getattr(cfg, "fp8", None) or getattr(cfg, "fp4", None):
+            bad.append("FP8/FP4 grouped experts (per-group quantization state)")
     if bad:
         raise RelibraRuntimeError("relibra does not support yet: " + ", ".join(bad))
 
@@ -323,18 +386,75 @@ def _dispatcher_cls():
                     if state.index == 0 and not _in_backward():
                         rt.replicas.invalidate()  # a new forward: weights may have changed since the pool filled
                     rt.replicas.prefetch(m, state.index)  # overlaps the token all-to-all
-                routing_map, probs = physical_routing(
-                    routing_map, probs, copy_slot.to(routing_map.device), quota.to(routing_map.device),
-                    self.num_experts, kernels=state.runtime.kernels)
-                return super().dispatch_preprocess(hidden_states, routing_map, probs)
+                backend = _permute_backend(rt.kernels, state.permute_fusion, hidden_states.device)
+                rt.metrics.permute_calls[backend] = rt.metrics.permute_calls.get(backend, 0) + 1
+                wide = physical_routing(routing_map, probs, copy_slot.to(routing_map.device),
+                                        quota.to(routing_map.device), self.num_experts, kernels=rt.kernels,
+                                        pairs=backend != "megatron")
+                self._relibra_permute = None
+                if backend == "megatron":
+                    return super().dispatch_preprocess(hidden_states, *wide)
+                return self._relibra_dispatch_preprocess(hidden_states, backend, *wide)
+
+            def _relibra_dispatch_preprocess(self, hidden_states, backend, routing_map, probs, slot_TK, probs_TK):
+                """The stock preprocess (split sizes from the physical routing map, shared experts, sync point)
+                with relibra's permute kernel as permutation 1 (same row order: by slot, then token)."""
+                from relibra_verl.kernels import permute
+
+                self.hidden_shape = hidden_states.shape
+                self.probs, self.routing_map = probs, routing_map
+                hidden = hidden_states.view(-1, self.hidden_shape[-1])
+                self.tokens_per_expert = self.preprocess(routing_map)
+                if self.shared_experts is not None:
+                    self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+                self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1",
+                                                                          self.tokens_per_expert)
+                self.hidden_shape_before_permute = hidden.shape
+                num_out = self.num_out_tokens if isinstance(self.num_out_tokens, int) else None
+                permuted, permuted_probs, row_index = permute(
+                    hidden, probs_TK, slot_TK, routing_map.sum(dim=0), backend=backend, validate=False,
+                    num_out=num_out)
+                self._relibra_permute = (backend, row_index, torch.ones_like(probs_TK, dtype=hidden.dtype))
+                return permuted, permuted_probs
+
+            def combine_postprocess(self, permutated_local_input_tokens):
+                if getattr(self, "_relibra_permute", None) is None:
+                    return super().combine_postprocess(permutated_local_input_tokens)
+                from relibra_verl.kernels import unpermute
+
+                backend, row_index, ones = self._relibra_permute
+                # probs were applied by the experts: unpermutation only sums each token's pairs (weights 1)
+                out = unpermute(permutated_local_input_tokens, ones, row_index, row_index.shape[0],
+                                backend=backend, validate=False)
+                out = out.view(self.hidden_shape)
+                if self.shared_experts is not None:
+                    out = out + self.shared_experts.get_output()
+                return out
 
         _DISPATCHER_CLS = RelibraAlltoAllTokenDispatcher
     return _DISPATCHER_CLS
 
 
+def _permute_backend(kernels: str, fusion_asked: bool, device) -> str:
+    """Who permutes over physical slots: "triton" (relibra's kernels; the interpreter on CPU), "torch" (their
+    torch reference) or "megatron" (Megatron's unfused permute). relibra's kernels take the place of TE's
+    fused permute when the user asked for `moe_permute_fusion`; counted per call in metrics.permute_calls."""
+    from relibra_verl.kernels import resolve_backend
+
+    if kernels == "triton":
+        return resolve_backend("triton", device)  # raises with the reason when Triton cannot run here
+    if kernels == "auto" and device.type == "cuda":
+        return resolve_backend("auto", device)
+    return "torch" if fusion_asked else "megatron"
+
+
 def _make_dispatcher(old, topo: Topology, ep_rank: int, state):
     wide = copy.copy(old.config)  # shallow: only the dispatcher sees the widened slot space
     wide.num_moe_experts = topo.G * (topo.S + topo.R)
+    # permutation 1 is relibra's when fusion was asked (see _permute_backend); the rest of the dispatcher
+    # (chunk sort of permutation 2) runs Megatron's unfused code, which needs no Transformer Engine
+    state.permute_fusion = bool(getattr(old.config, "moe_permute_fusion", False))
+    wide.moe_permute_fusion = False
     spr = topo.S + topo.R
     pgs = types.SimpleNamespace(ep=old.ep_group, expt_tp=old.tp_group, tp_ep=old.tp_ep_group)
     new = _dispatcher_cls()(spr, list(range(ep_rank * spr, (ep_rank + 1) * spr)), config=wide, pg_collection=pgs)
@@ -354,6 +474,8 @@ class _LayerState:
         self.recompute_queue: list[int] = []  # micro-batches awaiting their recompute (MoE recompute)
         self.param_names: list[list[str]] = []
         self.numel = 0
+        self.grouped: list | None = None  # [(linear module, "weight"|"bias")] per expert parameter (grouped GEMM)
+        self.permute_fusion = False       # the user asked for moe_permute_fusion (relibra's permute replaces TE's)
 
 
 def _expert_param_names(experts, i: int) -> list[str]:
@@ -368,6 +490,18 @@ def _expert_param_names(experts, i: int) -> list[str]:
     raise RelibraRuntimeError(f"cannot find the parameters of local expert {i} in {type(experts).__name__}")
 
 
+def _grouped_linears(experts, names, S):
+    from relibra_verl.runtime.grouped import grouped_linears
+
+    return grouped_linears(experts, names, S)
+
+
+def _grouped_forward(*args):
+    from relibra_verl.runtime.grouped import grouped_forward
+
+    return grouped_forward(*args)
+
+
 class _RelibraExpertsMixin:
     """Home slots through the stock forward; replica slots through the same structure, fetched weights."""
 
@@ -377,11 +511,15 @@ class _RelibraExpertsMixin:
             return super().forward(hidden, tokens_per_expert, probs, **kwargs)
         rt = state.runtime
         S = rt.topo.S
+        m, rep = state.active
+        if not _in_backward():  # a recompute inside the backward computes the same tokens again: not counted
+            rt.executed.add(m, state.index, tokens_per_expert)
         tpe = tokens_per_expert.cpu() if torch.is_tensor(tokens_per_expert) else torch.as_tensor(tokens_per_expert)
         n_home = int(tpe[:S].sum())
-        m, rep = state.active
         if rt.prefetch:  # the next layer to run: l+1 in the forward, l-1 in a recompute inside the backward
             rt.replicas.prefetch(m, state.index + (-1 if _in_backward() else 1))
+        if state.grouped is not None:
+            return _grouped_forward(self, super().forward, state, m, rep, hidden, tpe, probs, kwargs)
         out_home, bias = super().forward(hidden[:n_home], tpe[:S], probs[:n_home], **kwargs)
         plan = _sync_plan(rt, state, rep)
         if plan is None:  # no replica in this node for this (micro-batch, layer): nothing to join
@@ -634,6 +772,7 @@ class _ReplicaExperts(torch.autograd.Function):
         state = experts._relibra
         rt = state.runtime
         hidden, probs = ctx.saved_tensors
+        rt._event("experts_backward", state.index)
         if rt.prefetch:
             rt.replicas.prefetch(ctx.m, state.index - 1)  # the backward's next layer, while this one computes
             flat = rt.replicas.acquire(ctx.m, state.index)
@@ -655,33 +794,8 @@ class _ReplicaExperts(torch.autograd.Function):
         if g[id(h)] is None and hidden.requires_grad:
             g[id(h)] = torch.zeros_like(hidden)
         g_h, g_p = g[id(h)], g[id(p)]
-        numel = state.numel
-        send = [g[id(leaves[k])] if g[id(leaves[k])] is not None else torch.zeros_like(leaves[k])
-                for _, k in plan.recv]
-        send = torch.cat(send) if send else hidden.new_empty(0, dtype=next(iter(experts.parameters())).dtype)
-        # reverse direction of the fetch: replica holders -> owners
-        recv = send.new_empty(len(plan.send) * numel)
-        _a2a(rt, send, plan.recv_splits, plan.send_splits, recv, numel)
-        rt.metrics.grad_reduce_bytes += send.numel() * send.element_size()
-        rt.metrics.peak_send_bytes = max(rt.metrics.peak_send_bytes,
-                                         (send.numel() + recv.numel()) * send.element_size())
-        owner_grads: list = [None] * (rt.topo.S * len(state.param_names[0]))
-        params = dict(experts.named_parameters())
-        per_expert = {}
-        for j, (_, _, i) in enumerate(plan.send):  # (dest, k) order: deterministic sum
-            chunk = recv[j * numel:(j + 1) * numel]
-            per_expert[i] = chunk.clone() if i not in per_expert else per_expert[i].add_(chunk)
-        npe = len(state.param_names[0])
-        for i, flat_g in per_expert.items():
-            off = 0
-            for j, n in enumerate(state.param_names[i]):
-                prm = params[n]
-                gi = flat_g[off:off + prm.numel()].view_as(prm)
-                off += prm.numel()
-                if hasattr(prm, "main_grad"):
-                    # Megatron DDP: main_grad is where every gradient ends; adding there in fp32 also keeps
-                    # gradient_accumulation_fusion (which drops param.grad) correct
-                    prm.main_grad.add_(gi.to(prm.main_grad.dtype))
-                else:
-                    owner_grads[i * npe + j] = gi
-        return (None, None, None, None, g_h, g_p, *owner_grads)
+        # replica holders -> owners, in flight until the owners' gradients are consumed (GradReturn)
+        grads = {k: (g[id(leaves[k])] if g[id(leaves[k])] is not None else torch.zeros_like(leaves[k]))
+                 for _, k in plan.recv}
+        rt.grad_return.post(state, plan, grads)
+        return (None, None, None, None, g_h, g_p, *([None] * (rt.topo.S * len(state.param_names[0]))))

@@ -26,11 +26,12 @@ def assign_pairs(expert_T: torch.Tensor, rank_in_expert_T: torch.Tensor, copy_sl
 
 
 def physical_routing(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, copy_slot_EC: torch.Tensor,
-                     quota_EC: torch.Tensor, num_slots: int, kernels: str = "torch"):
+                     quota_EC: torch.Tensor, num_slots: int, kernels: str = "torch", pairs: bool = False):
     """Widen Megatron's dense routing map/probs [T, E] to the physical slot space [T, P].
 
     Every routed pair maps to exactly one slot, so Megatron's `num_out_tokens = T * topk` still holds.
-    probs keep their autograd link (index ops only). Returns (routing_map_TP bool, probs_TP).
+    probs keep their autograd link (index ops only). Returns (routing_map_TP bool, probs_TP), and with
+    pairs=True also (slot_TK [T, K] int64 -1 padded, probs_TK [T, K]) for relibra's permute kernels.
     """
     T = routing_map_TE.shape[0]
     tok, exp = routing_map_TE.nonzero(as_tuple=True)  # token-major: pairs in token order
@@ -44,17 +45,28 @@ def physical_routing(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, copy_
     routing_TP = torch.zeros((T, num_slots), dtype=torch.bool, device=routing_map_TE.device)
     routing_TP[tok, slot] = True
     probs_TP = probs_TE.new_zeros((T, num_slots)).index_put((tok, slot), probs_TE[tok, exp])
+    if pairs:
+        slot_TK, probs_TK = _pairs_by_token(routing_map_TE, tok, slot, probs_TE[tok, exp])
+        return routing_TP, probs_TP, slot_TK, probs_TK
     return routing_TP, probs_TP
 
 
+def _pairs_by_token(routing_map_TE, tok, slot, probs):
+    """Pairs (token-major) as [T, K] tables for the permute kernels: slot_TK int64 (-1 where a token has
+    fewer than K routed pairs) and probs_TK (0 there), K = most pairs of any token."""
+    T = routing_map_TE.shape[0]
+    per_row = routing_map_TE.sum(dim=1)
+    K = int(per_row.max()) if T else 0
+    col = torch.arange(tok.numel(), device=tok.device) - (per_row.cumsum(0) - per_row)[tok]
+    slot_TK = torch.full((T, K), -1, dtype=torch.int64, device=tok.device)
+    slot_TK[tok, col] = slot
+    probs_TK = probs.new_zeros((T, K)).index_put((tok, col), probs)
+    return slot_TK, probs_TK
+
+
 def _kernel_slots(routing_map_TE, tok, exp, copy_slot_EC, quota_EC, num_slots, kernels):
-    """Slots from relibra_verl.kernels.assign_slots when importable; None means: use the torch rule."""
-    try:
-        from relibra_verl.kernels import assign_slots  # optional, owned by the kernels issue
-    except ImportError:
-        if kernels == "triton":
-            raise
-        return None
+    """Slots from relibra_verl.kernels.assign_slots (Triton, or its torch reference for "auto" off CUDA)."""
+    from relibra_verl.kernels import assign_slots
     T = routing_map_TE.shape[0]
     per_row = routing_map_TE.sum(dim=1)
     K = int(per_row.max()) if T else 0

@@ -25,10 +25,21 @@ def run_rank(rank: int, world: int, job: dict) -> dict:
     ids = torch.as_tensor(job["ids"][rank])  # [T, L, K] this rank's tokens
     T, L, K = ids.shape
     H = job["hidden"]
-    layers = [harness.build_moe_layer(topo.E, K, hidden=H, ffn=job["ffn"], dtype=dtype, seed=11 + l)
-              for l in range(L)]
+    experts = job.get("experts", "sequential")
+    layers = [harness.build_moe_layer(topo.E, K, hidden=H, ffn=job["ffn"], dtype=dtype, seed=11 + l,
+                                      experts=experts) for l in range(L)]
     xs = torch.as_tensor(np.random.default_rng(1000 + rank).standard_normal((L, T, 1, H)), dtype=dtype)
     ws = torch.as_tensor(np.random.default_rng(2000 + rank).standard_normal((L, T, 1, H)), dtype=torch.float32)
+    if job.get("inject") and rank == 0:  # self-check of the comparison: one non-finite input value, both runs
+        xs[0, 0, 0, 0] = float(job["inject"])
+    stock_counts = np.zeros((L, topo.S), dtype=np.int64)  # tokens each stock expert computed (measured)
+
+    def count_stock(l):
+        def hook(module, args):
+            stock_counts[l] += np.asarray(args[1].tolist() if torch.is_tensor(args[1]) else args[1], dtype=np.int64)
+        return hook
+
+    hooks = [lay.experts.register_forward_pre_hook(count_stock(l)) for l, lay in enumerate(layers)]
 
     def step():
         for lay in layers:
@@ -55,6 +66,8 @@ def run_rank(rank: int, world: int, job: dict) -> dict:
     t0 = time.perf_counter()
     ref = step()
     t_stock = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
     ref.update(weight_grads())
     rt = RelibraRuntime(topo, kernels=job.get("kernels", "auto"), prefetch=job.get("prefetch", True))
     for l, lay in enumerate(layers):
@@ -68,15 +81,21 @@ def run_rank(rank: int, world: int, job: dict) -> dict:
     with canonical_order(rt, grads=True):  # compare expert gradients in canonical expert order
         got.update(weight_grads())
     d = harness.diffs(ref, got)
+    nonfinite = sorted(k for k in ref if not (torch.isfinite(ref[k].float()).all()
+                                             and torch.isfinite(got[k].float()).all()))
+    executed = rt.executed_tokens()[0]  # [L, G, S+R] every rank's slots (collective)
+    stock = [None] * world
+    torch.distributed.all_gather_object(stock, stock_counts)
     m = rt.metrics
-    return {"diffs": d, "replica_sync_bytes": m.replica_sync_bytes, "grad_reduce_bytes": m.grad_reduce_bytes,
+    return {"diffs": d, "nonfinite": nonfinite, "executed": executed, "stock_executed": np.stack(stock, axis=1),
+            "permute_calls": dict(m.permute_calls), "grad_returns_async": m.grad_returns_async, "replica_sync_bytes": m.replica_sync_bytes, "grad_reduce_bytes": m.grad_reduce_bytes,
             "pool_bytes": m.pool_bytes, "migration_weight_bytes": migration, "peak_send_bytes": m.peak_send_bytes,
             "fetches_ahead": m.fetches_ahead, "fetches_blocking": m.fetches_blocking,
             "fetches_reused": m.fetches_reused, "seconds_stock": t_stock, "seconds_relibra": t_relibra,
-            "migration": _optimizer_migration(topo, plan, L, K, H, job["ffn"])}
+            "migration": _optimizer_migration(topo, plan, L, K, H, job["ffn"], experts)}
 
 
-def _optimizer_migration(topo, plan, L: int, K: int, H: int, ffn: int) -> dict:
+def _optimizer_migration(topo, plan, L: int, K: int, H: int, ffn: int, experts: str = "sequential") -> dict:
     """Bytes this rank receives (by kind) and seconds for the plan's reorder with Megatron's
     DistributedOptimizer state: bf16 weights, fp32 main params, Adam exp_avg / exp_avg_sq."""
     import torch.distributed as dist
@@ -93,8 +112,8 @@ def _optimizer_migration(topo, plan, L: int, K: int, H: int, ffn: int) -> dict:
             super().__init__(layers[0].config)
             self.layers = torch.nn.ModuleList(layers)
 
-    layers = [harness.build_moe_layer(topo.E, K, hidden=H, ffn=ffn, dtype=torch.bfloat16, seed=11 + l)
-              for l in range(L)]
+    layers = [harness.build_moe_layer(topo.E, K, hidden=H, ffn=ffn, dtype=torch.bfloat16, seed=11 + l,
+                                      experts=experts) for l in range(L)]
     rt = RelibraRuntime(topo)
     for l, lay in enumerate(layers):
         rt.patch_layer(lay, l)

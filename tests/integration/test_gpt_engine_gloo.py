@@ -80,6 +80,9 @@ def test_replicas_used_and_plan_selected_per_micro_batch(gpt_runs):
             assert m["relibra/imbalance_after"][0] <= m["relibra/imbalance_before"][0]
             assert m["relibra/unknown_pairs"][0] > 0   # each sequence's last row: live router, not planned
         assert any(m["relibra/replicas"][0] > 0 for m in res["on"]["metrics"])
+        # balance as executed: tokens the replica slots computed, counted by the runtime
+        assert any(m["relibra/replica_tokens"][0] > 0 for m in res["on"]["metrics"])
+        assert all("relibra/imbalance_after_planned" in m for m in res["on"]["metrics"])
         # relibra's wrapper around verl's forward_step selects micro-batch m before its forward and again
         # when its backward starts (grad hook on verl's nested log_probs output), in schedule order
         # (forward only: before each forward, no backward)

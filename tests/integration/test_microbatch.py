@@ -270,3 +270,54 @@ def test_time_aware_limits_come_from_the_profile_and_reach_the_plan():
     q = st.plan.replica_quota.sum(-1)[st.plan.replica_expert >= 0]
     assert q.size and (q >= st.replication.min_replica_tokens).all()     # no replica below what repays it
 
+
+
+def test_unreadable_replay_flag_and_unknown_micro_batch_are_counted_with_their_reason(monkeypatch, caplog):
+    """No silent path: an exception while reading verl's routing-replay flag is a counted fallback (with its
+    reason in the metric name), not a guess; a forward whose micro-batch has no relibra index is counted too;
+    strict mode raises for both."""
+    import relibra_verl.integration.plugin  # noqa: F401
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.megatron import transformer_impl as ti
+
+    from relibra_verl.integration.trainer import RelibraError
+
+    data = v1_batch(4, 6, E, K, L)
+    real = tu.get_non_tensor_data
+
+    def broken(*args, **kwargs):
+        if kwargs.get("key") == "enable_routing_replay":
+            raise KeyError("layout changed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tu, "get_non_tensor_data", broken)
+    st = _trainer(RelibraConfig(enable=True))
+    st.begin(_engine(), data, forward_only=False)
+    try:
+        with caplog.at_level("WARNING", logger="relibra_verl"):
+            mbs, _ = ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        st.end()
+    m = st._metrics
+    assert st.plan is None and m["relibra/fallbacks"] == len(mbs)
+    assert m["relibra/fallbacks/cannot_read_verl_s_enable_routing_replay_flag"] == len(mbs)
+    assert "layout changed" in caplog.text
+    strict = _trainer(RelibraConfig(enable=True, on_missing_routing="error"))
+    strict.begin(_engine(), data, forward_only=False)
+    try:
+        with pytest.raises(RelibraError, match="enable_routing_replay flag"):
+            ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        strict.end()
+    monkeypatch.setattr(tu, "get_non_tensor_data", real)
+
+    st = _trainer(RelibraConfig(enable=True))
+    st.begin(_engine(), data, forward_only=False)
+    try:
+        mbs, _ = ti.prepare_micro_batches(data, dp_group=None)
+        assert st.plan is not None
+        st.on_forward(data)  # the mini-batch itself: a batch that carries no relibra index
+    finally:
+        st.end()
+    assert st._metrics["relibra/fallbacks"] == 1.0
+    assert st._metrics["relibra/fallbacks/micro_batch_without_relibra_s_index"] == 1.0

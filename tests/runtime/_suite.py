@@ -32,7 +32,8 @@ def _counts(ids: list[torch.Tensor], M: int = 1, L: int = 1) -> np.ndarray:
     return c
 
 
-def _compare(rank, world, *, R, plan_fn, skew=None, dtype=torch.float32, seed=0, rt_kwargs=None):
+def _compare(rank, world, *, R, plan_fn, skew=None, dtype=torch.float32, seed=0, rt_kwargs=None,
+             experts="sequential", fusion=False, silent_home=False):
     from relibra_verl.planner.types import Topology
     from relibra_verl.runtime import harness
     from relibra_verl.runtime.moe import RelibraRuntime
@@ -40,22 +41,61 @@ def _compare(rank, world, *, R, plan_fn, skew=None, dtype=torch.float32, seed=0,
     rng = np.random.default_rng(seed)
     ids = _ids(rng, world, skew)
     topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
-    layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed)
+    layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed, experts=experts)
     x = torch.as_tensor(np.random.default_rng(1000 + rank).standard_normal((T, 1, H)), dtype=dtype)
     w = torch.as_tensor(np.random.default_rng(2000 + rank).standard_normal((T, 1, H)), dtype=torch.float32)
     ref = harness.fwd_bwd(layer, x, ids[rank], w)
+    layer.config.moe_permute_fusion = fusion  # the stock run above cannot fuse without Transformer Engine
     rt = RelibraRuntime(topo, **(rt_kwargs or {}))
     rt.patch_layer(layer, 0)
     plan = plan_fn(topo, _counts(ids), rng, rank)
     rt.set_plan(plan)
     rt.set_micro_batch(0)
-    got = harness.fwd_bwd(layer, x, ids[rank], w)
+    calls: list = []  # groups of each grouped-GEMM call (fc1) while relibra runs
+    hook = (layer.experts.linear_fc1.register_forward_pre_hook(lambda mod, args: calls.append(len(args[1])))
+            if experts == "grouped" else None)
+    import relibra_verl.runtime.moe as moe_mod
+
+    widen = moe_mod.physical_routing
+    if silent_home:  # a runtime bug: replica quotas ignored, every pair computed at home (still exact)
+        moe_mod.physical_routing = lambda rmap, probs, cs, q, *a, **k: widen(rmap, probs, cs, torch.zeros_like(q),
+                                                                            *a, **k)
+    try:
+        got = harness.fwd_bwd(layer, x, ids[rank], w)
+    finally:
+        moe_mod.physical_routing = widen
+    if hook is not None:
+        hook.remove()
     d = harness.diffs(ref, got)
+    from relibra_verl.runtime.executed import planned_tokens
+
+    executed = rt.executed_tokens()
+    planned = planned_tokens(topo, plan, [i.numpy()[:, None] for i in ids]) if plan is not None else None
     before = harness.tokens_per_rank(topo, None, ids)
     after = harness.tokens_per_rank(topo, plan, ids) if plan is not None else before
     return {"diffs": d, "before": before.tolist(), "after": after.tolist(),
             "sync_bytes": rt.metrics.replica_sync_bytes, "grad_bytes": rt.metrics.grad_reduce_bytes,
-            "pool_bytes": rt.metrics.pool_bytes, "fallback": rt.metrics.fallback_micro_batches}
+            "pool_bytes": rt.metrics.pool_bytes, "fallback": rt.metrics.fallback_micro_batches,
+            "fc1_calls": calls, "has_replicas": bool(plan is not None and (plan.replica_expert >= 0).any()),
+            "grad_async": rt.metrics.grad_returns_async, "permute_calls": dict(rt.metrics.permute_calls),
+            "executed": executed.tolist(), "planned": None if planned is None else planned.tolist()}
+
+
+def _interpreted(fn):
+    """Run a case with Triton's interpreter on (CPU tensors)."""
+    import os
+
+    def run(*a, **k):
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            return fn(*a, **k)
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET")
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    return run
 
 
 def _random(topo, counts, rng, rank):
@@ -115,7 +155,8 @@ def _diverging(topo, counts, rng, rank):
     return plan
 
 
-def _two_layers(rank, world, *, R, seed=3, L=2, prefetch=True, sparse=False, recompute=False):
+def _two_layers(rank, world, *, R, seed=3, L=2, prefetch=True, sparse=False, recompute=False,
+                experts="sequential", events=False):
     """L MoE layers in a row, two micro-batches with different plans: the replica pool is shared by the layers
     (double-buffered with prefetch: send-ahead in forward and backward, reuse of the last two layers' weights).
     sparse: layer 1 has replicas on node 0 only and layer 2 none at all, so some ranks and whole nodes post
@@ -128,7 +169,8 @@ def _two_layers(rank, world, *, R, seed=3, L=2, prefetch=True, sparse=False, rec
     rng = np.random.default_rng(seed)
     topo = Topology(num_experts=E, ep_size=world, gpus_per_node=2, replica_slots=R)
     extra = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
-    layers = [harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed + i, **extra) for i in range(L)]
+    layers = [harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed + i, experts=experts, **extra)
+              for i in range(L)]
     ids = [[_ids(rng, world, "half") for _ in range(L)] for _ in range(2)]  # [mb][layer][rank]
     xs = [torch.as_tensor(np.random.default_rng(3000 + 10 * m + rank).standard_normal((T, 1, H)),
                           dtype=torch.float32) for m in range(2)]
@@ -155,6 +197,8 @@ def _two_layers(rank, world, *, R, seed=3, L=2, prefetch=True, sparse=False, rec
     rt = None
     ref = run()
     rt = RelibraRuntime(topo, prefetch=prefetch)
+    if events:
+        rt.events = []
     for i, lay in enumerate(layers):
         rt.patch_layer(lay, i)
     counts = np.zeros((2, L, world, E), dtype=np.int64)
@@ -170,11 +214,12 @@ def _two_layers(rank, world, *, R, seed=3, L=2, prefetch=True, sparse=False, rec
         plan.replica_quota[:, 2] = 0
     rt.set_plan(plan)
     got = run()
-    rel = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(ref, got))
     m = rt.metrics
-    return {"max_rel": rel, "sync_bytes": m.replica_sync_bytes, "pool_bytes": m.pool_bytes,
-            "ahead": m.fetches_ahead, "blocking": m.fetches_blocking, "reused": m.fetches_reused,
-            "numel_bytes": rt.layers[0].numel * 4}
+    return {"max_rel": harness.max_rel(zip(ref, got)), "sync_bytes": m.replica_sync_bytes,
+            "pool_bytes": m.pool_bytes, "ahead": m.fetches_ahead, "blocking": m.fetches_blocking,
+            "reused": m.fetches_reused, "numel_bytes": rt.layers[0].numel * 4, "events": rt.events,
+            "grad_async": m.grad_returns_async, "grad_blocking": m.grad_returns_blocking,
+            "grad_bytes": m.grad_reduce_bytes}
 
 
 CASES = {
@@ -195,6 +240,30 @@ CASES = {
     "bad_other_E": lambda r, w: _compare(r, w, R=2, plan_fn=_other_E, seed=9),
     "bad_off_node": lambda r, w: _compare(r, w, R=2, plan_fn=_off_node, seed=10),
     "bad_diverging": lambda r, w: _compare(r, w, R=2, plan_fn=_diverging, seed=12),
+    "grouped_random_r2_s0": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=0, experts="grouped"),
+    "grouped_random_r1_s2": lambda r, w: _compare(r, w, R=1, plan_fn=_random, skew="half", seed=2, experts="grouped"),
+    "grouped_adversarial": lambda r, w: _compare(r, w, R=1, plan_fn=_adversarial, skew="one", seed=4,
+                                                 experts="grouped"),
+    "grouped_no_plan": lambda r, w: _compare(r, w, R=2, plan_fn=_none, skew="half", seed=7, experts="grouped"),
+    "grouped_bf16": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", dtype=torch.bfloat16, seed=8,
+                                          experts="grouped"),
+    "grouped_three_layers": lambda r, w: _two_layers(r, w, R=2, L=3, experts="grouped", events=True),
+    "three_layers_events": lambda r, w: _two_layers(r, w, R=2, L=3, events=True),
+    "grouped_two_layers_no_prefetch": lambda r, w: _two_layers(r, w, R=2, prefetch=False, experts="grouped"),
+    "grouped_four_layers_sparse": lambda r, w: _two_layers(r, w, R=2, L=4, sparse=True, seed=13, experts="grouped"),
+    "grouped_three_layers_recompute": lambda r, w: _two_layers(r, w, R=2, L=3, recompute=True, seed=17,
+                                                               experts="grouped"),
+    "triton_permute": lambda r, w: _interpreted(_compare)(r, w, R=2, plan_fn=_random, skew="half", seed=0,
+                                                          rt_kwargs={"kernels": "triton"}),
+    "grouped_triton_permute": lambda r, w: _interpreted(_compare)(r, w, R=2, plan_fn=_random, skew="half", seed=1,
+                                                                  rt_kwargs={"kernels": "triton"}, experts="grouped"),
+    "fusion_asked_torch_reference": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=2,
+                                                          experts="grouped", fusion=True),
+    "triton_without_interpreter": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=0,
+                                                        rt_kwargs={"kernels": "triton"}),
+    "silent_home": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=0, silent_home=True),
+    "grouped_silent_home": lambda r, w: _compare(r, w, R=2, plan_fn=_random, skew="half", seed=0,
+                                                 experts="grouped", silent_home=True),
     "extend_plan": lambda r, w: _extend(r, w, bad=False),
     "bad_extend_plan": lambda r, w: _extend(r, w, bad=True),
     "bad_extend_plan_one_rank_failed": lambda r, w: _extend(r, w, bad=False, failed_rank=1),
@@ -305,7 +374,7 @@ def _reorder_steps(rank, world, *, R=1, steps=3, seed=21, dtype=torch.float32):
     plain = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed + 1)  # other weights
     plain.load_state_dict(torch.load(path, weights_only=False))
     loaded = {k: v for k, v in plain.state_dict().items() if torch.is_tensor(v)}
-    rel = lambda a, b: ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()  # noqa
+    rel = lambda a, b: harness.diff(a, b)[1]  # noqa: E731 (inf on NaN/Inf)
     return {
         "ref_losses": ref_losses, "losses": losses,
         "weights_rel": max(rel(ref_sd[k], sd[k]) for k in ref_sd),
@@ -320,7 +389,8 @@ def _reorder_steps(rank, world, *, R=1, steps=3, seed=21, dtype=torch.float32):
 CASES["reorder_steps"] = lambda r, w: _reorder_steps(r, w)
 
 
-def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True):
+def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True, experts="sequential",
+               attach=True):
     """Megatron DDP (overlap_grad_reduce: replica grads must reach main_grad before the bucket is reduced),
     2 micro-batches with different plans, reordering before each step, torch Adam fed from main_grad
     (Megatron's own DistributedOptimizer: `_distopt_steps`): 3 steps equal stock."""
@@ -341,14 +411,17 @@ def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True
     placements = [np.stack([rng.permutation(E) if reorder else np.arange(E)]) for _ in range(steps)]
 
     def train(relibra: bool):
-        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed)
+        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, seed=seed, experts=experts)
         rt = None
         if relibra:
             rt = RelibraRuntime(topo)
             rt.patch_layer(layer, 0)
+            rt.events = []
         ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=False, overlap_grad_reduce=overlap,
                                                 bucket_size=None)
         model = DistributedDataParallel(layer.config, ddp_cfg, layer)
+        if rt is not None and attach:
+            rt.attach_ddp(model)
         opt = torch.optim.Adam(list(layer.parameters()), lr=1e-2)
         losses = []
         for s in range(steps):
@@ -366,12 +439,15 @@ def _ddp_steps(rank, world, *, R=2, steps=3, seed=31, overlap=True, reorder=True
     ref_sd = {k: v.clone() for k, v in ref_layer.state_dict().items() if torch.is_tensor(v)}
     with canonical_order(rt, opt):
         sd = {k: v.clone() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
-    rel = lambda a, b: ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()  # noqa
+    rel = lambda a, b: harness.diff(a, b)[1]  # noqa: E731 (inf on NaN/Inf)
     return {"ref_losses": ref_losses, "losses": losses, "weights_rel": max(rel(ref_sd[k], sd[k]) for k in ref_sd),
-            "sync_bytes": rt.metrics.replica_sync_bytes}
+            "sync_bytes": rt.metrics.replica_sync_bytes, "grad_async": rt.metrics.grad_returns_async,
+            "grad_blocking": rt.metrics.grad_returns_blocking}
 
 
 CASES["ddp_steps"] = lambda r, w: _ddp_steps(r, w)
+CASES["grouped_ddp_steps"] = lambda r, w: _ddp_steps(r, w, experts="grouped")
+CASES["grouped_ddp_steps_unattached"] = lambda r, w: _ddp_steps(r, w, experts="grouped", attach=False)
 
 
 def _recompute(rank, world, *, R=2, seed=41, prefetch=True):
@@ -422,7 +498,7 @@ def _recompute(rank, world, *, R=2, seed=41, prefetch=True):
         c[m, 0] = _counts(ids[m])[0, 0]
     rt.set_plan(harness.random_plan(topo, c, rng))
     got = run(rt)
-    rel = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(ref, got))
+    rel = harness.max_rel(zip(ref, got))
     return {"max_rel": rel, "sync_bytes": rt.metrics.replica_sync_bytes}
 
 
@@ -457,7 +533,7 @@ def _expert_opt_state(layer, opt) -> list[torch.Tensor]:
     return out
 
 
-def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
+def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61, experts="sequential"):
     """The real Megatron DistributedOptimizer (Adam; bf16 params with fp32 main params, or fp32 params; EP 4 =
     2 x 2, expert DP 1) under DDP with overlap and small buckets, 2 micro-batches per step, a new placement
     before each step: 3 steps equal 3 plain steps (losses, canonical weights, main params, Adam moments); a
@@ -484,12 +560,14 @@ def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
     placements = [np.stack([rng.permutation(E)]) for _ in range(steps)]
 
     def train(relibra: bool):
-        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed)
+        layer = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed, experts=experts)
         rt = None
         if relibra:
             rt = RelibraRuntime(topo)
             rt.patch_layer(layer, 0)
         model, opt = _megatron_distopt(layer, overlap=True, bucket_size=64)
+        if rt is not None:
+            rt.attach_ddp(model)
         losses = []
         for s in range(steps):
             loss = _train_step_forward_backward(model, layer, rt, opt, topo, placements[s], ids[s], xs[s], w, rank, s)
@@ -519,7 +597,7 @@ def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
         state = _expert_opt_state(layer, opt)
         save(layer, opt, "relibra")
     # a plain Megatron layer + optimizer (other initial weights) loads the relibra checkpoint
-    plain = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed + 1)
+    plain = harness.build_moe_layer(E, K, hidden=H, ffn=FFN, dtype=dtype, seed=seed + 1, experts=experts)
     _, plain_opt = _megatron_distopt(plain, overlap=True, bucket_size=64)
     ckpt = torch.load(path("relibra_model"), weights_only=False)
     plain.load_state_dict(ckpt["model"])
@@ -547,7 +625,7 @@ def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
 
     ref_files = flat([torch.load(path("ref_distopt"), weights_only=False)])
     got_files = flat([torch.load(path("relibra_distopt"), weights_only=False)])
-    rel = lambda a, b: ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()  # noqa
+    rel = lambda a, b: harness.diff(a, b)[1]  # noqa: E731 (inf on NaN/Inf)
     return {
         "ref_losses": ref_losses, "losses": losses, "n_state": len(ref_state),
         "optimizer": [type(o).__name__ for o in opt.chained_optimizers],
@@ -569,6 +647,8 @@ def _distopt_steps(rank, world, *, R, dtype, steps=3, seed=61):
 
 CASES["distopt_bf16_reorder"] = lambda r, w: _distopt_steps(r, w, R=0, dtype=torch.bfloat16)
 CASES["distopt_fp32_replicas"] = lambda r, w: _distopt_steps(r, w, R=2, dtype=torch.float32)
+CASES["grouped_distopt_fp32_replicas"] = lambda r, w: _distopt_steps(r, w, R=2, dtype=torch.float32,
+                                                                     experts="grouped")
 
 
 def _train_step_forward_backward(model, layer, rt, opt, topo, placement, ids_step, xs_step, w, rank, step):

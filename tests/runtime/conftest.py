@@ -19,4 +19,4 @@ def megatron_suite():
 
     from relibra_verl.runtime.launch import spawn_ranks
 
-    return spawn_ranks(_suite.run_cases, 4, list(_suite.CASES), timeout=240)
+    return spawn_ranks(_suite.run_cases, 4, list(_suite.CASES), timeout=480)
