@@ -40,11 +40,14 @@ class HardwareProfile:
     replica_contention_share: float # share of a prefetched copy still paid (NVLink/HBM contention)
     migration_exposed_share: float  # share of the reordering migration on the critical path
     ib_forwarding: float            # 0: NCCL all-to-all (own NIC receives); 1: DeepEP-style rail forwarding
+    h2d_GBps: float = 25.0          # host-to-device copies (the balancing plan); optional in a profile file
     gemm_fit: dict = dataclasses.field(default_factory=dict, compare=False)
     source: str = ""
 
 
-REQUIRED = tuple(f.name for f in dataclasses.fields(HardwareProfile) if f.name not in ("name", "gemm_fit", "source"))
+OPTIONAL = ("h2d_GBps",)
+REQUIRED = tuple(f.name for f in dataclasses.fields(HardwareProfile)
+                 if f.name not in ("name", "gemm_fit", "source") + OPTIONAL)
 
 _H100 = dict(
     name="h100-ib400",
@@ -88,6 +91,9 @@ _H100 = dict(
     # inter-node bytes on its own NIC. 1 models DeepEP's internode kernels (RDMA to the same-index GPU, then
     # NVLink forwarding; DeepEP docs via facts.md Links).
     ib_forwarding=0.0,
+    # assumption (not in facts.md): PCIe Gen5 x16 peaks at 64 GB/s per direction; about 25 GB/s from
+    # pageable host memory (the planner's numpy arrays). Measure.
+    h2d_GBps=25.0,
     source="facts.md (Links, Compute, Model shapes); H100 SXM 8 per node, CX7 400 Gb/s per GPU",
 )
 
@@ -127,6 +133,12 @@ def profile_from_dict(raw: dict, origin: str) -> HardwareProfile:
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
             raise UsageError(f"profile {origin}: constant {key!r} must be a number >= 0, got {val!r}")
         raw[key] = float(val)
+    for key in OPTIONAL:
+        if key in raw:
+            val = raw[key]
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
+                raise UsageError(f"profile {origin}: constant {key!r} must be a number > 0, got {val!r}")
+            raw[key] = float(val)
     for key in ("nvlink_a2a_GBps", "ib_a2a_GBps", "nvlink_p2p_GBps", "ib_bulk_GBps", "gemm_tflops", "hbm_GBps", "dense_tflops"):
         if raw[key] <= 0:
             raise UsageError(f"profile {origin}: constant {key!r} must be > 0")
