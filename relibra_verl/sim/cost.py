@@ -255,9 +255,10 @@ def _redundant_sync(copy_s: np.ndarray, fwd: dict, bwd: dict, profile: HardwareP
     0's forward runs; layer l's experts wait for its copies: the forward is delayed by
     max(0, max_l(C_l - W_l)), C_l the copies' time up to layer l, W_l micro-batch 0's forward before
     layer l's experts (earlier MoE layers and this layer's attention). Gradients: each layer's reduce is
-    issued after its last backward (micro-batch M-1) and streams beside the remaining backward (the layers
-    below it): the tail left after the backward is max(0, max_l(D_l - B_l)), D_l the reduces of layers
-    L-1..l, B_l the backward of the layers below l. Plus the contention share of everything overlapped."""
+    issued after its last backward (micro-batch M-1; layers L-1 first) and streams beside the remaining
+    backward: the reduces of layers l..0 cannot end before layer l's backward ends plus their own time,
+    so the tail left after the backward is max(0, max_l(D_l - B_l)), D_l the reduces of layers 0..l,
+    B_l the backward of the layers below l. Plus the contention share of everything overlapped."""
     if not copy_s.any():
         return 0.0
     t_w = copy_s * profile.weight_bytes_per_param
@@ -267,7 +268,7 @@ def _redundant_sync(copy_s: np.ndarray, fwd: dict, bwd: dict, profile: HardwareP
     before = np.concatenate([[0.0], np.cumsum(layer_f)[:-1]]) + fwd["non_moe"][0]
     w_delay = max(0.0, float((np.cumsum(t_w) - before).max()))
     below = np.concatenate([[0.0], np.cumsum(layer_b)[:-1]])                                   # backward of layers < l
-    g_tail = max(0.0, float((np.cumsum(t_g[::-1])[::-1] - below).max()))
+    g_tail = max(0.0, float((np.cumsum(t_g) - below).max()))
     c = profile.replica_contention_share
     return w_delay + g_tail + c * (float(t_w.sum()) - w_delay + float(t_g.sum()) - g_tail)
 

@@ -190,3 +190,17 @@ def test_no_strategy_beats_the_ideal(seed, kind, gG):
         return c
 
     _check_ideal_bound([draw(), draw()], topo, draw(), model)
+
+
+def test_redundant_sync_streams_beside_the_compute():
+    # two layers, one micro-batch: forward attention 1 s and experts 1 s per layer, backward twice that.
+    # Weights (2 B/param: 2 s per layer) stream from the step's start: layer 0 needs them after 1 s, layer 1
+    # after 3 s -> 1 s late. Gradients (4 s per layer) start after each layer's backward: layer 1's at 4 s,
+    # layer 0's queue behind it to 4 + 8 = 12 s, the backward ends at 8 s -> 4 s left. The rest (3 + 4 s
+    # hidden) costs the contention share 0.1.
+    from relibra_verl.sim.cost import _redundant_sync
+    zero = np.zeros((1, 2))
+    fwd = {"dispatch": zero, "expert": np.ones((1, 2)), "non_moe": np.ones((1, 2)), "replica": zero}
+    bwd = {"dispatch": zero, "expert": 2 * np.ones((1, 2)), "non_moe": 2 * np.ones((1, 2)), "replica": zero}
+    assert _redundant_sync(np.array([1.0, 1.0]), fwd, bwd, ROUND) == pytest.approx(1 + 4 + 0.1 * (3 + 4))
+    assert _redundant_sync(np.zeros(2), fwd, bwd, ROUND) == 0.0
