@@ -1,9 +1,9 @@
 """Hardware profiles: every constant of the cost model, each with its source.
 
 A profile is a flat mapping of the fields of `HardwareProfile`. Built-in profiles: `h100-ib400`,
-`h800-ib400`. A user passes their own as a JSON or YAML file (`--profile PATH`) holding every field (a
-missing or unknown one is a UsageError naming it); `"base": "h100-ib400"` in the file fills the fields it
-omits from a built-in profile. Optional `gemm_fit` ({preset: {"a_us": x, "b_ns_per_token": y}}) replaces the
+`h800-ib400`. A user passes their own as a JSON or YAML file (`--profile PATH`) holding every field but
+the optional ones (OPTIONAL, with defaults; a missing or unknown one is a UsageError naming it);
+`"base": "h100-ib400"` in the file fills the fields it omits from a built-in profile. Optional `gemm_fit` ({preset: {"a_us": x, "b_ns_per_token": y}}) replaces the
 derived expert GEMM time of that preset by a measured fit (bench/calibrate_gpu.py writes one).
 
 Sources: ../shared/reference/facts.md ("Links", "Compute", "Model shapes"), cited per field below. Where
