@@ -1,10 +1,11 @@
 """Markdown table of a bench/simulate_table.sh results folder: throughput vs megatron and vs ideal per
 strategy, and relibra's throughput over each EPLB baseline's.
 
-    .venv/bin/python bench/simulate_summary.py [bench/results/simulate] [--compare OTHER_DIR]
+    .venv/bin/python bench/simulate_summary.py [bench/results/simulate] [--compare OTHER_DIR] [--compact]
 
 --compare: a second folder made by the same script (e.g. under another cost model); adds its relibra /
-eplb-oracle ratio beside this one's.
+eplb-oracle ratio beside this one's. --compact: the README's table (throughput vs megatron, relibra's share
+of ideal, relibra over the best EPLB baseline).
 """
 from __future__ import annotations
 
@@ -34,12 +35,36 @@ def label(report: dict) -> str:
             f"micro-batches {mb}")
 
 
+def short_label(report: dict) -> str:
+    c = report["config"]
+    src = "real" if not c.get("synthetic") else {"qwen3-30b-a3b": "Qwen3-30B-A3B", "deepseek-v3": "DeepSeek-V3"}.get(
+        c["model"], c["model"])
+    size = f"{c['resample']} seqs" if not c.get("synthetic") else f"{c['seqs']} seqs"
+    M = c["micro_batches_per_step"][0]
+    return f"{src}, EP {c['ep']} ({c['nodes']} x {c['gpus_per_node']}), {size}, {c['tokens_per_rank']} tok/rank, {M} mb/step"
+
+
+def compact(runs: dict) -> None:
+    print("| configuration | " + " | ".join(BASELINES) + " | relibra (of ideal) | ideal | relibra / best EPLB |")
+    print("|---|" + "---|" * (len(BASELINES) + 3))
+    for r in runs.values():
+        s = r["timing"]["strategies"]
+        best = min(s[b]["step_time_s"] for b in BASELINES if b in s)
+        rel = s["relibra"]
+        print(f"| {short_label(r)} | " + " | ".join(f"{s[b]['throughput_vs_megatron']:.2f}" for b in BASELINES)
+              + f" | **{rel['throughput_vs_megatron']:.2f}** ({rel['throughput_vs_ideal']:.3f}) | "
+              f"{s['ideal']['throughput_vs_megatron']:.2f} | x{best / rel['step_time_s']:.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("folder", nargs="?", default="bench/results/simulate")
     p.add_argument("--compare", default=None)
+    p.add_argument("--compact", action="store_true")
     args = p.parse_args()
     runs = load(args.folder)
+    if args.compact:
+        return compact(runs)
     other = load(args.compare) if args.compare else {}
     names = ["megatron", *BASELINES, "relibra", "ideal"]
     head = "| configuration | " + " | ".join(names) + " | relibra / " + " | relibra / ".join(BASELINES) + " |"

@@ -288,6 +288,7 @@ def redundant_copy_seconds(placement: np.ndarray, node_of_rank, model: ModelPres
     """[L] seconds, per byte per parameter, of each layer's redundant-copy transfers (EPLB): every
     redundant slot (encoded -(e + 2), relibra_verl.planner.baselines) exchanges 3*H*I parameters with
     its expert's home slot, over NVLink inside a node (nvlink_p2p), over InfiniBand across (ib_bulk).
+    profile.eplb_copies_over_nvlink = 1 prices every copy at NVLink (a bound that favours EPLB).
     Per rank its receives on each link (copies of one expert to several ranks go as a pipelined broadcast,
     so no sender carries more than it receives, as for relibra's replicas); the links run concurrently;
     the busiest rank sets the time. Multiply by weight_bytes_per_param (the copies) or grad_bytes_per_param (the
@@ -303,7 +304,7 @@ def redundant_copy_seconds(placement: np.ndarray, node_of_rank, model: ModelPres
     l_r, p_r = np.nonzero(placement <= -2)
     dst = p_r // per
     src = home[l_r, -placement[l_r, p_r] - 2] // per
-    cross = node[src] != node[dst]
+    cross = (node[src] != node[dst]) & (profile.eplb_copies_over_nvlink == 0)
     t = np.zeros((L, G))
     for mask, GBps in ((~cross, profile.nvlink_p2p_GBps), (cross, profile.ib_bulk_GBps)):
         recv = np.zeros((L, G))

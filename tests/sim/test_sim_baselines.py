@@ -57,6 +57,12 @@ def test_redundant_copies_cross_nodes_over_infiniband():
     assert t.tolist() == pytest.approx([96 / 1e9])             # one copy per receiver at ib_bulk 1 GB/s
     t1 = redundant_copy_seconds(home, np.array([0, 0]), model, ROUND)
     assert t1.tolist() == pytest.approx([96 / 2e9])            # one node: NVLink p2p 2 GB/s
+    # the bound that favours EPLB: every copy priced at NVLink, from a profile file
+    from relibra_verl.sim.profiles import profile_from_dict
+    nvl = profile_from_dict({**dataclasses.asdict(ROUND), "eplb_copies_over_nvlink": 1}, "test")
+    assert redundant_copy_seconds(home, np.array([0, 1]), model, nvl).tolist() == pytest.approx([96 / 2e9])
+    with pytest.raises(Exception, match="h2d_GBps"):
+        profile_from_dict({**dataclasses.asdict(ROUND), "h2d_GBps": 0}, "test")
 
 
 def test_eplb_keeps_every_pair():
