@@ -138,8 +138,8 @@ def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: 
 
     counts: [M, L, G, E] this batch's loads.  history_counts: [M', L, G, E] the previous batch's loads
     (eplb-history), the window of past loads (eplb-periodic; None: no history yet, EPLB then sees uniform
-    loads).  prev_placement: the `placement`
-    of this strategy's result for the previous batch (None: Megatron's layout).  num_groups: the model's
+    loads).  prev_placement: the `placement` of this strategy's result for the previous batch (None:
+    Megatron's layout).  num_groups: the model's
     expert groups (EPLB's hierarchical mode needs groups divisible by nodes).
     """
     counts = np.asarray(counts, dtype=np.int64)
