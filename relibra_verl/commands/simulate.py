@@ -7,8 +7,11 @@ replacement, plus one warm-up draw before the first step. Each batch is split ov
 micro-batches as verl's dynamic batching does (relibra_verl.routing.loads).
 
 History: `eplb-history` plans a batch on the previous batch's loads: the warm-up draw for the first
-resampled step, the last batch (cyclically) for the first of several shuffled steps. With one shuffled
-batch there is no previous batch, and eplb-history is left out with a note rather than faked.
+resampled step, the last batch (cyclically) for the first of several shuffled steps. `eplb-periodic`
+rebalances every `--eplb-interval` micro-batches from the last `--eplb-window` micro-batches of loads
+(defaults: vLLM's EPLB, relibra_verl.sim.baselines), starting from the same history. With one shuffled
+batch there is no previous batch, and both are left out with a note rather than faked. With `--model`,
+`eplb-oracle` keeps its previous placement on a step where rebalancing does not repay its migration.
 
 Step time (relibra_verl.sim): with `--model PRESET` each strategy's plans go through the cost model of
 `--profile NAME|PATH` and the report adds step time and throughput vs `megatron` and vs `ideal`. The relibra
@@ -32,6 +35,7 @@ from relibra_verl.planner.strategies import STRATEGIES, StrategyResult, run_stra
 from relibra_verl.planner.types import PlanError, Topology
 from relibra_verl.routing.loads import count_loads, form_batch, select_sequences, split_micro_batches
 from relibra_verl.routing.trace import Trace, load_trace
+from relibra_verl.sim.baselines import VLLM_INTERVAL, VLLM_WINDOW, PeriodicSchedule, run_eplb_oracle, run_eplb_periodic
 
 
 @dataclasses.dataclass
@@ -72,6 +76,10 @@ def add_replay_arguments(p) -> None:
     p.add_argument("--num-groups", type=int, default=None, metavar="N",
                    help="expert groups of the model, for EPLB's hierarchical mode (default 1: global EPLB; "
                         "with --model: the preset's)")
+    p.add_argument("--eplb-window", type=int, default=VLLM_WINDOW, metavar="N",
+                   help=f"eplb-periodic: micro-batches of past loads EPLB plans from (default {VLLM_WINDOW}, vLLM's window_size)")
+    p.add_argument("--eplb-interval", type=int, default=VLLM_INTERVAL, metavar="N",
+                   help=f"eplb-periodic: micro-batches between rebalances (default {VLLM_INTERVAL}, vLLM's step_interval)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
 
 
@@ -167,15 +175,27 @@ class Progress:
 
 
 def run_strategies(strategies, counts, history, topo, num_groups, replication, progress=None,
-                   reorder: ReorderConfig = ReorderConfig()) -> dict[str, list[StrategyResult]]:
-    """Every strategy on every step's counts [M, L, G, E]; placements carried from step to step."""
+                   reorder: ReorderConfig = ReorderConfig(), step_seconds=None,
+                   schedule: PeriodicSchedule = PeriodicSchedule()) -> dict[str, list[StrategyResult]]:
+    """Every strategy on every step's counts [M, L, G, E]; placements carried from step to step.
+    history: the batches before the run (the warm-up draw), or empty (shuffled steps: the last batch,
+    cyclically). step_seconds(result, prev_placement): eplb-oracle's keep-or-rebalance cost (None: it
+    rebalances every step). schedule: eplb-periodic's window and interval."""
     results: dict[str, list[StrategyResult]] = {}
+    before = list(history) if history else [counts[-1]]
     done = 0
     for name in strategies:
+        if name in ("eplb-periodic", "eplb-oracle"):
+            results[name] = (run_eplb_periodic(counts, before, topo, num_groups, schedule) if name == "eplb-periodic"
+                             else run_eplb_oracle(counts, topo, num_groups, step_seconds))
+            done += len(counts)
+            if progress is not None:
+                progress.update(done, name)
+            continue
         prev = None
         per_step = []
         for i, c in enumerate(counts):
-            hist = counts[i - 1] if i > 0 else (history[0] if history else counts[-1])
+            hist = counts[i - 1] if i > 0 else before[-1]
             res = run_strategy(name, c, topo, history_counts=hist, prev_placement=prev,
                                num_groups=num_groups, replication=replication, reorder=reorder)
             prev = res.placement
@@ -259,16 +279,30 @@ def replay(args) -> ReplayRun:
         raise UsageError(str(exc)) from None
     counts = [count_loads(b, split_micro_batches(b.seq_lens(), args.ep, args.tokens_per_rank)) for b in batches]
     history = [count_loads(warmup, split_micro_batches(warmup.seq_lens(), args.ep, args.tokens_per_rank))] if warmup else []
-    if "eplb-history" in strategies and warmup is None and len(counts) == 1:
-        strategies.remove("eplb-history")
-        notes.append("eplb-history left out: one shuffled batch has no previous batch (use --steps >= 2 or --resample)")
+    for name in ("eplb-periodic", "eplb-history"):
+        if name in strategies and warmup is None and len(counts) == 1:
+            strategies.remove(name)
+            notes.append(f"{name} left out: one shuffled batch has no previous batch (use --steps >= 2 or --resample)")
+    try:
+        schedule = PeriodicSchedule(args.eplb_window, args.eplb_interval)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     replication, reorder, limits = replication_config(args, model, profile, topo)
     num_groups = args.num_groups if args.num_groups is not None else (model.num_expert_groups if model else 1)
+    seq_lens = np.concatenate([b.seq_lens() for b in batches])
+    step_seconds = None
+    if model is not None:
+        from relibra_verl.sim.report import mean_context, step_cost
+
+        ctx = mean_context(seq_lens)
+        step_seconds = lambda res, prev: step_cost("eplb-oracle", res, prev, model, profile, topo,  # noqa: E731
+                                                   prefetch=not args.online_copies, mean_context=ctx).total_s
     bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
-    results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar, reorder)
+    results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar, reorder,
+                             step_seconds, schedule)
     run = ReplayRun(topo, counts, results, notes)
     run.model, run.profile, run.limits, run.num_groups = model, profile, limits, num_groups
-    run.seq_lens = np.concatenate([b.seq_lens() for b in batches])
+    run.seq_lens = seq_lens
     if model is not None and limits["source"] == "cost model" and any(n.startswith("relibra") for n in strategies):
         # the same planners planning token counts only (no limits, overheads or move costs): what time-aware
         # planning changes
@@ -342,6 +376,7 @@ def config_dict(args, run: ReplayRun) -> dict:
         "min_replica_tokens": run.limits.get("min_replica_tokens", 1),
         "max_copies_per_owner": run.limits.get("max_copies_per_owner"),
         "num_groups": run.num_groups,
+        "eplb_window": args.eplb_window, "eplb_interval": args.eplb_interval,
         "notes": run.notes,
     }
     if run.model is not None:

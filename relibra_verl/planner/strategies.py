@@ -6,6 +6,8 @@ data with the same cost model.
 
   megatron           identity placement, no replicas
   eplb-history       DeepSeek EPLB on the previous batch's loads, G*R redundant experts
+  eplb-periodic      DeepSeek EPLB on a window of past loads, G*R redundant experts (the caller decides
+                     when to rebalance: relibra_verl.sim.baselines)
   eplb-oracle        DeepSeek EPLB on this batch's loads, G*R redundant experts
   relibra-reorder    relibra's per-batch placement, no replicas
   relibra-replicate  identity placement, relibra's per-micro-batch replicas
@@ -19,11 +21,12 @@ import time
 
 import numpy as np
 
+from relibra_verl.planner.baselines import choose_homes, moved_homes, physical_to_logical, redundant_per_rank
 from relibra_verl.planner.eplb import rebalance_experts
 from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig, plan_relibra
 from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
 
-STRATEGIES = ("megatron", "eplb-history", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra", "ideal")
+STRATEGIES = ("megatron", "eplb-periodic", "eplb-history", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra", "ideal")
 
 
 @dataclasses.dataclass
@@ -35,8 +38,9 @@ class StrategyResult:
                    (diagonal = pairs that stay on their GPU).
     replicas:      [M, L, G] replica expert weights each rank receives for this micro-batch.
     redundant:     [L, G] EPLB redundant copies held for the whole batch (their grads are reduced once).
-    moved_experts: [L] experts (or EPLB physical slots) whose content changed since the previous batch.
-    placement:     [L, P] the expert in each home (or EPLB physical) slot; carried into the next batch.
+    moved_experts: [L] experts (EPLB: home slots) whose content changed since the previous batch.
+    placement:     [L, P] the expert in each home slot; EPLB: its physical slots, encoded as in
+                   relibra_verl.planner.baselines (home e, redundant -(e + 2)); carried into the next batch.
     plan_ms:       planner wall time for the batch.
     plan:          the BatchPlan (relibra strategies), else None.
     calls:         [M, L, G] expert GEMM calls of each rank: its copies (home, replica, redundant) that
@@ -101,30 +105,29 @@ def _relibra(counts, topo, mode, prev, replication, reorder) -> StrategyResult:
                           plan.expert_at_home, ms, plan, calls)
 
 
-def _eplb(counts, topo, weight, prev_phy2log, num_groups) -> StrategyResult:
-    M, L, G, E = counts.shape
+def _eplb(counts, topo, weight, prev_placement, num_groups) -> StrategyResult:
+    E = counts.shape[-1]
     t0 = time.perf_counter()
-    phy2log, _, logcnt = rebalance_experts(weight, E + G * topo.R, num_groups, topo.num_nodes, G)
+    phy2log, _, _ = rebalance_experts(weight, E + topo.G * topo.R, num_groups, topo.num_nodes, topo.G)
     ms = (time.perf_counter() - t0) * 1e3
-    share = counts.astype(np.float64) / np.take_along_axis(logcnt, np.arange(E)[None], 1)[None, :, None, :]
+    return eplb_result(counts, topo, choose_homes(phy2log, topo, prev_placement), prev_placement, ms)
+
+
+def eplb_result(counts: np.ndarray, topo: Topology, placement: np.ndarray, prev_placement: np.ndarray | None,
+                plan_ms: float = 0.0) -> StrategyResult:
+    """What an EPLB placement does with one batch: counts [M, L, G, E], placement [L, P] encoded as in
+    relibra_verl.planner.baselines (every expert's pairs split evenly over its copies)."""
+    M, L, G, E = counts.shape
+    phy2log = physical_to_logical(placement)
+    logcnt = np.zeros((L, E))
+    np.add.at(logcnt, (np.repeat(np.arange(L), phy2log.shape[1]), phy2log.reshape(-1)), 1.0)
+    share = counts.astype(np.float64) / logcnt[None, :, None, :]
     per_phy = np.take_along_axis(share, np.broadcast_to(phy2log[None, :, None, :], (M, L, G, phy2log.shape[1])), axis=3)
     per_slot = per_phy.reshape(M, L, G, G, topo.S + topo.R)                   # [m, l, src, dst rank, slot]
     traffic = per_slot.sum(-1)                                                # [m, l, src, dst]
     calls = (per_slot.sum(2) > 0).sum(-1)                                     # [m, l, dst]: slots with pairs
-    redundant = np.full((L, G), topo.R, dtype=np.int64)
-    moved = (phy2log != prev_phy2log).sum(1) if prev_phy2log is not None and prev_phy2log.shape == phy2log.shape \
-        else _eplb_moves_from_identity(phy2log, topo)
-    return StrategyResult("", traffic.sum(2), traffic, np.zeros((M, L, G), np.int64), redundant, moved, phy2log, ms,
-                          calls=calls)
-
-
-def _eplb_moves_from_identity(phy2log: np.ndarray, topo: Topology) -> np.ndarray:
-    """[L] physical slots whose expert differs from Megatron's layout (home slots: identity, spares: empty)."""
-    S, R = topo.S, topo.R
-    identity = np.full(phy2log.shape[1], -1)
-    slots = np.arange(phy2log.shape[1]).reshape(topo.G, S + R)[:, :S].reshape(-1)
-    identity[slots] = np.arange(topo.E)
-    return (phy2log != identity[None]).sum(1)
+    return StrategyResult("", traffic.sum(2), traffic, np.zeros((M, L, G), np.int64), redundant_per_rank(placement, topo),
+                          moved_homes(prev_placement, placement, topo), np.asarray(placement), plan_ms, calls=calls)
 
 
 def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: np.ndarray | None = None,
@@ -134,8 +137,9 @@ def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: 
     """Apply strategy `name` to one batch.
 
     counts: [M, L, G, E] this batch's loads.  history_counts: [M', L, G, E] the previous batch's loads
-    (eplb-history; None: no history yet, EPLB then sees uniform loads).  prev_placement: the `placement`
-    of this strategy's result for the previous batch (None: Megatron's layout).  num_groups: the model's
+    (eplb-history), the window of past loads (eplb-periodic; None: no history yet, EPLB then sees uniform
+    loads).  prev_placement: the `placement` of this strategy's result for the previous batch (None:
+    Megatron's layout).  num_groups: the model's
     expert groups (EPLB's hierarchical mode needs groups divisible by nodes).
     """
     counts = np.asarray(counts, dtype=np.int64)
@@ -148,7 +152,7 @@ def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: 
         traffic = np.repeat((counts.sum(-1) / G)[:, :, :, None].astype(np.float64), G, axis=3)
         res = StrategyResult("", rank_tokens, traffic, np.zeros((M, L, G), np.int64), np.zeros((L, G), np.int64),
                              np.zeros(L, np.int64), identity_placement(topo, L), 0.0)
-    elif name in ("eplb-oracle", "eplb-history"):
+    elif name in ("eplb-oracle", "eplb-history", "eplb-periodic"):
         if name == "eplb-oracle":
             weight = counts.sum(axis=(0, 2))
         elif history_counts is None:

@@ -27,15 +27,33 @@ Terms (each vectorised over all (m, l); all ranks wait for the slowest one at ev
              before it (this layer's attention + the previous layer's experts; in backward the neighbour
              layer's experts + this layer's attention backward); the exposed time is
              max(t - window, 0) + replica_contention_share * min(t, window).
-             Redundant copies held for the batch (EPLB): weights once per step and gradients once per step
-             over NVLink (hierarchical EPLB replicates inside a node), on the critical path (`batch_overhead`).
+             Redundant copies held for the whole batch (EPLB): their placement is known before the step,
+             so they are sent ahead like relibra's copies, and their dedicated memory (one buffer per layer)
+             lets every layer's copies stream from the step's start: weights during micro-batch 0's
+             forward, gradients (accumulated over the micro-batches) reduced beside the last micro-batch's
+             backward; only what the compute cannot hide plus the contention share is paid
+             (_redundant_sync, `redundant_sync`). A copy travels over NVLink inside a node (nvlink_p2p),
+             over InfiniBand across (ib_bulk); the receivers set the time, as for relibra's replicas
+             (copies of one expert to several ranks go as a pipelined broadcast; redundant_copy_seconds).
   non_moe    attention + router + shared experts of the MoE layer on the rank's own tokens (the busiest
              source rank): (2 * params + score FLOPs(mean_context)) / dense rate; backward x factor.
   per micro-batch: dense layers and the LM head (same for every strategy).
   per batch: reordering migration, times migration_exposed_share: from the placements (migration_time:
-             each changed slot receives the expert's state, over NVLink when its node held a copy, else IB;
-             busiest rank), or without them ceil(sum(moved)/G) experts x 3*H*I x state_bytes over IB.
-The planner's own time is not added: it runs ahead of the step on the CPU (reported separately).
+             each home slot whose expert changed receives the expert's optimizer state, 3*H*I x
+             state_bytes, from its old home: over NVLink inside a node, else IB; busiest rank), or without
+             them ceil(sum(moved)/G) experts x 3*H*I x state_bytes over IB. An EPLB redundant slot holds no
+             optimizer state and its weights are refreshed every step anyway (the replica term), so a change
+             there costs no migration.
+  runtime:   what the balancing runtime itself pays per step (relibra_verl.sim.overheads): relibra's loads
+             all-gather, plan agreement and plan install; EPLB's loads all-reduce and placement install.
+The planners' own CPU time is not added (reported separately as plan_ms): the trainer plans the placement
+and all but the first micro-batch's replicas beside the compute.
+
+The ideal (balanced=True, and relibra_verl.sim.report.ideal_costs) is a lower bound by construction: each
+term is at most the same term of the strategy whose work it balances (dispatch: each rank's receive set to
+the mean, its send as it is; expert: the ranks' GEMM calls and pairs spread evenly, (sum calls * a +
+pairs * b) / G <= the busiest rank's; no replica, copy, migration or runtime cost), and the ideal takes the
+least over the strategies, so no strategy's step time is below it.
 """
 from __future__ import annotations
 
@@ -84,9 +102,10 @@ class BatchCost:
     fwd: dict
     bwd: dict
     per_micro_batch_rest_s: float   # dense layers + LM head, summed over micro-batches (fwd + bwd)
-    batch_overhead_s: float         # per-batch replica sync/reduce (EPLB-style redundant experts)
+    redundant_sync_s: float         # exposed per-step sync of redundant copies held for the batch (EPLB)
     migration_s: float              # reordering migration on the critical path
     plan_ms: float = 0.0
+    runtime_s: float = 0.0          # the balancing runtime's own per-step costs (relibra_verl.sim.overheads)
     initial_migration_s: float | None = None  # set when a run's first migration is kept out of the steady state
 
     @property
@@ -96,12 +115,14 @@ class BatchCost:
 
     @property
     def total_s(self) -> float:
-        return float(self.layer_time.sum()) + self.per_micro_batch_rest_s + self.batch_overhead_s + self.migration_s
+        return (float(self.layer_time.sum()) + self.per_micro_batch_rest_s + self.redundant_sync_s + self.migration_s
+                + self.runtime_s)
 
     def breakdown(self) -> dict:
         """Seconds per term over the batch."""
         out = {t: float((self.fwd[t] + self.bwd[t]).sum()) for t in TERMS}
-        out.update(dense_and_head=self.per_micro_batch_rest_s, batch_replicas=self.batch_overhead_s, migration=self.migration_s)
+        out.update(dense_and_head=self.per_micro_batch_rest_s, redundant_sync=self.redundant_sync_s,
+                   migration=self.migration_s, runtime=self.runtime_s)
         return out
 
 
@@ -146,7 +167,7 @@ def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarra
                node_of_rank, model: ModelPreset, profile: HardwareProfile, *, redundant: np.ndarray | None = None,
                prefetch: bool = True, mean_context: float = 1024.0,
                replica_sends: np.ndarray | None = None, plan_ms: float = 0.0, balanced: bool = False,
-               calls: np.ndarray | None = None) -> BatchCost:
+               calls: np.ndarray | None = None, redundant_copy_s: np.ndarray | None = None) -> BatchCost:
     """Cost of one batch.
 
     rank_tokens [M, L, G], traffic [M, L, G, G], replicas [M, L, G] (per micro-batch copies), moved_experts
@@ -154,10 +175,12 @@ def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarra
     copies each rank sends, when known (else the receivers set the copy time). prefetch: per-micro-batch
     copies sent ahead (routing known) vs on the critical path (online planning). mean_context: mean
     attended positions per token (causal: about E[len^2] / (2 E[len]) over the batch's sequences).
-    balanced: the idealised cost of the same work: every rank receives and computes the mean pairs (sources
-    send as they do), S calls per rank, no replicas, redundant copies or migration (a lower bound of the
-    unbalanced cost). calls [M, L, G]: GEMM calls of each rank (its copies that compute pairs), when
-    known; else S + replicas + redundant.
+    balanced: the idealised cost of the same work: every rank receives the mean pairs (sources send as
+    they do) and computes the mean of the ranks' GEMM work (calls and pairs), no replicas, redundant
+    copies or migration (a lower bound of the unbalanced cost). calls [M, L, G]: GEMM calls of each rank
+    (its copies that compute pairs), when known; else S + replicas + redundant.
+    redundant_copy_s [L]: seconds of the busiest rank's redundant-copy transfers of each layer at one byte
+    per parameter (redundant_copy_seconds); without it, the busiest receiver's copies over NVLink.
     """
     rank_tokens = np.asarray(rank_tokens, dtype=np.float64)
     replicas = np.asarray(replicas, dtype=np.float64)
@@ -172,14 +195,14 @@ def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarra
     a2a = dispatch_time(traffic, node_of_rank, model, profile, balanced)
     if balanced:
         replicas = np.zeros_like(replicas)
-        redundant, replica_sends, moved_experts = None, None, np.zeros(L)
+        redundant, replica_sends, moved_experts, redundant_copy_s = None, None, np.zeros(L), None
     fwd = {"dispatch": 2.0 * a2a}
     bwd = {"dispatch": 2.0 * a2a}
 
     # 2. expert GEMMs, slowest rank
     a, b = expert_gemm_coeffs(model, profile)
     red = np.zeros((L, G)) if redundant is None else np.asarray(redundant, dtype=np.float64)
-    if balanced or calls is None:
+    if calls is None:
         calls = S + replicas + red[None]
     else:
         calls = np.asarray(calls, dtype=np.float64)
@@ -206,8 +229,6 @@ def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarra
     busiest_copies = load.max(axis=2)  # [M, L]
     t_w = busiest_copies * P * profile.weight_bytes_per_param / p2p
     t_g = busiest_copies * P * profile.grad_bytes_per_param / p2p
-    # all layers' redundant copies at once, busiest rank: weights before the batch, gradients after it
-    batch_overhead = float(red.sum(axis=0).max() * P * (profile.weight_bytes_per_param + profile.grad_bytes_per_param) / p2p) if G else 0.0
     if prefetch:
         prev_expert = np.concatenate([np.zeros((M, 1)), fwd["expert"][:, :-1]], axis=1)
         next_expert = np.concatenate([bwd["expert"][:, 1:], np.zeros((M, 1))], axis=1)
@@ -217,11 +238,39 @@ def batch_cost(rank_tokens: np.ndarray, traffic: np.ndarray, replicas: np.ndarra
     else:
         fwd["replica"] = t_w
         bwd["replica"] = t_w + t_g
+    if redundant_copy_s is None:
+        redundant_copy_s = red.max(axis=1) * P / p2p if G else np.zeros(L)
+    redundant_sync = _redundant_sync(np.asarray(redundant_copy_s, dtype=np.float64), fwd, bwd, profile)
 
     # 5. reordering migration (once per batch)
     moved = float(np.asarray(moved_experts).sum())
     migration = np.ceil(moved / G) * P * profile.state_bytes_per_param / (profile.ib_bulk_GBps * 1e9) * profile.migration_exposed_share
-    return BatchCost(fwd, bwd, rest, batch_overhead, float(migration), float(plan_ms))
+    return BatchCost(fwd, bwd, rest, redundant_sync, float(migration), float(plan_ms))
+
+
+def _redundant_sync(copy_s: np.ndarray, fwd: dict, bwd: dict, profile: HardwareProfile) -> float:
+    """Exposed seconds of one step's redundant-copy sync (EPLB), copy_s [L] per byte per parameter.
+
+    Weights: every layer's copies are issued in layer order when the step starts and stream while micro-batch
+    0's forward runs; layer l's experts wait for its copies: the forward is delayed by
+    max(0, max_l(C_l - W_l)), C_l the copies' time up to layer l, W_l micro-batch 0's forward before
+    layer l's experts (earlier MoE layers and this layer's attention). Gradients: each layer's reduce is
+    issued after its last backward (micro-batch M-1; layers L-1 first) and streams beside the remaining
+    backward: the reduces of layers l..0 cannot end before layer l's backward ends plus their own time,
+    so the tail left after the backward is max(0, max_l(D_l - B_l)), D_l the reduces of layers 0..l,
+    B_l the backward of the layers below l. Plus the contention share of everything overlapped."""
+    if not copy_s.any():
+        return 0.0
+    t_w = copy_s * profile.weight_bytes_per_param
+    t_g = copy_s * profile.grad_bytes_per_param
+    layer_f = sum(fwd[t][0] for t in ("dispatch", "expert", "non_moe", "replica"))            # [L], micro-batch 0
+    layer_b = sum(bwd[t][-1] for t in ("dispatch", "expert", "non_moe", "replica"))           # [L], micro-batch M-1
+    before = np.concatenate([[0.0], np.cumsum(layer_f)[:-1]]) + fwd["non_moe"][0]
+    w_delay = max(0.0, float((np.cumsum(t_w) - before).max()))
+    below = np.concatenate([[0.0], np.cumsum(layer_b)[:-1]])                                   # backward of layers < l
+    g_tail = max(0.0, float((np.cumsum(t_g) - below).max()))
+    c = profile.replica_contention_share
+    return w_delay + g_tail + c * (float(t_w.sum()) - w_delay + float(t_g.sum()) - g_tail)
 
 
 def megatron_slots(num_layers: int, num_experts: int, ep_size: int, num_slots: int) -> np.ndarray:
@@ -233,6 +282,35 @@ def megatron_slots(num_layers: int, num_experts: int, ep_size: int, num_slots: i
     slots = (np.arange(ep_size)[:, None] * per + np.arange(S)[None, :]).reshape(-1)
     row[slots] = np.arange(num_experts)
     return np.tile(row, (num_layers, 1))
+
+
+def redundant_copy_seconds(placement: np.ndarray, node_of_rank, model: ModelPreset, profile: HardwareProfile) -> np.ndarray:
+    """[L] seconds, per byte per parameter, of each layer's redundant-copy transfers (EPLB): every
+    redundant slot (encoded -(e + 2), relibra_verl.planner.baselines) exchanges 3*H*I parameters with
+    its expert's home slot, over NVLink inside a node (nvlink_p2p), over InfiniBand across (ib_bulk).
+    profile.eplb_copies_over_nvlink = 1 prices every copy at NVLink (a bound that favours EPLB).
+    Per rank its receives on each link (copies of one expert to several ranks go as a pipelined broadcast,
+    so no sender carries more than it receives, as for relibra's replicas); the links run concurrently;
+    the busiest rank sets the time. Multiply by weight_bytes_per_param (the copies) or grad_bytes_per_param (the
+    gradient reduce)."""
+    node = np.asarray(node_of_rank)
+    placement = np.asarray(placement)
+    L, P = placement.shape
+    G = len(node)
+    per = P // G
+    home = np.full((L, model.num_experts), -1, dtype=np.int64)
+    l_h, p_h = np.nonzero(placement >= 0)
+    home[l_h, placement[l_h, p_h]] = p_h
+    l_r, p_r = np.nonzero(placement <= -2)
+    dst = p_r // per
+    src = home[l_r, -placement[l_r, p_r] - 2] // per
+    cross = (node[src] != node[dst]) & (profile.eplb_copies_over_nvlink == 0)
+    t = np.zeros((L, G))
+    for mask, GBps in ((~cross, profile.nvlink_p2p_GBps), (cross, profile.ib_bulk_GBps)):
+        recv = np.zeros((L, G))
+        np.add.at(recv, (l_r[mask], dst[mask]), 1.0)
+        t = np.maximum(t, recv * model.expert_params / (GBps * 1e9))
+    return t.max(axis=1)
 
 
 def migration_time(prev: np.ndarray, new: np.ndarray, node_of_rank, model: ModelPreset, profile: HardwareProfile) -> float:
@@ -269,12 +347,17 @@ def result_cost(result, node_of_rank, model: ModelPreset, profile: HardwareProfi
     """batch_cost of a planner StrategyResult (duck-typed: rank_tokens, traffic, replicas, moved_experts,
     plan_ms; optional redundant [L, G], replica_sends [M, L, G], placement [L, P], calls [M, L, G]). With a `placement`, the
     migration term is migration_time(prev_placement or Megatron's layout, placement) instead of the
-    moved_experts estimate."""
-    cost = batch_cost(result.rank_tokens, result.traffic, result.replicas, result.moved_experts, node_of_rank,
-                      model, profile, redundant=getattr(result, "redundant", None), prefetch=prefetch, mean_context=mean_context,
-                      replica_sends=getattr(result, "replica_sends", None), plan_ms=float(getattr(result, "plan_ms", 0.0) or 0.0),
-                      calls=getattr(result, "calls", None))
+    moved_experts estimate; an EPLB placement (redundant slots encoded, relibra_verl.planner.baselines) also
+    gives its redundant copies' links (redundant_copy_seconds)."""
     placement = getattr(result, "placement", None)
+    redundant = getattr(result, "redundant", None)
+    copy_s = None
+    if placement is not None and redundant is not None and np.any(redundant) and (np.asarray(placement) <= -2).any():
+        copy_s = redundant_copy_seconds(placement, node_of_rank, model, profile)
+    cost = batch_cost(result.rank_tokens, result.traffic, result.replicas, result.moved_experts, node_of_rank,
+                      model, profile, redundant=redundant, prefetch=prefetch, mean_context=mean_context,
+                      replica_sends=getattr(result, "replica_sends", None), plan_ms=float(getattr(result, "plan_ms", 0.0) or 0.0),
+                      calls=getattr(result, "calls", None), redundant_copy_s=copy_s)
     if placement is not None:
         cost.migration_s = migration_time(prev_placement, placement, node_of_rank, model, profile)
     return cost

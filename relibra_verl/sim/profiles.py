@@ -1,9 +1,9 @@
 """Hardware profiles: every constant of the cost model, each with its source.
 
 A profile is a flat mapping of the fields of `HardwareProfile`. Built-in profiles: `h100-ib400`,
-`h800-ib400`. A user passes their own as a JSON or YAML file (`--profile PATH`) holding every field (a
-missing or unknown one is a UsageError naming it); `"base": "h100-ib400"` in the file fills the fields it
-omits from a built-in profile. Optional `gemm_fit` ({preset: {"a_us": x, "b_ns_per_token": y}}) replaces the
+`h800-ib400`. A user passes their own as a JSON or YAML file (`--profile PATH`) holding every field but
+the optional ones (OPTIONAL, with defaults; a missing or unknown one is a UsageError naming it);
+`"base": "h100-ib400"` in the file fills the fields it omits from a built-in profile. Optional `gemm_fit` ({preset: {"a_us": x, "b_ns_per_token": y}}) replaces the
 derived expert GEMM time of that preset by a measured fit (bench/calibrate_gpu.py writes one).
 
 Sources: ../shared/reference/facts.md ("Links", "Compute", "Model shapes"), cited per field below. Where
@@ -40,11 +40,15 @@ class HardwareProfile:
     replica_contention_share: float # share of a prefetched copy still paid (NVLink/HBM contention)
     migration_exposed_share: float  # share of the reordering migration on the critical path
     ib_forwarding: float            # 0: NCCL all-to-all (own NIC receives); 1: DeepEP-style rail forwarding
+    h2d_GBps: float = 25.0          # host-to-device copies (the balancing plan); optional in a profile file
+    eplb_copies_over_nvlink: float = 0.0  # 1: every EPLB redundant copy over NVLink (a bound favouring EPLB); optional
     gemm_fit: dict = dataclasses.field(default_factory=dict, compare=False)
     source: str = ""
 
 
-REQUIRED = tuple(f.name for f in dataclasses.fields(HardwareProfile) if f.name not in ("name", "gemm_fit", "source"))
+OPTIONAL = ("h2d_GBps", "eplb_copies_over_nvlink")
+REQUIRED = tuple(f.name for f in dataclasses.fields(HardwareProfile)
+                 if f.name not in ("name", "gemm_fit", "source") + OPTIONAL)
 
 _H100 = dict(
     name="h100-ib400",
@@ -88,6 +92,12 @@ _H100 = dict(
     # inter-node bytes on its own NIC. 1 models DeepEP's internode kernels (RDMA to the same-index GPU, then
     # NVLink forwarding; DeepEP docs via facts.md Links).
     ib_forwarding=0.0,
+    # assumption (not in facts.md): PCIe Gen5 x16 peaks at 64 GB/s per direction; about 25 GB/s from
+    # pageable host memory (the planner's numpy arrays). Measure.
+    h2d_GBps=25.0,
+    # modelling choice, not hardware: 0 sends an EPLB redundant copy that crosses nodes over InfiniBand (what
+    # global EPLB's placement implies); 1 prices every copy at NVLink, as if all stayed inside the home's node.
+    eplb_copies_over_nvlink=0.0,
     source="facts.md (Links, Compute, Model shapes); H100 SXM 8 per node, CX7 400 Gb/s per GPU",
 )
 
@@ -127,8 +137,14 @@ def profile_from_dict(raw: dict, origin: str) -> HardwareProfile:
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
             raise UsageError(f"profile {origin}: constant {key!r} must be a number >= 0, got {val!r}")
         raw[key] = float(val)
-    for key in ("nvlink_a2a_GBps", "ib_a2a_GBps", "nvlink_p2p_GBps", "ib_bulk_GBps", "gemm_tflops", "hbm_GBps", "dense_tflops"):
-        if raw[key] <= 0:
+    for key in OPTIONAL:
+        if key in raw:
+            val = raw[key]
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
+                raise UsageError(f"profile {origin}: constant {key!r} must be a number >= 0, got {val!r}")
+            raw[key] = float(val)
+    for key in ("h2d_GBps", "nvlink_a2a_GBps", "ib_a2a_GBps", "nvlink_p2p_GBps", "ib_bulk_GBps", "gemm_tflops", "hbm_GBps", "dense_tflops"):
+        if raw.get(key, 1.0) <= 0:
             raise UsageError(f"profile {origin}: constant {key!r} must be > 0")
     fit = raw.get("gemm_fit") or {}
     if not isinstance(fit, dict) or any(not isinstance(v, dict) or {"a_us", "b_ns_per_token"} - set(v) for v in fit.values()):

@@ -10,6 +10,7 @@ import numpy as np
 
 from relibra_verl.errors import UsageError
 from relibra_verl.sim.cost import TERMS, BatchCost, batch_cost, result_cost
+from relibra_verl.sim.overheads import runtime_seconds
 from relibra_verl.sim.planning import min_replica_tokens
 from relibra_verl.sim.presets import ModelPreset, get_preset
 from relibra_verl.sim.profiles import HardwareProfile, load_profile
@@ -38,12 +39,20 @@ def check_shapes(results_by_strategy: dict, model: ModelPreset, topo) -> None:
 
 def ideal_costs(results_by_strategy: dict, model: ModelPreset, profile: HardwareProfile, topo, *,
                 mean_context: float = 1024.0) -> list[BatchCost]:
-    """The ideal's cost per step: for each (micro-batch, layer) and term, the least balanced cost
-    (cost.batch_cost(balanced=True): every rank receives and computes the mean, no overhead) over every
-    strategy's result for that step. Every strategy sees the same batches, so it is never slower than any."""
+    """The ideal's cost per step, a lower bound by construction: for each (micro-batch, layer) and term,
+    the least balanced cost (cost.batch_cost(balanced=True)) over every strategy's result for that step.
+    Per (micro-batch, layer), with a, b the GEMM coefficients (cost.expert_gemm_coeffs):
+      dispatch  max over ranks and links of max(the rank's sends, the mean receive) of that strategy
+      expert    (sum over ranks of its GEMM calls * a + all pairs * b) / G, the mean rank of that strategy
+                (a strategy without `calls`: S + replicas + redundant per rank)
+      non_moe, dense layers and head: the data's (the same for every strategy)
+      replica copies, migration, runtime: none.
+    Each term is at most the same term of the strategy it balances (a mean is at most the max), and every
+    strategy sees the same batches, so no strategy's step time is below the ideal's."""
     nodes = np.asarray(topo.node_of_rank)
     per = [[batch_cost(r.rank_tokens, r.traffic, r.replicas, r.moved_experts, nodes, model, profile,
-                       mean_context=mean_context, balanced=True) for r in steps]
+                       mean_context=mean_context, balanced=True, calls=getattr(r, "calls", None),
+                       redundant=getattr(r, "redundant", None)) for r in steps]
            for steps in results_by_strategy.values()]
     out = []
     for i in range(min(len(p) for p in per)):
@@ -54,13 +63,38 @@ def ideal_costs(results_by_strategy: dict, model: ModelPreset, profile: Hardware
     return out
 
 
+def replica_sends(plan) -> np.ndarray:
+    """[M, L, G] replica copies each rank sends (as the home of the replicated expert) in a relibra plan."""
+    rep = np.asarray(plan.replica_expert)                                  # [M, L, G, R]
+    M, L, G, _ = rep.shape
+    home_rank = plan.home_of_expert() // plan.topo.S                       # [L, E]
+    out = np.zeros((M, L, G), dtype=np.int64)
+    m_i, l_i, _, k_i = np.nonzero(rep >= 0)
+    src = home_rank[l_i, rep[rep >= 0]]
+    np.add.at(out, (m_i, l_i, src), 1)
+    return out
+
+
+def step_cost(name: str, result, prev_placement, model: ModelPreset, profile: HardwareProfile, topo, *,
+              prefetch: bool = True, mean_context: float = 1024.0) -> BatchCost:
+    """BatchCost of one step of strategy `name`: cost.result_cost plus the runtime's own costs (overheads).
+    prev_placement: the strategy's placement of the previous step (None: Megatron's layout). A relibra
+    plan's copies are charged at the busier of their receivers and senders (replica_sends)."""
+    if getattr(result, "plan", None) is not None and getattr(result, "replica_sends", None) is None:
+        result.replica_sends = replica_sends(result.plan)
+    cost = result_cost(result, np.asarray(topo.node_of_rank), model, profile, prefetch=prefetch,
+                       mean_context=mean_context, prev_placement=prev_placement)
+    cost.runtime_s = float(sum(runtime_seconds(name, result, prev_placement, topo, profile).values()))
+    return cost
+
+
 def strategy_costs(results_by_strategy: dict, model: ModelPreset, profile: HardwareProfile, topo, *,
                    prefetch: bool = True, mean_context: float = 1024.0) -> dict[str, list[BatchCost]]:
-    """BatchCost of every step of every strategy. With several steps, step 0's migration (away from Megatron's
-    layout, once per run) is moved to its `initial_migration_s`: the mean is the steady state."""
-    nodes = np.asarray(topo.node_of_rank)
-    costs = {name: [result_cost(r, nodes, model, profile, prefetch=prefetch, mean_context=mean_context,
-                               prev_placement=getattr(steps[i - 1], "placement", None) if i else None)
+    """BatchCost of every step of every strategy, with the runtime's own per-step costs
+    (relibra_verl.sim.overheads). With several steps, step 0's migration (away from Megatron's layout, once
+    per run) is moved to its `initial_migration_s`: the mean is the steady state."""
+    costs = {name: [step_cost(name, r, getattr(steps[i - 1], "placement", None) if i else None, model, profile, topo,
+                              prefetch=prefetch, mean_context=mean_context)
                     for i, r in enumerate(steps)]
              for name, steps in results_by_strategy.items()}
     for cs in costs.values():
@@ -80,8 +114,9 @@ def simulate_timing(results_by_strategy: dict, model: ModelPreset | str, profile
        "strategies": {name: {"step_time_s", "throughput_vs_megatron", "throughput_vs_ideal",
                              "breakdown_s": {term: seconds per step}, "plan_ms", "initial_migration_s"}},
        "prefetch_effect": {name: {"prefetch_s", "online_s"}} for strategies with per-micro-batch replicas}
-    The ideal's time is ideal_costs(): every rank receives and computes the mean pairs (each source still
-    sends what the data split gives it), with the least traffic any strategy needs and no overhead.
+    The ideal's time is ideal_costs(): every rank receives the mean pairs (each source still sends what the
+    data split gives it) and computes the mean GEMM work, the least over the strategies, no overhead: a
+    lower bound of every strategy's time by construction.
     Ratios are None when megatron or ideal was not simulated. With several steps the first step's migration
     (away from Megatron's layout, once per run) is left out of the mean and reported as initial_migration_s.
     """
@@ -123,13 +158,13 @@ def format_timing(timing: dict) -> str:
     lines = [f"step time ({timing['model']} on {timing['profile']}, replica copies "
              f"{'sent ahead' if timing['prefetch'] else 'on the critical path'}; seconds per step)",
              f"{'strategy':<19}{'step s':>9}{'vs megatron':>13}{'vs ideal':>10}   "
-             + "".join(f"{t:>10}" for t in TERMS) + f"{'migration':>11}"]
+             + "".join(f"{t:>10}" for t in TERMS) + f"{'migration':>11}{'runtime':>9}"]
     for name, s in timing["strategies"].items():
         f = lambda x: f"{x:.3f}" if x is not None else "-"  # noqa: E731
         bd = s["breakdown_s"]
         lines.append(f"{name:<19}{s['step_time_s']:>9.3f}{f(s['throughput_vs_megatron']):>13}{f(s['throughput_vs_ideal']):>10}   "
-                     + "".join(f"{bd[t] + (bd['batch_replicas'] if t == 'replica' else 0):>10.3f}" for t in TERMS)
-                     + f"{bd['migration']:>11.4f}")
+                     + "".join(f"{bd[t] + (bd['redundant_sync'] if t == 'replica' else 0):>10.3f}" for t in TERMS)
+                     + f"{bd['migration']:>11.4f}{bd['runtime']:>9.4f}")
     p = timing["planning"]
     lines.append(f"a replica repays its copies and its GEMM call from {p['min_replica_tokens']} routed pairs "
                  f"(sent ahead; {p['min_replica_tokens_online']} on the critical path)")

@@ -44,6 +44,7 @@ def test_simulate_synthetic(tmp_path, capsys):
     (["--model", "deepseek-v2-lite", "--profile", "b200-ib800"], "unknown hardware profile 'b200-ib800'"),
     (["--model", "mixtral"], "unknown model preset 'mixtral'"),
     (["--plot", "x.png"], "--plot needs --model"),
+    (["--steps", "2", "--eplb-interval", "0"], "eplb-periodic window and interval must be >= 1"),
 ])
 def test_simulate_bad_input_exit_2(extra, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -63,3 +64,19 @@ def test_simulate_profile_missing_constant_and_synthetic_flags(tmp_path, capsys)
     assert "--seqs" in capsys.readouterr().err
     assert main(["simulate", *SMALL]) == 2
     assert "give --trace" in capsys.readouterr().err
+
+
+def test_simulate_eplb_periodic_and_runtime_columns(tmp_path, capsys):
+    """eplb-periodic at a one-micro-batch interval rebalances every step; relibra and EPLB pay their runtime
+    costs, megatron and ideal none; the flags land in the JSON."""
+    js = tmp_path / "r.json"
+    assert main(["simulate", *BOTH, *SMALL, "--resample", "60", "--steps", "3", "--model", "deepseek-v2-lite",
+                 "--strategies", "megatron,eplb-periodic,relibra,ideal", "--eplb-interval", "1", "--eplb-window", "5",
+                 "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert (r["config"]["eplb_window"], r["config"]["eplb_interval"]) == (5, 1)
+    s = r["timing"]["strategies"]
+    assert s["eplb-periodic"]["breakdown_s"]["runtime"] > 0 and s["relibra"]["breakdown_s"]["runtime"] > 0
+    assert s["megatron"]["breakdown_s"]["runtime"] == 0 and s["ideal"]["breakdown_s"]["runtime"] == 0
+    assert r["strategies"]["eplb-periodic"]["moved_experts_per_step"] > 0
+    assert "runtime" in capsys.readouterr().out
