@@ -122,6 +122,17 @@ def rank_move_cost_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes
             / pair_seconds(model, profile, num_nodes, gpus_per_node))
 
 
+def migration_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int) -> tuple[float, float]:
+    """(over InfiniBand, over NVLink) what moving one expert costs the step (its exposed migration time, as in
+    the cost model's migration term), in units of the replication objective J: a routed pair's GEMM work and,
+    with several nodes, its inter-node transfer (J = (1 - s) max T + s max X with s = inter_node_share is
+    in pairs of c_gemm + c_ib; with one node J is GEMM work alone). ReorderConfig.migration_pairs."""
+    gemm, ib = _pair_costs(model, profile)
+    unit = gemm + ib if num_nodes > 1 else gemm
+    return (migration_seconds_per_expert(model, profile) / unit,
+            migration_seconds_per_expert(model, profile, within_node=True) / unit)
+
+
 def inter_node_share(model: ModelPreset, profile: HardwareProfile) -> float:
     """The share of a routed pair's cost that is its inter-node transfer when it crosses nodes:
     c_ib / (c_gemm + c_ib), c_ib = its bytes in the 4 all-to-alls at the inter-node rate, c_gemm = its
@@ -184,5 +195,6 @@ def planner_configs(model, profile: HardwareProfile | None, num_nodes: int, gpus
                                     inter_node_share=limits["inter_node_share"])
     reorder = ReorderConfig(max_moves_per_layer=max_moves_per_layer, move_cost_pairs=limits["move_cost_pairs"],
                             rank_move_cost_pairs=limits["rank_move_cost_pairs"],
-                            inter_node_share=reorder_inter_node_share)
+                            inter_node_share=reorder_inter_node_share,
+                            migration_pairs=migration_pairs(model, profile, num_nodes))
     return replication, reorder
