@@ -1,10 +1,10 @@
 """relibra's plan for one batch: a placement (reorder.py) and per-micro-batch replicas (replicate.py).
 
 The new placement must pay for its migration. Both placements, the new one and the one in force, get
-their replicas, and each layer's critical path summed over the micro-batches (the replication objective
-J, replicate.py) is weighed against the migration the new placement costs (_keep_or_move): a layer
-keeps its placement where moving would not gain more than it costs, so the plan is never worse, under the
-planner's cost, than keeping the placement (relibra-replicate) or than the new placement alone.
+their replicas, and the critical paths they lead to, summed over the batch's micro-batches and layers (the
+replication objective J, replicate.py), are weighed with the new placement's migration (_keep_or_move):
+the batch keeps its placement unless moving gains more than it costs, so the plan is never worse, under
+the planner's cost, than keeping the placement with replicas, nor than the new placement with them.
 """
 from __future__ import annotations
 
@@ -51,11 +51,10 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
         if len(changed):
             rep_e, rep_q, j_new = plan_replicas(counts, weigh_topo, placement, replication)
             kept_e, kept_q, j_keep = plan_replicas(counts[:, changed], weigh_topo, prev[changed], replication)
-            keep = _keep_or_move(prev[changed], placement[changed], j_new[:, changed].sum(0), j_keep.sum(0), topo,
-                                 reorder)
-            placement = placement.copy()
-            placement[changed[keep]] = prev[changed[keep]]
-            rep_e[:, changed[keep]], rep_q[:, changed[keep]] = kept_e[:, keep], kept_q[:, keep]
+            if _keep_or_move(prev[changed], placement[changed], float(j_new[:, changed].sum()), float(j_keep.sum()),
+                             topo, reorder):
+                placement = prev
+                rep_e[:, changed], rep_q[:, changed] = kept_e, kept_q
         else:
             rep_e, rep_q, _ = plan_replicas(counts, weigh_topo, placement, replication)
     else:
@@ -67,36 +66,22 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     return BatchPlan(topo, placement, rep_e, rep_q, moved)
 
 
-def _keep_or_move(prev: np.ndarray, new: np.ndarray, j_new: np.ndarray, j_keep: np.ndarray, topo: Topology,
-                  config: ReorderConfig) -> np.ndarray:
-    """Which layers keep their placement: [K] bool for K layers whose new placement (new [K, E]) differs
-    from prev [K, E], given each layer's J summed over micro-batches with the new placement (j_new [K]) and
-    with the old one (j_keep [K]).
+def _keep_or_move(prev: np.ndarray, new: np.ndarray, j_new: float, j_keep: float, topo: Topology,
+                  config: ReorderConfig) -> bool:
+    """Whether the batch keeps the placement in force: prev [K, E] and new [K, E] are the layers whose
+    placement changes, j_new and j_keep their J (the replication objective) summed over micro-batches and
+    these layers with either placement. The new one must gain more J than its migration costs.
 
     Migration, as the step pays it: all layers move at once and the rank that receives most sets the time,
     each arrival costing config.migration_pairs (over InfiniBand, or over NVLink when the expert comes from
-    its own node). Layers are reverted in the order of their gain (j_keep - j_new), the least first; of
-    these K + 1 choices the cheapest (gains lost + migration) is kept, ties to keeping more."""
-    K = len(prev)
+    its own node). Layer by layer the choice would follow J's noise (J is the planner's estimate of a
+    layer's time, not the time); the batch's sum weighs the placement as a whole."""
     ib_cost, nvl_cost = config.migration_pairs
     nodes = np.asarray(topo.node_of_rank)
     old_rank, new_rank = invert_placement(prev) // topo.S, invert_placement(new) // topo.S      # [K, E]
     moved = old_rank != new_rank
     over_ib = moved & (nodes[old_rank] != nodes[new_rank])
-    rows = np.repeat(np.arange(K), topo.E)
-    ib = np.zeros((K, topo.G))
-    nvl = np.zeros((K, topo.G))
-    np.add.at(ib, (rows, new_rank.reshape(-1)), over_ib.reshape(-1))
-    np.add.at(nvl, (rows, new_rank.reshape(-1)), (moved & ~over_ib).reshape(-1))
-    gain = j_keep - j_new
-    order = np.argsort(gain, kind="stable")
-    # moving set after reverting the first k layers of order, k = 0..K
-    ib_left = ib.sum(0) - np.concatenate([np.zeros((1, topo.G)), np.cumsum(ib[order], axis=0)])   # [K + 1, G]
-    nvl_left = nvl.sum(0) - np.concatenate([np.zeros((1, topo.G)), np.cumsum(nvl[order], axis=0)])
-    migration = np.maximum(ib_left * ib_cost, nvl_left * nvl_cost).max(1)
-    gained = gain.sum() - np.concatenate([[0.0], np.cumsum(gain[order])])
-    cost = migration - gained                                            # against keeping every layer
-    best = len(cost) - 1 - int(np.argmin(cost[::-1]))                   # ties: revert more
-    keep = np.zeros(K, dtype=bool)
-    keep[order[:best]] = True
-    return keep
+    ib = np.bincount(new_rank[over_ib], minlength=topo.G)                  # arrivals per rank
+    nvl = np.bincount(new_rank[moved & ~over_ib], minlength=topo.G)
+    migration = float(np.maximum(ib * ib_cost, nvl * nvl_cost).max())
+    return j_keep < j_new + migration

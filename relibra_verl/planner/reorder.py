@@ -36,17 +36,17 @@ class ReorderConfig:
         fraction of its load times the mean node (rank) load in squared imbalance (see _pack_vectors);
         0 ignores moves (the defaults: the move costs below choose the stickiness per layer instead).
     move_cost_pairs: what moving one expert's state across nodes costs, in routed pairs of one rank's
-        expert compute (relibra_verl.sim.planning.move_cost_pairs derives it from a hardware profile).
+        expert compute (relibra_verl.planner.configs.move_cost_pairs derives it from a hardware profile).
         When > 0, each layer takes, among node assignments of increasing stickiness and the previous
         one, the one with the least sum over micro-batches of (max node load / g) + moves / G * cost.
     inter_node_share: when > 0 (and counts are at hand), that choice also weighs each micro-batch's
         busiest InfiniBand NIC against the busiest node's GEMMs (_node_cost); costs planner time.
     rank_move_cost_pairs: the same for a move between ranks of one node (NVLink), in routed pairs on the
-        busiest rank (relibra_verl.sim.planning.rank_move_cost_pairs). When > 0, each (layer, node) takes
+        busiest rank (relibra_verl.planner.configs.rank_move_cost_pairs). When > 0, each (layer, node) takes
         its rank assignment the same way (_assign_ranks).
     migration_pairs: (over InfiniBand, over NVLink) what one expert's move costs the step, in units of the
         replication objective J (relibra_verl.planner.replicate): what plan_relibra weighs a new placement's
-        migration against its gain in J with (relibra_verl.sim.planning.migration_pairs). (0, 0): moves
+        migration against its gain in J with (relibra_verl.planner.configs.migration_pairs). (0, 0): moves
         are free, a layer moves whenever its J drops.
     """
 

@@ -40,7 +40,6 @@ from relibra_verl.planner.types import Topology
 _jit = numba.njit(nogil=True, cache=True)
 # a score bound's margin for rounding (relative): a bound is used only to skip candidates that cannot win
 _SLACK = 1e-9
-_inline = numba.njit(nogil=True, cache=True, inline="always")   # small helpers of the inner loops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +196,12 @@ def _slot_loads(counts, expert_at_home, home_rank, node_ranks, node_of_rank, S, 
     return float(floor)
 
 
-@_inline
+@_jit
 def _objective(T, X, floor, s):
     return (1 - s) * T.max() + s * max(X.max(), floor)
 
 
-@_inline
+@_jit
 def _top3(v):
     """Indices of the three largest entries of v (-1 where v has fewer), first occurrences first."""
     a = b = c = -1
@@ -216,7 +215,7 @@ def _top3(v):
     return a, b, c
 
 
-@_inline
+@_jit
 def _max_excluding(v, top, d, r):
     """The largest v over ranks other than d and r (-inf if none); top: _top3(v)."""
     for i in top:
@@ -225,7 +224,7 @@ def _max_excluding(v, top, d, r):
     return -np.inf
 
 
-@_inline
+@_jit
 def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
     """Pairs a donor with `have_d` gives a receiver with `have_r` to bring them towards the mean: the
     receiver's deficit (less its new GEMM call), as far as the donor is above the mean (a receiver's last
@@ -238,7 +237,7 @@ def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
     return min((have_d - have_r - overhead) / 2, excess)
 
 
-@_inline
+@_jit
 def _clip(x, lo, hi):
     return min(max(x, lo), hi)
 
@@ -425,7 +424,7 @@ def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, fl
     return best
 
 
-@_inline
+@_jit
 def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now):
     """J's drop when a donor gives u pairs (y of them from other nodes) of a home slot holding `left` to a
     receiver, plus 0.001 per pair moved: of moves that lower J about as much, the largest (the donor sheds
