@@ -72,10 +72,15 @@ def _keep_or_move(prev: np.ndarray, new: np.ndarray, j_new: float, j_keep: float
     placement changes, j_new and j_keep their J (the replication objective) summed over micro-batches and
     these layers with either placement. The new one must gain more J than its migration costs.
 
-    Migration, as the step pays it: all layers move at once and the rank that receives most sets the time,
-    each arrival costing config.migration_pairs (over InfiniBand, or over NVLink when the expert comes from
-    its own node). Layer by layer the choice would follow J's noise (J is the planner's estimate of a
+    Migration as the step pays it (migration_cost). Layer by layer the choice would follow J's noise (J is the planner's estimate of a
     layer's time, not the time); the batch's sum weighs the placement as a whole."""
+    return j_keep < j_new + migration_cost(prev, new, topo, config)
+
+
+def migration_cost(prev: np.ndarray, new: np.ndarray, topo: Topology, config: ReorderConfig) -> float:
+    """What moving from placement prev [K, E] to new [K, E] costs the step, in units of J: all layers move at
+    once and the rank that receives most sets the time, each arrival costing config.migration_pairs (over
+    InfiniBand, or over NVLink when the expert comes from its own node)."""
     ib_cost, nvl_cost = config.migration_pairs
     nodes = np.asarray(topo.node_of_rank)
     old_rank, new_rank = invert_placement(prev) // topo.S, invert_placement(new) // topo.S      # [K, E]
@@ -83,5 +88,4 @@ def _keep_or_move(prev: np.ndarray, new: np.ndarray, j_new: float, j_keep: float
     over_ib = moved & (nodes[old_rank] != nodes[new_rank])
     ib = np.bincount(new_rank[over_ib], minlength=topo.G)                  # arrivals per rank
     nvl = np.bincount(new_rank[moved & ~over_ib], minlength=topo.G)
-    migration = float(np.maximum(ib * ib_cost, nvl * nvl_cost).max())
-    return j_keep < j_new + migration
+    return float(np.maximum(ib * ib_cost, nvl * nvl_cost).max())
