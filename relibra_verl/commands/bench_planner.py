@@ -150,8 +150,10 @@ def run(args) -> int:
         report.update(background_planning_contention(counts, topo, replication, reorder))
         print(f"  training_loop_alone_us  {report['training_loop_alone_us']:9.2f}   (per iteration of small torch ops)")
         print(f"  training_loop_beside_us {report['training_loop_beside_us']:9.2f}   (while the trainer's background "
-              f"planning runs, {report['planner']})")
+              f"planning runs: {report['planner']})")
         print(f"  training_thread_slowdown {report['training_thread_slowdown']:8.3f}")
+        print(f"  the same planning in a thread of this process: {report['training_loop_beside_thread_us']:.2f} us, "
+              f"slowdown {report['thread_slowdown']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -16,8 +16,8 @@ and runs natively. The verl patches (relibra_verl/patches/verl_engine.py) call, 
 Only the first micro-batch's replicas, needed before its forward, are planned on the critical path
 (`relibra/plan_ms`). The other micro-batches' replicas (installed before micro-batch 1's forward) and the
 next placement (needed only after the optimizer step; weighed with its replicas and migration against
-keeping the current one) are planned in a background thread beside the mini-batch's forward and backward;
-the planner's loops are compiled and release the GIL, so the training thread keeps its pace
+keeping the current one) are planned beside the mini-batch's forward and backward,
+in a separate planning process, so that the training thread keeps its pace
 (`relibra-verl bench-planner --contention`).
 
 Without routes (R3 off, or a micro-batch without `routed_experts`) the mini-batch runs Megatron's plain
@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import multiprocessing
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -52,17 +53,19 @@ class RelibraError(RuntimeError):
     """relibra cannot run this mini-batch and the user asked for strict mode."""
 
 
-_planner_pool: ThreadPoolExecutor | None = None
+_planner_pool: ProcessPoolExecutor | None = None
 
 
-def _planner() -> ThreadPoolExecutor:
-    """One background thread per process for the plans not needed at once, in submission order: the
-    replicas of a mini-batch's later micro-batches, then the next placement. The planner's loops are
-    compiled and release the GIL (numba nogil), so the thread leaves the training thread's Python alone
-    (bench-planner --contention measures it)."""
+def _planner() -> ProcessPoolExecutor:
+    """One planning process per training process for the plans not needed at once, in submission order:
+    the replicas of a mini-batch's later micro-batches, then the next placement. A process, not a thread:
+    the planner's loops are compiled and release the GIL, but its numpy glue holds it, and a thread beside
+    the training thread slowed a launch-bound loop more than a process did, in the same run
+    (bench-planner --contention). Spawned (no fork of a process holding CUDA or NCCL state); the loads go
+    to it pickled, the plans come back the same way."""
     global _planner_pool
     if _planner_pool is None:
-        _planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
+        _planner_pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     return _planner_pool
 
 
@@ -82,9 +85,10 @@ def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarr
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
                                    reorder: ReorderConfig, rounds: int = 5, loop_iters: int = 2000) -> dict:
     """How much the trainer's background planning slows the training thread: a launch-bound loop of small
-    torch ops (what a GPU training thread does between kernel launches) timed alone and while _planner()
-    plans a mini-batch as on_micro_batches submits it (the later micro-batches' replicas, then the next
-    placement), alternated `rounds` times; medians per iteration. counts: [M, L, G, E]."""
+    torch ops (what a GPU training thread does between kernel launches) timed alone, while _planner() plans
+    a mini-batch as on_micro_batches submits it (the later micro-batches' replicas, then the next
+    placement), and while a thread of this process plans it (the compiled kernels release the GIL, the
+    numpy glue does not); alternated `rounds` times, medians per iteration. counts: [M, L, G, E]."""
     x = torch.zeros(64)
 
     def loop_us() -> float:
@@ -94,21 +98,32 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
             y = (y + 1.0) * 0.5
         return (time.perf_counter() - t0) * 1e6 / loop_iters
 
-    placement = np.tile(np.arange(topo.E, dtype=np.int64), (counts.shape[1], 1))
-    pool = _planner()
-    alone, beside = [], []
-    loop_us()
-    for _ in range(rounds):
-        alone.append(loop_us())
+    def beside(pool) -> list[float]:
         jobs = [pool.submit(_plan_rest, counts, topo, placement, replication),
                 pool.submit(_plan_next_placement, counts, topo, placement, replication, reorder)]
+        out = []
         while not jobs[-1].done():
-            beside.append(loop_us())
+            out.append(loop_us())
         for job in jobs:
             job.result()
-    a, b = float(np.median(alone)), float(np.median(beside)) if beside else float("nan")
-    return {"training_loop_alone_us": a, "training_loop_beside_us": b, "training_thread_slowdown": b / a,
-            "planner": "thread, compiled nogil kernels", "loop_samples_beside": len(beside)}
+        return out
+
+    placement = np.tile(np.arange(topo.E, dtype=np.int64), (counts.shape[1], 1))
+    process = _planner()
+    process.submit(_plan_rest, counts[:2], topo, placement, replication).result()   # started, kernels loaded
+    alone, in_process, in_thread = [], [], []
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(_plan_rest, counts[:2], topo, placement, replication).result()
+        loop_us()
+        for _ in range(rounds):
+            alone.append(loop_us())
+            in_process += beside(process)
+            alone.append(loop_us())
+            in_thread += beside(thread)
+    a, p, t = (float(np.median(v)) if v else float("nan") for v in (alone, in_process, in_thread))
+    return {"training_loop_alone_us": a, "training_loop_beside_us": p, "training_thread_slowdown": p / a,
+            "planner": "a separate process, as the trainer plans",
+            "training_loop_beside_thread_us": t, "thread_slowdown": t / a}
 
 
 def _timed(fn, *args, **kwargs):

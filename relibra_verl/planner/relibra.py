@@ -50,7 +50,7 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
         changed = np.flatnonzero((placement != prev).any(1))
         if len(changed):
             rep_e, rep_q, j_new = plan_replicas(counts, weigh_topo, placement, replication)
-            kept_e, kept_q, j_keep = plan_replicas(counts[:, changed], weigh_topo, prev[changed], replication)
+            kept_e, kept_q, j_keep = plan_replicas(counts, weigh_topo, prev[changed], replication, layers=changed)
             if _keep_or_move(prev[changed], placement[changed], float(j_new[:, changed].sum()), float(j_keep.sum()),
                              topo, reorder):
                 placement = prev

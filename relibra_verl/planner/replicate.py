@@ -73,14 +73,18 @@ class ReplicationConfig:
 
 
 def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
-                  config: ReplicationConfig = ReplicationConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  config: ReplicationConfig = ReplicationConfig(),
+                  layers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replicas and quotas for every (micro-batch, layer), inside each node.
 
-    counts: [M, L, G, E] integer pairs; expert_at_home: [L, E]. Returns replica_expert [M, L, G, R] (-1
-    empty), replica_quota [M, L, G, R, G_src] and critical_path [M, L]: the planner's J of the layer's
-    slowest node after replication (what plan_relibra weighs against a placement's migration).
+    counts: [M, L', G, E] integer pairs; layers: [L] the layers of counts to plan (None: all, L = L');
+    expert_at_home: [L, E] their placement. Returns replica_expert [M, L, G, R] (-1 empty), replica_quota
+    [M, L, G, R, G_src] and critical_path [M, L]: the planner's J of the layer's slowest node after
+    replication (what plan_relibra weighs against a placement's migration).
     """
-    M, L, G, E = counts.shape
+    M, _, G, E = counts.shape
+    layers = np.arange(counts.shape[1]) if layers is None else np.asarray(layers, dtype=np.int64)
+    L = len(layers)
     S, R, N, g = topo.S, topo.R, topo.num_nodes, topo.ranks_per_node
     replica_expert = np.full((M, L, G, R), -1, dtype=np.int64)
     replica_quota = np.zeros((M, L, G, R, G), dtype=np.int32)
@@ -91,7 +95,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     cap = R * (g - 1) if config.max_copies_per_owner is None else int(config.max_copies_per_owner)
     share = float(config.inter_node_share) if N > 1 else 0.0
     replicate = R > 0 and g > 1
-    _plan_layers(counts, np.ascontiguousarray(expert_at_home, dtype=np.int64), topo.node_ranks(),
+    _plan_layers(counts, layers, np.ascontiguousarray(expert_at_home, dtype=np.int64), topo.node_ranks(),
                  np.asarray(topo.node_of_rank, dtype=np.int64), S, R if replicate else 0, cap,
                  max(1, int(config.min_replica_tokens)), float(config.replica_overhead_pairs), share,
                  float(config.tolerance), float(config.copy_cost_pairs), share > 0 or N > 1,
@@ -100,12 +104,14 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
 
 
 @_jit
-def _plan_layers(counts, expert_at_home, node_ranks, node_of_rank, S, R, cap, min_tokens, overhead, share, tol,
+def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R, cap, min_tokens, overhead, share, tol,
                  copy_cost, multi, replica_expert, replica_quota, critical_path):
     """Every (micro-batch, layer): its nodes' problems, their greedy runs, the layer's shortest prefixes,
     then the kept replicas and their quotas written into replica_expert / replica_quota (see plan_replicas).
-    critical_path [M, L] receives the layer's J (max over its nodes) after replication."""
-    M, L, G, E = counts.shape
+    counts [M, :, G, E] is read at layers [L]; critical_path [M, L] receives each layer's J (max over its
+    nodes) after replication."""
+    M, _, G, E = counts.shape
+    L = len(layers)
     N, g = node_ranks.shape
     steps = g * R
     local = np.zeros(E, dtype=np.int64)
@@ -124,7 +130,7 @@ def _plan_layers(counts, expert_at_home, node_ranks, node_of_rank, S, R, cap, mi
         for slot in range(E):
             home_rank[expert_at_home[l, slot]] = slot // S
         for m in range(M):
-            floor = _slot_loads(counts[m, l], expert_at_home[l], home_rank, node_ranks, node_of_rank, S,
+            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], home_rank, node_ranks, node_of_rank, S,
                                 local, remote, home_r, home_l)
             floor = floor if N > 1 else 0.0
             runs = 2 if overhead > 0 and steps > 0 else 1
@@ -159,7 +165,7 @@ def _plan_layers(counts, expert_at_home, node_ranks, node_of_rank, S, R, cap, mi
                 run = chosen[n]
                 layer_j = max(layer_j, (1 - share) * peak_T[run, n, keep[n]]
                               + share * max(peak_R[run, n, keep[n]], floor))
-                _write_replicas(counts[m, l], expert_at_home[l], node_ranks, node_of_rank, n, S,
+                _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, node_of_rank, n, S,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
                                 replica_expert[m, l], replica_quota[m, l])
             critical_path[m, l] = layer_j
