@@ -125,13 +125,15 @@ def rank_move_cost_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes
             / pair_seconds(model, profile, num_nodes, gpus_per_node))
 
 
-def migration_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int) -> tuple[float, float]:
+def migration_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int,
+                    gpus_per_node: int = 8) -> tuple[float, float]:
     """(over InfiniBand, over NVLink) what moving one expert costs the step (its exposed migration time, as in
-    the cost model's migration term), in units of the replication objective J: a routed pair's GEMM work and,
-    with several nodes, its inter-node transfer (J = (1 - s) max T + s max X with s = inter_node_share is
-    in pairs of c_gemm + c_ib; with one node J is GEMM work alone). ReorderConfig.migration_pairs."""
+    the cost model's migration term), in units of the replication objective J. With several nodes J is in
+    pairs of c_gemm + c_ib (J = (1 - s) max T + s max X, s = inter_node_share); with one node J is the
+    busiest rank's pairs, each costing its GEMMs and its bytes over NVLink (pair_seconds).
+    ReorderConfig.migration_pairs."""
     gemm, ib = _pair_costs(model, profile)
-    unit = gemm + ib if num_nodes > 1 else gemm
+    unit = gemm + ib if num_nodes > 1 else pair_seconds(model, profile, 1, gpus_per_node)
     return (migration_seconds_per_expert(model, profile) / unit,
             migration_seconds_per_expert(model, profile, within_node=True) / unit)
 
@@ -197,5 +199,5 @@ def planner_configs(model, profile: HardwareProfile | None, num_nodes: int, gpus
     reorder = ReorderConfig(max_moves_per_layer=max_moves_per_layer, move_cost_pairs=limits["move_cost_pairs"],
                             rank_move_cost_pairs=limits["rank_move_cost_pairs"],
                             inter_node_share=reorder_inter_node_share,
-                            migration_pairs=migration_pairs(model, profile, num_nodes))
+                            migration_pairs=migration_pairs(model, profile, num_nodes, gpus_per_node))
     return replication, reorder

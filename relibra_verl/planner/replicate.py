@@ -80,7 +80,8 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     counts: [M, L', G, E] integer pairs; layers: [L] the layers of counts to plan (None: all, L = L');
     expert_at_home: [L, E] their placement. Returns replica_expert [M, L, G, R] (-1 empty), replica_quota
     [M, L, G, R, G_src] and critical_path [M, L]: the planner's J of the layer's slowest node after
-    replication (what plan_relibra weighs against a placement's migration).
+    replication, with its busiest copier's copies at copy_cost_pairs each in GEMM work (what plan_relibra
+    weighs against a placement's migration).
     """
     M, _, G, E = counts.shape
     layers = np.arange(counts.shape[1]) if layers is None else np.asarray(layers, dtype=np.int64)
@@ -163,12 +164,25 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
             layer_j = 0.0
             for n in range(N):
                 run = chosen[n]
-                layer_j = max(layer_j, (1 - share) * peak_T[run, n, keep[n]]
+                copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], g)
+                layer_j = max(layer_j, (1 - share) * (peak_T[run, n, keep[n]] + copy_cost * copies)
                               + share * max(peak_R[run, n, keep[n]], floor))
                 _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, node_of_rank, n, S,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
                                 replica_expert[m, l], replica_quota[m, l])
             critical_path[m, l] = layer_j
+
+
+@_jit
+def _busiest_copier(picks, step_of, n_picks, keep, g):
+    """The most replica copies any rank of a node sends or receives in the kept steps (step < keep)."""
+    sends = np.zeros(g, dtype=np.int64)
+    receives = np.zeros(g, dtype=np.int64)
+    for i in range(n_picks):
+        if step_of[i] < keep:
+            sends[picks[i, 0]] += 1
+            receives[picks[i, 2]] += 1
+    return float(max(sends.max(), receives.max()))
 
 
 @_jit
