@@ -54,7 +54,11 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
             if _keep_or_move(prev[changed], placement[changed], float(j_new[:, changed].sum()), float(j_keep.sum()),
                              topo, reorder):
                 placement = prev
-                rep_e[:, changed], rep_q[:, changed] = kept_e, kept_q
+                if len(changed) == L:
+                    rep_e, rep_q = kept_e, kept_q
+                else:
+                    rep_e[:, changed], rep_q[:, changed] = kept_e, kept_q
+            del kept_e, kept_q                                           # the quotas are M x L x G x R x G
         else:
             rep_e, rep_q, _ = plan_replicas(counts, weigh_topo, placement, replication)
     else:
