@@ -101,7 +101,7 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
     def beside(pool) -> list[float]:
         jobs = [pool.submit(_plan_rest, counts, topo, placement, replication),
                 pool.submit(_plan_next_placement, counts, topo, placement, replication, reorder)]
-        out = []
+        out = [loop_us()]
         while not jobs[-1].done():
             out.append(loop_us())
         for job in jobs:
