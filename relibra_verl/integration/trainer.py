@@ -53,10 +53,10 @@ class RelibraError(RuntimeError):
     """relibra cannot run this mini-batch and the user asked for strict mode."""
 
 
-_planner_pool: ProcessPoolExecutor | None = None
+_planner_pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
 
 
-def _planner() -> ProcessPoolExecutor:
+def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     """One planning process per training process for the plans not needed at once, in submission order:
     the replicas of a mini-batch's later micro-batches, then the next placement. A process, not a thread:
     the planner's loops are compiled and release the GIL, but its numpy glue holds it, and a thread beside
@@ -65,7 +65,14 @@ def _planner() -> ProcessPoolExecutor:
     to it pickled, the plans come back the same way."""
     global _planner_pool
     if _planner_pool is None:
-        _planner_pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        if multiprocessing.current_process().daemon:
+            # a daemonic process (a multiprocessing launcher's rank) may not start children: plan in a thread,
+            # where the compiled loops still release the GIL
+            logger.warning("relibra-verl: this process is daemonic and cannot start a planning process; "
+                           "planning in a background thread instead")
+            _planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
+        else:
+            _planner_pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     return _planner_pool
 
 

@@ -2,9 +2,12 @@
 
 The new placement must pay for its migration. Both placements, the new one and the one in force, get
 their replicas, and the critical paths they lead to, summed over the batch's micro-batches and layers (the
-replication objective J, replicate.py), are weighed with the new placement's migration (_keep_or_move):
+replication objective J, replicate.py), are weighed with the new placement's migration (migration_cost):
 the batch keeps its placement unless moving gains more than it costs, so the plan is never worse, under
-the planner's cost, than keeping the placement with replicas, nor than the new placement with them.
+the planner's cost, than keeping the placement with replicas, nor than the new placement with them. The
+choice is the batch's, not each layer's: J is the planner's estimate of a layer's time, and layer by layer
+the choice would follow its noise. Where the placement in force cannot do better than moving even with
+perfect replication (replica_lower_bound), its replicas are not planned at all.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from relibra_verl.planner.reorder import ReorderConfig, plan_placement
-from relibra_verl.planner.replicate import ReplicationConfig, plan_replicas
+from relibra_verl.planner.replicate import ReplicationConfig, plan_replicas, replica_lower_bound
 from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement, invert_placement
 
 __all__ = ["ReorderConfig", "ReplicationConfig", "plan_relibra", "plan_placement", "plan_replicas"]
@@ -50,15 +53,17 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
         changed = np.flatnonzero((placement != prev).any(1))
         if len(changed):
             rep_e, rep_q, j_new = plan_replicas(counts, weigh_topo, placement, replication)
-            kept_e, kept_q, j_keep = plan_replicas(counts, weigh_topo, prev[changed], replication, layers=changed)
-            if _keep_or_move(prev[changed], placement[changed], float(j_new[:, changed].sum()), float(j_keep.sum()),
-                             topo, reorder):
-                placement = prev
-                if len(changed) == L:
-                    rep_e, rep_q = kept_e, kept_q
-                else:
-                    rep_e[:, changed], rep_q[:, changed] = kept_e, kept_q
-            del kept_e, kept_q                                           # the quotas are M x L x G x R x G
+            moving = float(j_new[:, changed].sum()) + migration_cost(prev[changed], placement[changed], topo, reorder)
+            # keeping cannot end below its lower bound: where that already costs more, the plan moves unweighed
+            if replica_lower_bound(counts, weigh_topo, prev[changed], replication, layers=changed).sum() < moving:
+                kept_e, kept_q, j_keep = plan_replicas(counts, weigh_topo, prev[changed], replication, layers=changed)
+                if float(j_keep.sum()) < moving:
+                    placement = prev
+                    if len(changed) == L:
+                        rep_e, rep_q = kept_e, kept_q
+                    else:
+                        rep_e[:, changed], rep_q[:, changed] = kept_e, kept_q
+                del kept_e, kept_q                                       # the quotas are M x L x G x R x G
         else:
             rep_e, rep_q, _ = plan_replicas(counts, weigh_topo, placement, replication)
     else:
@@ -68,17 +73,6 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
         rep_q = np.zeros((M, L, G, topo.R, G), dtype=np.int32)
     moved = (invert_placement(prev) // topo.S != invert_placement(placement) // topo.S).sum(1)
     return BatchPlan(topo, placement, rep_e, rep_q, moved)
-
-
-def _keep_or_move(prev: np.ndarray, new: np.ndarray, j_new: float, j_keep: float, topo: Topology,
-                  config: ReorderConfig) -> bool:
-    """Whether the batch keeps the placement in force: prev [K, E] and new [K, E] are the layers whose
-    placement changes, j_new and j_keep their J (the replication objective) summed over micro-batches and
-    these layers with either placement. The new one must gain more J than its migration costs.
-
-    Migration as the step pays it (migration_cost). Layer by layer the choice would follow J's noise (J is the planner's estimate of a
-    layer's time, not the time); the batch's sum weighs the placement as a whole."""
-    return j_keep < j_new + migration_cost(prev, new, topo, config)
 
 
 def migration_cost(prev: np.ndarray, new: np.ndarray, topo: Topology, config: ReorderConfig) -> float:

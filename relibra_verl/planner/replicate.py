@@ -104,6 +104,52 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
     return replica_expert, replica_quota, critical_path
 
 
+def replica_lower_bound(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
+                        config: ReplicationConfig = ReplicationConfig(), layers: np.ndarray | None = None) -> np.ndarray:
+    """[M, L] a lower bound of plan_replicas' critical_path, without planning: per layer its slowest node's J
+    with every rank at the node's mean (replicas only add GEMM calls and copies). Arguments as plan_replicas."""
+    M, _, G, E = counts.shape
+    layers = np.arange(counts.shape[1]) if layers is None else np.asarray(layers, dtype=np.int64)
+    out = np.zeros((M, len(layers)))
+    counts = np.ascontiguousarray(counts)
+    if counts.dtype.kind not in "iu":
+        counts = counts.astype(np.int64)
+    share = float(config.inter_node_share) if topo.num_nodes > 1 else 0.0
+    _lower_bounds(counts, layers, np.ascontiguousarray(expert_at_home, dtype=np.int64), topo.node_ranks(),
+                  np.asarray(topo.node_of_rank, dtype=np.int64), topo.S, float(config.replica_overhead_pairs), share,
+                  out)
+    return out
+
+
+@_jit
+def _lower_bounds(counts, layers, expert_at_home, node_ranks, node_of_rank, S, overhead, share, out):
+    M, _, G, E = counts.shape
+    N, g = node_ranks.shape
+    local = np.zeros(E, dtype=np.int64)
+    remote = np.zeros(E, dtype=np.int64)
+    home_rank = np.empty(E, dtype=np.int64)
+    home_r = np.zeros((N, g, S), dtype=np.int64)
+    home_l = np.zeros((N, g, S), dtype=np.int64)
+    for l in range(len(layers)):
+        for slot in range(E):
+            home_rank[expert_at_home[l, slot]] = slot // S
+        for m in range(M):
+            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], home_rank, node_ranks, node_of_rank, S,
+                                local, remote, home_r, home_l)
+            floor = floor if N > 1 else 0.0
+            bound = 0.0
+            for n in range(N):
+                T = 0.0
+                X = 0.0
+                for i in range(g):
+                    for sl in range(S):
+                        left = home_r[n, i, sl] + home_l[n, i, sl]
+                        T += left + (overhead if left > 0 else 0.0)
+                        X += home_r[n, i, sl]
+                bound = max(bound, (1 - share) * T / g + share * max(X / g, floor))
+            out[m, l] = bound
+
+
 @_jit
 def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R, cap, min_tokens, overhead, share, tol,
                  copy_cost, multi, replica_expert, replica_quota, critical_path):

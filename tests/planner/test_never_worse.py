@@ -85,3 +85,18 @@ def test_migration_cost_is_the_busiest_receiver_over_its_link():
     assert migration_cost(prev, np.array([[1, 0, 2, 3], [2, 1, 0, 3]]), topo, cfg) == 10.0
     # all layers move at once: rank 0 receives twice over NVLink
     assert migration_cost(prev, np.array([[1, 0, 2, 3], [1, 0, 2, 3]]), topo, cfg) == 2.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replica_lower_bound_never_exceeds_the_planned_critical_path(seed):
+    from relibra_verl.planner.replicate import replica_lower_bound
+
+    counts = _skewed(seed)
+    rng = np.random.default_rng(seed)
+    placement = np.stack([rng.permutation(TOPO.E) for _ in range(counts.shape[1])])
+    j = plan_replicas(counts, TOPO, placement, REPLICATION)[2]
+    bound = replica_lower_bound(counts, TOPO, placement, REPLICATION)
+    assert bound.shape == j.shape and (bound <= j + 1e-9).all() and (bound > 0).all()
+    # a subset of layers reads the same rows
+    assert np.array_equal(replica_lower_bound(counts, TOPO, placement[[2, 0]], REPLICATION, layers=np.array([2, 0])),
+                          bound[:, [2, 0]])
