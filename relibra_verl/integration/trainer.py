@@ -90,12 +90,13 @@ def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarr
 
 
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
-                                   reorder: ReorderConfig, rounds: int = 5, loop_iters: int = 2000) -> dict:
+                                   reorder: ReorderConfig, rounds: int = 9, loop_iters: int = 2000) -> dict:
     """How much the trainer's background planning slows the training thread: a launch-bound loop of small
     torch ops (what a GPU training thread does between kernel launches) timed alone, while _planner() plans
     a mini-batch as on_micro_batches submits it (the later micro-batches' replicas, then the next
     placement), and while a thread of this process plans it (the compiled kernels release the GIL, the
-    numpy glue does not); alternated `rounds` times, medians per iteration. counts: [M, L, G, E]."""
+    numpy glue does not). Each round's slowdown is against the loop alone just before it; medians over
+    `rounds` rounds. counts: [M, L, G, E]."""
     x = torch.zeros(64)
 
     def loop_us() -> float:
@@ -122,15 +123,16 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
     with ThreadPoolExecutor(max_workers=1) as thread:
         thread.submit(_plan_rest, counts[:2], topo, placement, replication).result()
         loop_us()
+        # paired rounds: each ratio against the loop alone just before it (the machine's load drifts)
         for _ in range(rounds):
-            alone.append(loop_us())
-            in_process += beside(process)
-            alone.append(loop_us())
-            in_thread += beside(thread)
-    a, p, t = (float(np.median(v)) if v else float("nan") for v in (alone, in_process, in_thread))
-    return {"training_loop_alone_us": a, "training_loop_beside_us": p, "training_thread_slowdown": p / a,
-            "planner": "a separate process, as the trainer plans",
-            "training_loop_beside_thread_us": t, "thread_slowdown": t / a}
+            for pool, ratios in ((process, in_process), (thread, in_thread)):
+                base = loop_us()
+                alone.append(base)
+                ratios.append(float(np.median(beside(pool))) / base)
+    a, p, t = float(np.median(alone)), float(np.median(in_process)), float(np.median(in_thread))
+    return {"training_loop_alone_us": a, "training_loop_beside_us": a * p, "training_thread_slowdown": p,
+            "planner": "a separate process, as the trainer plans", "slowdown_rounds": in_process,
+            "training_loop_beside_thread_us": a * t, "thread_slowdown": t, "thread_slowdown_rounds": in_thread}
 
 
 def _timed(fn, *args, **kwargs):

@@ -108,4 +108,5 @@ def test_bench_planner_contention_times_the_training_loop_beside_the_trainers_pl
     r = json.loads(out.read_text())
     assert r["training_loop_alone_us"] > 0 and r["training_loop_beside_us"] > 0 and r["training_loop_beside_thread_us"] > 0
     assert r["training_thread_slowdown"] == pytest.approx(r["training_loop_beside_us"] / r["training_loop_alone_us"])
+    assert len(r["slowdown_rounds"]) == len(r["thread_slowdown_rounds"]) > 1
     assert "separate process" in r["planner"] and "training_thread_slowdown" in p.stdout
