@@ -4,11 +4,12 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check --no-input
-STAMP := $(VENV)/.relibra-stack-v1
+STAMP := $(VENV)/.relibra-stack-v2
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export RAY_TMPDIR ?= /tmp/relibra-ray
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
 .PHONY: demo test venv bench e2e clean
 
@@ -27,7 +28,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q "triton==3.7.1" "numpy<3" pytest hypothesis matplotlib
+	$(PIP) install -q "triton==3.7.1" "numpy<3" "numba>=0.60" pytest hypothesis matplotlib
 	$(PIP) install -q --ignore-requires-python "megatron-core==0.19.2"
 	$(PIP) install -q "verl[verl-core]==0.9.1"
 	$(PIP) install -q "ray[default]"

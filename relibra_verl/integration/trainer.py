@@ -15,8 +15,10 @@ and runs natively. The verl patches (relibra_verl/patches/verl_engine.py) call, 
 
 Only the first micro-batch's replicas, needed before its forward, are planned on the critical path
 (`relibra/plan_ms`). The other micro-batches' replicas (installed before micro-batch 1's forward) and the
-next placement (needed only after the optimizer step) are planned in a background thread beside the
-mini-batch's forward and backward (numpy releases the GIL in its array work).
+next placement (needed only after the optimizer step; weighed with its replicas and migration against
+keeping the current one) are planned beside the mini-batch's forward and backward,
+in a separate planning process, so that the training thread keeps its pace
+(`relibra-verl bench-planner --contention`).
 
 Without routes (R3 off, or a micro-batch without `routed_experts`) the mini-batch runs Megatron's plain
 dispatch, a warning is logged once and `relibra/fallbacks` counts the micro-batches; with
@@ -26,9 +28,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import multiprocessing
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -37,9 +40,8 @@ from relibra_verl.config import RelibraConfig
 from relibra_verl.integration import runtime_bridge as rb
 from relibra_verl.integration.microbatch import micro_batch_loads
 from relibra_verl.integration.routes import RoutesError, moe_layers_of
-from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig, plan_relibra
-from relibra_verl.planner.strategies import plan_outcome
-from relibra_verl.planner.types import BatchPlan, Topology
+from relibra_verl.planner import (BatchPlan, ReorderConfig, ReplicationConfig, Topology, plan_outcome, plan_relibra,
+                                  planner_configs)
 
 logger = logging.getLogger("relibra_verl")
 
@@ -51,16 +53,86 @@ class RelibraError(RuntimeError):
     """relibra cannot run this mini-batch and the user asked for strict mode."""
 
 
-_planner_pool: ThreadPoolExecutor | None = None
+_planner_pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
 
 
-def _planner() -> ThreadPoolExecutor:
-    """One background thread per process for the plans not needed at once (pure numpy, in submission
-    order): the replicas of a mini-batch's later micro-batches, then the next placement."""
+def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
+    """One planning process per training process for the plans not needed at once, in submission order:
+    the replicas of a mini-batch's later micro-batches, then the next placement. A process, not a thread:
+    the planner's loops are compiled and release the GIL, but its numpy glue holds it, and a thread beside
+    the training thread slowed a launch-bound loop more than a process did, in the same run
+    (bench-planner --contention). Spawned (no fork of a process holding CUDA or NCCL state); the loads go
+    to it pickled, the plans come back the same way."""
     global _planner_pool
     if _planner_pool is None:
-        _planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
+        if multiprocessing.current_process().daemon:
+            # a daemonic process (a multiprocessing launcher's rank) may not start children: plan in a thread,
+            # where the compiled loops still release the GIL
+            logger.warning("relibra-verl: this process is daemonic and cannot start a planning process; "
+                           "planning in a background thread instead")
+            _planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
+        else:
+            _planner_pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     return _planner_pool
+
+
+def _plan_rest(counts: np.ndarray, topo: Topology, placement: np.ndarray, replication: ReplicationConfig):
+    """The background part of a mini-batch's replicas: micro-batches 1.. (their plan, its wall time in ms)."""
+    return _timed(plan_relibra, counts[1:], topo, placement, mode="replicate", replication=replication)
+
+
+def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarray, replication: ReplicationConfig,
+                         reorder: ReorderConfig) -> np.ndarray:
+    """The placement for the next mini-batch: the reorder weighed with its replicas and migration against
+    keeping the current placement (plan_relibra, mode both). Returns expert_at_home [L, E]."""
+    mode = "both" if topo.R > 0 else "reorder"
+    return plan_relibra(counts, topo, placement, mode=mode, replication=replication, reorder=reorder).expert_at_home
+
+
+def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
+                                   reorder: ReorderConfig, rounds: int = 9, loop_iters: int = 2000) -> dict:
+    """How much the trainer's background planning slows the training thread: a launch-bound loop of small
+    torch ops (what a GPU training thread does between kernel launches) timed alone, while _planner() plans
+    a mini-batch as on_micro_batches submits it (the later micro-batches' replicas, then the next
+    placement), and while a thread of this process plans it (the compiled kernels release the GIL, the
+    numpy glue does not). Each round's slowdown is against the loop alone just before it; medians over
+    `rounds` rounds. counts: [M, L, G, E]."""
+    x = torch.zeros(64)
+
+    def loop_us() -> float:
+        t0 = time.perf_counter()
+        y = x
+        for _ in range(loop_iters):
+            y = (y + 1.0) * 0.5
+        return (time.perf_counter() - t0) * 1e6 / loop_iters
+
+    def beside(pool) -> list[float]:
+        jobs = [pool.submit(_plan_rest, counts, topo, placement, replication),
+                pool.submit(_plan_next_placement, counts, topo, placement, replication, reorder)]
+        out = [loop_us()]
+        while not jobs[-1].done():
+            out.append(loop_us())
+        for job in jobs:
+            job.result()
+        return out
+
+    placement = np.tile(np.arange(topo.E, dtype=np.int64), (counts.shape[1], 1))
+    process = _planner()
+    process.submit(_plan_rest, counts[:2], topo, placement, replication).result()   # started, kernels loaded
+    alone, in_process, in_thread = [], [], []
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(_plan_rest, counts[:2], topo, placement, replication).result()
+        loop_us()
+        # paired rounds: each ratio against the loop alone just before it (the machine's load drifts)
+        for _ in range(rounds):
+            for pool, ratios in ((process, in_process), (thread, in_thread)):
+                base = loop_us()
+                alone.append(base)
+                ratios.append(float(np.median(beside(pool))) / base)
+    a, p, t = float(np.median(alone)), float(np.median(in_process)), float(np.median(in_thread))
+    return {"training_loop_alone_us": a, "training_loop_beside_us": a * p, "training_thread_slowdown": p,
+            "planner": "a separate process, as the trainer plans", "slowdown_rounds": in_process,
+            "training_loop_beside_thread_us": a * t, "thread_slowdown": t, "thread_slowdown_rounds": in_thread}
 
 
 def _timed(fn, *args, **kwargs):
@@ -137,7 +209,7 @@ class RelibraTrainer:
         """Time-aware planner configuration from the cost model of `cfg.profile` and the model's expert shape."""
         if self.cfg.profile == "none":
             return
-        from relibra_verl.sim.planning import ExpertShape, planner_configs
+        from relibra_verl.planner import ExpertShape
         from relibra_verl.sim.profiles import load_profile
 
         ffn = getattr(tf, "moe_ffn_hidden_size", None) or tf.ffn_hidden_size
@@ -268,16 +340,15 @@ class RelibraTrainer:
             # before its forward, the others' in the background beside it (installed at micro-batch 1)
             plan = plan_relibra(counts[:1], self.topo, placement, mode="replicate", replication=self.replication)
             if M > 1:
-                self._rest_future = _planner().submit(_timed, plan_relibra, counts[1:], self.topo, placement,
-                                                      mode="replicate", replication=self.replication)
+                self._rest_future = _planner().submit(_plan_rest, counts, self.topo, placement, self.replication)
         else:
             plan = _static_plan(self.topo, placement, M)
         if self.cfg.reorders and not self._forward_only and self._reorder_due():
             # every rank plans the same placement from the same gathered counts; a PlanError surfaces on
             # every rank alike when the placement is collected after the optimizer step
             self._next_placement = None
-            self._next_future = _planner().submit(plan_relibra, counts, self.topo, placement,
-                                                  mode="reorder", reorder=self.reorder)
+            self._next_future = _planner().submit(_plan_next_placement, counts, self.topo, placement,
+                                                  self.replication, self.reorder)
         plan_ms = (time.perf_counter() - t0) * 1e3
         rb.set_plan(self.runtime, plan)
         self.plan = plan
@@ -320,7 +391,7 @@ class RelibraTrainer:
         """[L, E] the placement to apply after the optimizer step (waits for its plan), or None."""
         if self._next_future is not None:
             future, self._next_future = self._next_future, None
-            self._next_placement = future.result().expert_at_home
+            self._next_placement = future.result()
         return self._next_placement
 
     def _reorder_due(self) -> bool:

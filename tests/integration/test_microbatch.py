@@ -106,12 +106,12 @@ def test_patched_prepare_micro_batches_plans_every_micro_batch():
     assert m["relibra/plan_ms_background"] > 0
     assert m["relibra/imbalance_after"] <= m["relibra/imbalance_before"] and m["relibra/imbalance_before"] > 1.0
     assert m["relibra/replicas"] > 0 and m["relibra/fallbacks"] == 0 and m["relibra/plan_ms"] >= 0
-    # the next placement is planned in the background; collecting it waits for that plan, which equals the
-    # planner's own, in the foreground
+    # the next placement is planned in the background (a separate process), weighed with its replicas against
+    # keeping the current one; collecting it waits for that plan, which equals the planner's own, in the foreground
     assert st._next_future is not None
-    from relibra_verl.planner.relibra import ReorderConfig, plan_relibra
-    want = plan_relibra(full, st.topo, np.tile(np.arange(E), (L, 1)), mode="reorder",
-                        reorder=ReorderConfig(inter_node_share=st.cfg.inter_node_share)).expert_at_home
+    from relibra_verl.planner import plan_relibra
+    want = plan_relibra(full, st.topo, np.tile(np.arange(E), (L, 1)), mode="both", replication=st.replication,
+                        reorder=st.reorder).expert_at_home
     assert st.next_placement is not None and np.array_equal(st.next_placement, want)
     assert st._next_future is None
     out = {"metrics": {}}
@@ -221,6 +221,10 @@ def test_a_failing_background_replica_plan_surfaces_before_micro_batch_1(monkeyp
         return real(counts, *args, **kwargs)
 
     monkeypatch.setattr(tr, "plan_relibra", plan)
+    # the failure is injected in this process: plan in a thread of it (the error path is the pool's alike)
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(tr, "_planner_pool", ThreadPoolExecutor(max_workers=1))
     st = _trainer(RelibraConfig(enable=True, replica_slots=1, mode="replicate"))
     data = v1_batch(1, 12, E, K, L, skew=1.0)
     st.begin(_engine(), data, forward_only=False)

@@ -95,5 +95,18 @@ def test_bench_planner_reports_timings(tmp_path):
     assert r["whole_batch_ms"] > 0 and r["replicas_planned"] > 0 and r["inter_node_share"] == 0.0
     assert r["per_layer_microbatch_us"] == pytest.approx(r["whole_batch_ms"] * 1e3 / (4 * 26))
     assert r["profile"] == "h100-ib400"                                   # the verl config's default
+    assert r["first_micro_batch_ms"] > 0 and r["peak_rss_gb"] >= r["counts_gb"] > 0
     bad = run_cli("bench-planner", "--preset", "deepseek-v2-lite", "--ep", "16", "--profile", "h900-ib800")
     assert bad.returncode == 2 and "h900-ib800" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_planner_contention_times_the_training_loop_beside_the_trainers_planning(tmp_path):
+    out = tmp_path / "c.json"
+    p = run_cli("bench-planner", "--preset", "deepseek-v2-lite", "--ep", "16", "--gpus-per-node", "8",
+                "--micro-batches", "3", "--replica-slots", "2", "--repeats", "1", "--contention", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["training_loop_alone_us"] > 0 and r["training_loop_beside_us"] > 0 and r["training_loop_beside_thread_us"] > 0
+    assert r["training_thread_slowdown"] == pytest.approx(r["training_loop_beside_us"] / r["training_loop_alone_us"])
+    assert len(r["slowdown_rounds"]) == len(r["thread_slowdown_rounds"]) > 1
+    assert "separate process" in r["planner"] and "training_thread_slowdown" in p.stdout

@@ -418,7 +418,7 @@ def test_interleaved_node_layout_keeps_invariants():
 
 
 def test_swap_refinement_never_worsens_node_balance():
-    from relibra_verl.planner.relibra import _pack_vectors, _refine_by_swaps
+    from relibra_verl.planner.reorder import _pack_vectors, _refine_by_swaps
     rng = np.random.default_rng(11)
     load = rng.gamma(0.5, 100.0, size=(6, 32, 5))                       # [L, E, M], skewed
     start = _pack_vectors(load, 4)
@@ -461,7 +461,7 @@ def test_rank_move_cost_keeps_ranks_and_spreads_arrivals():
 
 
 def test_rank_cost_by_hand():
-    from relibra_verl.planner.relibra import _rank_cost
+    from relibra_verl.planner.reorder import _rank_cost
     # one (layer, node) problem: 4 experts on 2 ranks, one micro-batch; experts 2, 3 arrive from another node
     load = np.array([[[10.0], [10.0], [5.0], [5.0]]])                     # [P=1, n=4, M=1]
     old_pos = np.array([[0, 1, -1, -1]])
@@ -476,7 +476,7 @@ def test_rank_cost_by_hand():
 
 
 def test_inter_node_loads_match_a_direct_count():
-    from relibra_verl.planner.relibra import _InterNodeLoads
+    from relibra_verl.planner.reorder import _InterNodeLoads
     rng = np.random.default_rng(3)
     for topo in (Topology(16, 8, 2, 1), Topology(16, 8, 4, 1, node_of_rank=(0, 1, 0, 1, 1, 0, 1, 0))):
         counts = rng.integers(0, 50, size=(2, 3, 8, 16))                 # [M, L, G, E]
@@ -498,7 +498,7 @@ def test_inter_node_loads_match_a_direct_count():
 def test_inter_node_share_lets_a_busy_rank_keep_its_tokens_on_its_node():
     # rank 0 (node 0) holds 4x the tokens of any other rank, all for experts 8..11 that Megatron's layout
     # puts on node 1: without the send side in view the node balance is already perfect and nothing moves
-    from relibra_verl.planner.relibra import ReorderConfig, _InterNodeLoads
+    from relibra_verl.planner.reorder import ReorderConfig, _InterNodeLoads
     topo = Topology(16, 4, 2, 1)
     counts = np.full((2, 1, 4, 16), 10, dtype=np.int64)
     counts[:, :, 0, 8:12] += 60

@@ -1,0 +1,663 @@
+"""Replication: per (micro-batch, layer, node), replicas of home experts on other ranks of the node, and the
+quotas that split each expert's pairs over its copies.
+
+Each (micro-batch, layer, node) is one problem; its g ranks' state is, in routed pairs,
+  T_r  GEMM work: pairs computed + replica_overhead_pairs per GEMM call (a copy that computes pairs),
+  X_r  pairs received from other nodes (InfiniBand: the busiest NIC sets the all-to-all's time),
+and the objective is the problem's critical path
+  J = (1 - s) * max T + s * max(max X, F),
+s = inter_node_share, F = the most any rank of the layer sends to other nodes (replication inside a node
+cannot lower it). Greedy: each step makes the move of one home expert's pairs from its home rank to a
+replica on another rank of the node that lowers J most (of moves that lower it about as much, the
+largest: replica slots are few; a move that leaves J unchanged can still resolve a tie at the maximum for
+the next one), or, where it lowers J more, an exchange: two ranks' home experts trade places for the
+micro-batch, each as a replica with all of the other's remaining pairs, which adds no GEMM call. A move
+takes the pairs of each kind (from other nodes, from the home node) that bring the two ranks towards the
+node's means (_best_move). Two runs per problem, moves only and (with a GEMM-call cost) moves and
+exchanges, the one that ends lower kept; its steps up to the lowest J are kept, so no problem ends above
+its unreplicated J; and a node that does not set its layer's time keeps only the steps that bring it under
+the layer's busiest rank and NIC (_shortest_equal_prefix): its other replicas would cost copies and GEMM
+calls for nothing.
+
+Quotas (_write_quotas): every copy takes its inter-node pairs from the other nodes' sources in rank order
+(which source does not change any NIC's load), and its intra-node pairs from its own rank first (they
+never leave the GPU), then from the home node's sources in rank order; the home keeps the rest.
+
+The greedy is compiled (numba, nogil: a planning thread does not hold the GIL; cached on disk) and runs one
+problem at a time: a problem is a few dozen candidates per step, too small for array code to pay its
+per-call overhead, which was most of the numpy version's time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numba
+import numpy as np
+
+from relibra_verl.planner.types import Topology
+
+_jit = numba.njit(nogil=True, cache=True)
+# a score bound's margin for rounding (relative): a bound is used only to skip candidates that cannot win
+_SLACK = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationConfig:
+    """Knobs of the replication planner.
+
+    min_replica_tokens: a replica must carry at least this many pairs (time-aware planning sets it to
+        the tokens that repay the replica's weight copy; see relibra_verl.planner.configs).
+    max_copies_per_owner: cap on replicas one owner rank sends per micro-batch and layer (None: R*(g-1)).
+    tolerance: a problem stops once its objective is within this fraction of its lower bound (every
+        rank at its node's mean).
+    replica_overhead_pairs: what one more expert GEMM call costs its rank, in routed pairs of GEMM work
+        (relibra_verl.planner.configs.replica_overhead_tokens); a home expert left without pairs frees its call.
+    inter_node_share: the weight of the busiest InfiniBand NIC against the busiest rank's GEMM work in the
+        objective: the share of a cross-node pair's cost that is its transfer
+        (relibra_verl.planner.configs.inter_node_share, 0.78-0.90 for the presets on h100-ib400). No effect
+        with one node.
+    copy_cost_pairs: what a replica copy costs the rank that sends or receives most copies (the exposed
+        part of its weight copies and gradient reduce), in routed pairs of GEMM work
+        (relibra_verl.planner.configs.copy_cost_pairs). Charged to exchanges, which add no GEMM call, where
+        they raise the node's busiest copier; a move's GEMM call is its cost. Exchanges are planned only
+        with replica_overhead_pairs > 0 (without a call cost a move does as well).
+    """
+
+    min_replica_tokens: int = 1
+    max_copies_per_owner: int | None = None
+    tolerance: float = 0.002
+    replica_overhead_pairs: float = 0.0
+    inter_node_share: float = 0.8
+    copy_cost_pairs: float = 0.0
+
+
+def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
+                  config: ReplicationConfig = ReplicationConfig(),
+                  layers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replicas and quotas for every (micro-batch, layer), inside each node.
+
+    counts: [M, L', G, E] integer pairs; layers: [L] the layers of counts to plan (None: all, L = L');
+    expert_at_home: [L, E] their placement. Returns replica_expert [M, L, G, R] (-1 empty), replica_quota
+    [M, L, G, R, G_src] and critical_path [M, L]: the planner's J of the layer's slowest node after
+    replication, with its busiest copier's copies at copy_cost_pairs each in GEMM work (what plan_relibra
+    weighs against a placement's migration).
+    """
+    M, _, G, E = counts.shape
+    layers = np.arange(counts.shape[1]) if layers is None else np.asarray(layers, dtype=np.int64)
+    L = len(layers)
+    S, R, N, g = topo.S, topo.R, topo.num_nodes, topo.ranks_per_node
+    replica_expert = np.full((M, L, G, R), -1, dtype=np.int64)
+    replica_quota = np.zeros((M, L, G, R, G), dtype=np.int32)
+    critical_path = np.zeros((M, L), dtype=np.float64)
+    counts = np.ascontiguousarray(counts)
+    if counts.dtype.kind not in "iu":
+        counts = counts.astype(np.int64)
+    cap = R * (g - 1) if config.max_copies_per_owner is None else int(config.max_copies_per_owner)
+    share = float(config.inter_node_share) if N > 1 else 0.0
+    replicate = R > 0 and g > 1
+    _plan_layers(counts, layers, np.ascontiguousarray(expert_at_home, dtype=np.int64), topo.node_ranks(),
+                 np.asarray(topo.node_of_rank, dtype=np.int64), S, R if replicate else 0, cap,
+                 max(1, int(config.min_replica_tokens)), float(config.replica_overhead_pairs), share,
+                 float(config.tolerance), float(config.copy_cost_pairs), share > 0 or N > 1,
+                 replica_expert, replica_quota, critical_path)
+    return replica_expert, replica_quota, critical_path
+
+
+def replica_lower_bound(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
+                        config: ReplicationConfig = ReplicationConfig(), layers: np.ndarray | None = None) -> np.ndarray:
+    """[M, L] a lower bound of plan_replicas' critical_path, without planning: per layer its slowest node's J
+    with every rank at the node's mean (replicas only add GEMM calls and copies). Arguments as plan_replicas."""
+    M, _, G, E = counts.shape
+    layers = np.arange(counts.shape[1]) if layers is None else np.asarray(layers, dtype=np.int64)
+    out = np.zeros((M, len(layers)))
+    counts = np.ascontiguousarray(counts)
+    if counts.dtype.kind not in "iu":
+        counts = counts.astype(np.int64)
+    share = float(config.inter_node_share) if topo.num_nodes > 1 else 0.0
+    _lower_bounds(counts, layers, np.ascontiguousarray(expert_at_home, dtype=np.int64), topo.node_ranks(),
+                  np.asarray(topo.node_of_rank, dtype=np.int64), topo.S, float(config.replica_overhead_pairs), share,
+                  out)
+    return out
+
+
+@_jit
+def _lower_bounds(counts, layers, expert_at_home, node_ranks, node_of_rank, S, overhead, share, out):
+    M, _, G, E = counts.shape
+    N, g = node_ranks.shape
+    local = np.zeros(E, dtype=np.int64)
+    remote = np.zeros(E, dtype=np.int64)
+    home_rank = np.empty(E, dtype=np.int64)
+    home_r = np.zeros((N, g, S), dtype=np.int64)
+    home_l = np.zeros((N, g, S), dtype=np.int64)
+    for l in range(len(layers)):
+        for slot in range(E):
+            home_rank[expert_at_home[l, slot]] = slot // S
+        for m in range(M):
+            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], home_rank, node_ranks, node_of_rank, S,
+                                local, remote, home_r, home_l)
+            floor = floor if N > 1 else 0.0
+            bound = 0.0
+            for n in range(N):
+                T = 0.0
+                X = 0.0
+                for i in range(g):
+                    for sl in range(S):
+                        left = home_r[n, i, sl] + home_l[n, i, sl]
+                        T += left + (overhead if left > 0 else 0.0)
+                        X += home_r[n, i, sl]
+                bound = max(bound, (1 - share) * T / g + share * max(X / g, floor))
+            out[m, l] = bound
+
+
+@_jit
+def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R, cap, min_tokens, overhead, share, tol,
+                 copy_cost, multi, replica_expert, replica_quota, critical_path):
+    """Every (micro-batch, layer): its nodes' problems, their greedy runs, the layer's shortest prefixes,
+    then the kept replicas and their quotas written into replica_expert / replica_quota (see plan_replicas).
+    counts [M, :, G, E] is read at layers [L]; critical_path [M, L] receives each layer's J (max over its
+    nodes) after replication."""
+    M, _, G, E = counts.shape
+    L = len(layers)
+    N, g = node_ranks.shape
+    steps = g * R
+    local = np.zeros(E, dtype=np.int64)
+    remote = np.zeros(E, dtype=np.int64)
+    home_rank = np.empty(E, dtype=np.int64)
+    home_r = np.zeros((N, g, S), dtype=np.int64)
+    home_l = np.zeros((N, g, S), dtype=np.int64)
+    picks = np.zeros((2, N, max(steps, 1), 6), dtype=np.int64)      # per run and node: d, sl, rv, k, a, y
+    n_picks = np.zeros((2, N), dtype=np.int64)
+    peak_T = np.zeros((2, N, steps + 1))
+    peak_R = np.zeros((2, N, steps + 1))
+    best_j = np.zeros((2, N))
+    best_steps = np.zeros((2, N), dtype=np.int64)
+    step_of = np.zeros((2, N, max(steps, 1)), dtype=np.int64)
+    for l in range(L):
+        for slot in range(E):
+            home_rank[expert_at_home[l, slot]] = slot // S
+        for m in range(M):
+            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], home_rank, node_ranks, node_of_rank, S,
+                                local, remote, home_r, home_l)
+            floor = floor if N > 1 else 0.0
+            runs = 2 if overhead > 0 and steps > 0 else 1
+            for n in range(N):
+                # the moves-only run is the exchange run's until its first exchange: replayed, not searched
+                replay, first_exchange = 0, 0
+                if runs == 2:
+                    best_j[1, n], best_steps[1, n], n_picks[1, n], first_exchange = _greedy(
+                        home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
+                        multi, True, picks[1, n], step_of[1, n], peak_T[1, n], peak_R[1, n], 0)
+                    replay = n_picks[1, n] if first_exchange < 0 else first_exchange
+                    picks[0, n, :replay] = picks[1, n, :replay]
+                if runs == 2 and first_exchange < 0:
+                    best_j[0, n], best_steps[0, n], n_picks[0, n] = best_j[1, n], best_steps[1, n], n_picks[1, n]
+                    step_of[0, n], peak_T[0, n], peak_R[0, n] = step_of[1, n], peak_T[1, n], peak_R[1, n]
+                else:
+                    best_j[0, n], best_steps[0, n], n_picks[0, n], _ = _greedy(
+                        home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
+                        multi, False, picks[0, n], step_of[0, n], peak_T[0, n], peak_R[0, n], replay)
+            # each node keeps the run that ends lower (ties: moves only)
+            chosen = np.zeros(N, dtype=np.int64)
+            for n in range(N):
+                if runs == 2 and best_j[1, n] < best_j[0, n]:
+                    chosen[n] = 1
+            keep = np.empty(N, dtype=np.int64)
+            for n in range(N):
+                keep[n] = best_steps[chosen[n], n]
+            if N > 1:
+                _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor)
+            layer_j = 0.0
+            for n in range(N):
+                run = chosen[n]
+                copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], g)
+                layer_j = max(layer_j, (1 - share) * (peak_T[run, n, keep[n]] + copy_cost * copies)
+                              + share * max(peak_R[run, n, keep[n]], floor))
+                _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, node_of_rank, n, S,
+                                picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
+                                replica_expert[m, l], replica_quota[m, l])
+            critical_path[m, l] = layer_j
+
+
+@_jit
+def _busiest_copier(picks, step_of, n_picks, keep, g):
+    """The most replica copies any rank of a node sends or receives in the kept steps (step < keep)."""
+    sends = np.zeros(g, dtype=np.int64)
+    receives = np.zeros(g, dtype=np.int64)
+    for i in range(n_picks):
+        if step_of[i] < keep:
+            sends[picks[i, 0]] += 1
+            receives[picks[i, 2]] += 1
+    return float(max(sends.max(), receives.max()))
+
+
+@_jit
+def _slot_loads(counts, expert_at_home, home_rank, node_ranks, node_of_rank, S, local, remote, home_r, home_l):
+    """One (micro-batch, layer): counts [G, E] -> pairs left at each home slot of every node, from other
+    nodes home_r [N, g, S] and from the home node home_l [N, g, S]. local, remote: [E] scratch. Returns F,
+    the most any rank sends to experts homed on other nodes."""
+    G, E = counts.shape
+    N, g = node_ranks.shape
+    local[:] = 0
+    remote[:] = 0
+    floor = 0
+    for src in range(G):
+        node = node_of_rank[src]
+        sent = 0
+        for e in range(E):
+            c = counts[src, e]
+            if node_of_rank[home_rank[e]] == node:
+                local[e] += c
+            else:
+                remote[e] += c
+                sent += c
+        floor = max(floor, sent)
+    for n in range(N):
+        for i in range(g):
+            rank = node_ranks[n, i]
+            for sl in range(S):
+                e = expert_at_home[rank * S + sl]
+                home_r[n, i, sl] = remote[e]
+                home_l[n, i, sl] = local[e]
+    return float(floor)
+
+
+@_jit
+def _objective(T, X, floor, s):
+    return (1 - s) * T.max() + s * max(X.max(), floor)
+
+
+@_jit
+def _top3(v):
+    """Indices of the three largest entries of v (-1 where v has fewer), first occurrences first."""
+    a = b = c = -1
+    for i in range(len(v)):
+        if a < 0 or v[i] > v[a]:
+            a, b, c = i, a, b
+        elif b < 0 or v[i] > v[b]:
+            b, c = i, b
+        elif c < 0 or v[i] > v[c]:
+            c = i
+    return a, b, c
+
+
+@_jit
+def _max_excluding(v, top, d, r):
+    """The largest v over ranks other than d and r (-inf if none); top: _top3(v)."""
+    for i in top:
+        if i >= 0 and i != d and i != r:
+            return v[i]
+    return -np.inf
+
+
+@_jit
+def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
+    """Pairs a donor with `have_d` gives a receiver with `have_r` to bring them towards the mean: the
+    receiver's deficit (less its new GEMM call), as far as the donor is above the mean (a receiver's last
+    free slot takes all of its deficit); a receiver too close to the mean takes up to where it meets the
+    donor, the donor staying above the mean."""
+    excess = max(have_d - mean, 0.0)
+    deficit = mean - have_r - overhead
+    if deficit >= min_tokens:
+        return deficit if last else min(deficit, excess)
+    return min((have_d - have_r - overhead) / 2, excess)
+
+
+@_jit
+def _clip(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+@_jit
+def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_cost, multi, exchanges,
+            picks, step_of, peak_T, peak_R, replay):
+    """One problem's greedy run (module docstring). home_r0, home_l0: [g, S] pairs at each home slot from
+    other nodes / from the home node. Fills picks [:n, 6] (donor, slot, receiver, replica slot k, amount,
+    inter-node part) with step_of [:n] the step of each, peak_T / peak_R [g*R + 1] the busiest rank's T
+    and X after each step (constant after the last). The first `replay` steps are the moves already in
+    picks[:replay] (one per step), applied without a search. Returns (lowest J, steps up to it, n, the step
+    of the first exchange or -1)."""
+    g, S = home_r0.shape
+    home_r = home_r0.copy()
+    home_l = home_l0.copy()
+    T = np.zeros(g)
+    X = np.zeros(g)
+    for r in range(g):
+        for sl in range(S):
+            left = home_r[r, sl] + home_l[r, sl]
+            T[r] += left + (overhead if left > 0 else 0.0)
+            X[r] += home_r[r, sl]
+    # blocked[j, r]: rank r cannot take node-local expert j (it is j's home, holds a copy, or is full)
+    blocked = np.zeros((g * S, g), dtype=np.bool_)
+    for j in range(g * S):
+        blocked[j, j // S] = True
+    used = np.zeros(g, dtype=np.int64)       # replica slots taken
+    sent = np.zeros(g, dtype=np.int64)       # replicas each owner sends
+    scratch = np.empty((6, g))
+    best_j = _objective(T, X, floor, s)
+    done_j = ((1 - s) * T.mean() + s * max(X.mean(), floor)) * (1 + tol)   # close enough to the bound
+    best_steps = 0
+    n = 0
+    peak_T[0], peak_R[0] = T.max(), X.max()
+    steps = g * R
+    live = best_j > done_j
+    done = 0
+    first_exchange = -1
+    for step in range(steps):
+        if not live:
+            break
+        if step < replay:
+            p = picks[step]
+            n = _apply_pick(picks, step_of, n, step, p[0], p[1], p[2], p[4], p[5], T, X, home_r, home_l, blocked,
+                            used, sent, overhead, R, S)
+        else:
+            n_before = n
+            n, ex_step = _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap,
+                                      R, copy_cost, multi, exchanges, picks, step_of, n, step, scratch)
+            if ex_step and first_exchange < 0:
+                first_exchange = step
+            if n == n_before:
+                break
+        j = _objective(T, X, floor, s)
+        if j < best_j - 1e-9:
+            best_j = j
+            best_steps = step + 1
+        live = j > done_j
+        done = step + 1
+        peak_T[done], peak_R[done] = T.max(), X.max()
+    for k in range(done + 1, steps + 1):
+        peak_T[k], peak_R[k] = peak_T[done], peak_R[done]
+    return best_j, best_steps, n, first_exchange
+
+
+@_jit
+def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap, R, copy_cost,
+                 multi, exchanges, picks, step_of, n, step, scratch):
+    """One greedy step: the best move, or where it lowers J more the best exchange, applied (picks[n:]).
+    Returns (the new n, whether the step was an exchange); n unchanged when nothing lowers J."""
+    S = home_r.shape[1]
+    j_now = _objective(T, X, floor, s)
+    topT, topX = _top3(T), _top3(X)
+    # only a move off a busiest rank lowers J: the rank with the most GEMM work or the most inter-node pairs
+    dT, dX = topT[0], topX[0]
+    mv = _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, dT, dX if multi else -1, floor, s,
+                    overhead, min_tokens, cap, R, j_now, scratch)
+    if exchanges:
+        # one donor for exchanges: the busiest rank of the term (GEMM work or NIC) whose excess weighs more
+        d = dT
+        if multi:
+            e_t = (1 - s) * (T.max() - T.mean())
+            e_r = s * (max(X.max(), floor) - max(X.mean(), floor))
+            d = dT if e_t >= e_r else dX
+        ex = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens,
+                            cap, R, copy_cost, j_now, mv[5], scratch)
+        if ex[8] > 1e-6 * j_now and ex[8] > mv[5]:
+            d, a, r, b, ua, ya, ub, yb = int(ex[0]), int(ex[1]), int(ex[2]), int(ex[3]), ex[4], ex[5], ex[6], ex[7]
+            n = _apply_pick(picks, step_of, n, step, d, a, r, int(ua), int(ya), T, X, home_r, home_l, blocked, used,
+                            sent, overhead, R, S)
+            n = _apply_pick(picks, step_of, n, step, r, b, d, int(ub), int(yb), T, X, home_r, home_l, blocked, used,
+                            sent, overhead, R, S)
+            return n, True
+    if mv[5] > 1e-6 * j_now:
+        n = _apply_pick(picks, step_of, n, step, int(mv[0]), int(mv[1]), int(mv[2]), int(mv[3]), int(mv[4]),
+                        T, X, home_r, home_l, blocked, used, sent, overhead, R, S)
+    return n, False
+
+
+@_jit
+def _apply_pick(picks, step_of, n, step, d, sl, rv, a, y, T, X, home_r, home_l, blocked, used, sent, overhead, R, S):
+    """A replica of donor d's home slot sl on rank rv taking a pairs, y of them from other nodes."""
+    picks[n, 0], picks[n, 1], picks[n, 2], picks[n, 3], picks[n, 4], picks[n, 5] = d, sl, rv, used[rv], a, y
+    step_of[n] = step
+    home_r[d, sl] -= y
+    home_l[d, sl] -= a - y
+    emptied = home_r[d, sl] + home_l[d, sl] == 0                     # the home copy's GEMM call goes
+    T[d] -= a + (overhead if emptied else 0.0)
+    T[rv] += a + overhead
+    X[d] -= y
+    X[rv] += y
+    sent[d] += 1
+    used[rv] += 1
+    blocked[d * S + sl, rv] = True
+    if used[rv] == R:
+        blocked[:, rv] = True
+    return n + 1
+
+
+@_jit
+def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, floor, s, overhead, min_tokens,
+               cap, R, j_now, scratch):
+    """The best move off donor d1 or d2 (-1: none): every (home slot of the donor, receiver r) of the node,
+    with the amounts that bring donor and receiver towards the node's means, scored by how much it lowers
+    J and, secondarily, by its size (_move_score). scratch: [6, g]. Returns (donor, slot, receiver,
+    amount, inter-node part, score; score -inf when no move is allowed).
+
+    Amounts, towards the node's means. Rule "per kind": pairs from other nodes fill the receiver's X up to
+    the mean, as far as the donor is above it; the rest (T less X) likewise, less the receiver's new GEMM
+    call. Rule "GEMM work": the amount fills the receiver's T, of any kind (as many from other nodes as the
+    first rule takes, within it): where no NIC is near the critical path, the kinds need no balance of
+    their own. In either, a receiver too close to the mean may still take work above it, up to where it
+    meets the donor; a receiver's last free slot takes as much as fills it (the donor has free slots of its
+    own to be refilled, the receiver would have none). A receiver is never pushed far above the mean: it
+    cannot shed a replica. The better-scoring rule is taken."""
+    g, S = home_r.shape
+    x_mean, t_mean = X.mean(), T.mean()
+    tx_mean = t_mean - x_mean
+    best = (-1.0, -1.0, -1.0, 0.0, 0.0, -np.inf)
+    T_other, X_other, y_kind_of, u_kind_of, u_work_of, bound = (scratch[0], scratch[1], scratch[2], scratch[3],
+                                                                 scratch[4], scratch[5])
+    for i in range(2):
+        d = d1 if i == 0 else d2
+        if d < 0 or sent[d] >= cap or (i == 1 and d == d1):
+            continue
+        most = 0.0
+        for sl in range(S):
+            most = max(most, float(home_r[d, sl] + home_l[d, sl]))
+        # what depends on the receiver only: the other ranks' peaks, the unclipped amounts and a bound on
+        # the score (the pair's busier rank ends at least at their mean) that skips receivers which
+        # cannot beat the best so far
+        for r in range(g):
+            last = R - used[r] == 1
+            T_other[r] = _max_excluding(T, topT, d, r)
+            X_other[r] = max(_max_excluding(X, topX, d, r), floor)
+            y_kind_of[r] = max(min(x_mean - X[r], X[d] - x_mean), 0.0)
+            u_kind_of[r] = max(_towards_mean(T[d] - X[d], T[r] - X[r], tx_mean, overhead, min_tokens, last), 0.0)
+            u_work_of[r] = max(_towards_mean(T[d], T[r], t_mean, overhead, min_tokens, last), 0.0)
+            bound[r] = (j_now - (1 - s) * max(T_other[r], (T[d] + T[r]) / 2) - s * max(X_other[r], (X[d] + X[r]) / 2)
+                        + 1e-3 * most + _SLACK * (abs(j_now) + 1))
+        for sl in range(S):
+            hr, hl = float(home_r[d, sl]), float(home_l[d, sl])
+            left = hr + hl
+            for r in range(g):
+                if blocked[d * S + sl, r] or bound[r] <= best[5]:
+                    continue
+                y_kind = np.floor(min(y_kind_of[r], hr))
+                u_kind = y_kind + np.floor(min(u_kind_of[r], hl))
+                u_work = np.floor(min(u_work_of[r], left))
+                if u_kind < min_tokens and u_work < min_tokens:
+                    continue
+                y_work = min(max(y_kind, u_work - hl), min(u_work, hr))
+                score_kind = _move_score(u_kind, y_kind, left, T[d], T[r], X[d], X[r], T_other[r], X_other[r], s,
+                                         overhead, j_now)
+                score_work = _move_score(u_work, y_work, left, T[d], T[r], X[d], X[r], T_other[r], X_other[r], s,
+                                         overhead, j_now)
+                if score_work > score_kind:
+                    u, y, score = u_work, y_work, score_work
+                else:
+                    u, y, score = u_kind, y_kind, score_kind
+                if u >= min_tokens and score > best[5]:
+                    best = (float(d), float(sl), float(r), u, y, score)
+    return best
+
+
+@_jit
+def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now):
+    """J's drop when a donor gives u pairs (y of them from other nodes) of a home slot holding `left` to a
+    receiver, plus 0.001 per pair moved: of moves that lower J about as much, the largest (the donor sheds
+    more for the replica slot it uses). X_other includes F."""
+    shed = u + (overhead if u >= left else 0.0)                      # the home copy computes nothing
+    T_new = max(Td - shed, Tr + u + overhead, T_other)
+    X_new = max(Xd - y, Xr + y, X_other)
+    return (j_now - (1 - s) * T_new - s * X_new) + 1e-3 * u
+
+
+@_jit
+def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens, cap, R,
+                   copy_cost, j_now, beat, scratch):
+    """The best exchange off donor d: its home expert a and another rank r's home expert b trade places for
+    the micro-batch, each as a replica that takes all of the other's remaining pairs. Both home copies then
+    run no GEMM, so unlike a move no call is added; it costs two copies. For each (a, r) the b whose pairs
+    best even out d and r is taken. Scored like a move, less the copies' exposed cost where the exchange
+    raises the node's busiest copier (copy_cost, in pairs of GEMM work). Only exchanges that score above
+    `beat` (the best move's score) are of interest: receivers that cannot are skipped. scratch: [5, g].
+    Returns (d, a, r, b, amount of a, its inter-node part, amount of b, its inter-node part, score; -inf
+    when none is allowed)."""
+    g, S = home_r.shape
+    best = (-1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -np.inf)
+    if sent[d] >= cap or used[d] == R:
+        return best
+    copies, T_other, X_other, C_other, bound = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    for r in range(g):
+        copies[r] = max(used[r], sent[r])
+    topC = _top3(copies)
+    C_max = copies.max()
+    most = 0.0
+    for k in range(g * S):
+        most = max(most, float(home_r[k // S, k % S] + home_l[k // S, k % S]))
+    for r in range(g):
+        T_other[r] = _max_excluding(T, topT, d, r)
+        X_other[r] = max(_max_excluding(X, topX, d, r), floor)
+        C_other[r] = _max_excluding(copies, topC, d, r)
+        # the score's bound: d and r end at least at their mean, the copies never lower the busiest copier
+        bound[r] = (j_now - (1 - s) * max(T_other[r], (T[d] + T[r]) / 2) - s * max(X_other[r], (X[d] + X[r]) / 2)
+                    + 1e-3 * most + _SLACK * (abs(j_now) + 1))
+    for a in range(S):
+        uA = float(home_r[d, a] + home_l[d, a])
+        yA = float(home_r[d, a])
+        if uA < min_tokens:
+            continue
+        for r in range(g):
+            if blocked[d * S + a, r] or used[r] == R or sent[r] >= cap or bound[r] <= max(best[8], beat):
+                continue
+            # b on r: d must be able to take it; of those, the one that brings d and r closest together
+            want = uA - (T[d] - T[r]) / 2
+            b, miss = -1, np.inf
+            for k in range(S):
+                left = float(home_r[r, k] + home_l[r, k])
+                if blocked[r * S + k, d] or left < min_tokens:
+                    continue
+                if abs(left - want) < miss:
+                    b, miss = k, abs(left - want)
+            if b < 0:
+                continue
+            uB, yB = float(home_r[r, b] + home_l[r, b]), float(home_r[r, b])
+            T_new = max(T[d] - uA + uB, T[r] - uB + uA, T_other[r])
+            X_new = max(X[d] - yA + yB, X[r] - yB + yA, X_other[r])
+            C_new = max(max(copies[d], copies[r]) + 1.0, C_other[r])
+            score = (j_now - (1 - s) * T_new - s * X_new) + 1e-3 * abs(uA - uB) - (1 - s) * copy_cost * (C_new - C_max)
+            if score > best[8]:
+                best = (float(d), float(a), float(r), float(b), uA, yA, uB, yB, score)
+    return best
+
+
+@_jit
+def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
+    """Fewer steps for the nodes that do not set their layer's time: each node's shortest prefix of its
+    chosen run's steps whose busiest rank and NIC stay within the layer's maxima (over its nodes, at their
+    kept steps). peak_T, peak_R: [runs, N, steps + 1]; keep [N] is updated."""
+    N = len(keep)
+    T_star, R_star = -np.inf, floor
+    for n in range(N):
+        T_star = max(T_star, peak_T[chosen[n], n, keep[n]])
+        R_star = max(R_star, peak_R[chosen[n], n, keep[n]])
+    for n in range(N):
+        for k in range(keep[n] + 1):
+            if peak_T[chosen[n], n, k] <= T_star + 1e-6 and peak_R[chosen[n], n, k] <= R_star + 1e-6:
+                keep[n] = k
+                break
+
+
+@_jit
+def _write_replicas(counts, expert_at_home, node_ranks, node_of_rank, n, S, picks, step_of, n_picks, keep,
+                    replica_expert, replica_quota):
+    """The picks of node n's kept steps (step < keep) as replicas and quotas. counts [G, E] of the
+    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written."""
+    g = node_ranks.shape[1]
+    kept = 0
+    while kept < n_picks and step_of[kept] < keep:
+        kept += 1
+    if kept == 0:
+        return
+    # replicas of one expert together, by holder rank: (node-local expert, receiver)
+    order = np.argsort(picks[:kept, 0] * S * g * g + picks[:kept, 1] * g * g + picks[:kept, 2])
+    i = 0
+    while i < kept:
+        j = i
+        first = picks[order[i]]
+        while j < kept and picks[order[j], 0] == first[0] and picks[order[j], 1] == first[1]:
+            j += 1
+        home = node_ranks[n, first[0]]
+        expert = expert_at_home[home * S + first[1]]
+        _write_quotas(counts[:, expert], picks, order[i:j], home, node_ranks, node_of_rank, n, replica_quota)
+        for q in range(i, j):
+            p = picks[order[q]]
+            replica_expert[node_ranks[n, p[2]], p[3]] = expert
+        i = j
+
+
+@_jit
+def _write_quotas(src, picks, group, home, node_ranks, node_of_rank, n, replica_quota):
+    """Split one expert's replicas' amounts over the source ranks (module docstring). src: [G] pairs of
+    each source for the expert; group: indices into picks of its replicas, by holder; home: its home rank
+    on node n. Writes replica_quota[holder, k, :] of each."""
+    G = len(src)
+    N, g = node_ranks.shape
+    total = src.sum()
+    local_pool = 0
+    for i in range(g):
+        local_pool += src[node_ranks[n, i]]
+    rem = src.astype(np.int64)
+    amount_sum = 0
+    remote_sum = 0
+    for idx in group:
+        holder = node_ranks[n, picks[idx, 2]]
+        a, y = picks[idx, 4], picks[idx, 5]
+        own = min(src[holder], a - y)                                   # its own rank's pairs never leave the GPU
+        rem[holder] -= own
+        amount_sum += a
+        remote_sum += y
+    home_amount = total - amount_sum
+    home_remote = (total - local_pool) - remote_sum
+    rem[home] -= min(src[home], home_amount - home_remote)
+    remote_at = 0
+    local_at = 0
+    for idx in group:
+        holder = node_ranks[n, picks[idx, 2]]
+        k, a, y = picks[idx, 3], picks[idx, 4], picks[idx, 5]
+        own = min(src[holder], a - y)
+        out = replica_quota[holder, k]
+        # inter-node pairs: the other nodes' sources laid end to end in node-block order
+        remote_at = _interval_take(rem, node_ranks, n, False, remote_at, remote_at + y, out)
+        # intra-node pairs beyond its own: the home node's sources in rank order
+        local_at = _interval_take(rem, node_ranks, n, True, local_at, local_at + (a - own - y), out)
+        out[holder] += own
+
+
+@_jit
+def _interval_take(pool, node_ranks, n, on_node, begin, end, out):
+    """Northwest-corner rule: lay the sources (node n's ranks if on_node, else the other nodes' in
+    node-block order) end to end; out takes the pairs of each that fall in [begin, end). Returns end."""
+    N, g = node_ranks.shape
+    at = 0
+    for m in range(N):
+        if (m == n) != on_node:
+            continue
+        for i in range(g):
+            rank = node_ranks[m, i]
+            lo, hi = max(at, begin), min(at + pool[rank], end)
+            if hi > lo:
+                out[rank] += hi - lo
+            at += pool[rank]
+            if at >= end:
+                return end
+    return end
