@@ -19,7 +19,7 @@ $PIP install -q -c $C "verl[verl-core]==0.9.1" "TransferQueue==0.1.11" "tensordi
 $PIP install -q -c $C "ray[default]" pytest
 $PIP install -q --ignore-requires-python -c $C "megatron-core==0.19.2"
 $PIP install -q --no-deps "mbridge==0.15.1"
-$PIP install -q -c $C einops safetensors
+$PIP install -q -c $C einops safetensors "numba>=0.60"
 # PyPI torchvision/torchaudio/torchcodec fail to import beside the CPU torch and break transformers' Qwen3-MoE import
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 $PIP install -q --no-deps ./e2e/vllm_alias
