@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.abc
 import json
 import os
-import sys
 import threading
 import time
+
+from relibra_verl.patches import _after_import as after_import
 
 _lock = threading.Lock()
 _ROUTE_SAMPLES = 4
@@ -215,45 +215,4 @@ _TARGETS = {
 _done: set[str] = set()
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    _busy: set = set()
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in _TARGETS or fullname in _done:
-            return None
-        if fullname in self._busy:   # another post-import finder is asking around: let it
-            return None
-        self._busy.add(fullname)
-        try:
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-            else:
-                return None
-        finally:
-            self._busy.discard(fullname)
-        loader = spec.loader
-
-        class _Loader(importlib.abc.Loader):
-            def create_module(self, spec):
-                return loader.create_module(spec)
-
-            def exec_module(self, module):
-                loader.exec_module(module)
-                _done.add(fullname)
-                _TARGETS[fullname](module)
-
-        spec.loader = _Loader()
-        return spec
-
-
-if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _AfterImport())
-    for _name, _patch in _TARGETS.items():
-        if _name in sys.modules and _name not in _done:
-            _done.add(_name)
-            _patch(sys.modules[_name])
-
+after_import.install(_TARGETS, _done)

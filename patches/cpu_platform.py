@@ -33,13 +33,14 @@ versions above), applied right after the module is imported and only if its vers
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
+import functools
 import importlib.metadata
 import logging
 import os
-import sys
 
 import torch
+
+from relibra_verl.patches import _after_import as after_import
 
 logger = logging.getLogger("relibra_verl")
 
@@ -397,6 +398,8 @@ _TARGETS = {
     "verl.workers.rollout.vllm_rollout.utils": ("vllm-cpu", _patch_vllm_weight_sync),
 }
 _applied: dict[str, list[str]] = {}
+_HOOKS: dict = {}
+_hooked: set[str] = set()
 
 
 def _apply(name: str, module) -> None:
@@ -412,44 +415,6 @@ def _apply(name: str, module) -> None:
     logger.info("relibra-verl cpu platform: %s: %s", name, ", ".join(_applied[name]))
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs a target module's adaptation right after the module is executed, before anyone uses it."""
-
-    _busy: set = set()
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in _TARGETS or fullname in _applied:
-            return None
-        if fullname in self._busy:   # another post-import finder is asking around: let it
-            return None
-        self._busy.add(fullname)
-        try:
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-            else:
-                return None
-        finally:
-            self._busy.discard(fullname)
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return None
-
-        class _Loader(importlib.abc.Loader):
-            def create_module(self, spec):
-                return loader.create_module(spec)
-
-            def exec_module(self, module):
-                loader.exec_module(module)
-                _apply(fullname, module)
-
-        spec.loader = _Loader()
-        return spec
-
-
 def applied() -> dict[str, list[str]]:
     """What was adapted so far in this process: {module: [what]}."""
     return {k: list(v) for k, v in _applied.items()}
@@ -463,13 +428,11 @@ def install() -> bool:
     if torch.cuda.is_available():
         logger.warning("relibra-verl cpu platform: CUDA is available, nothing adapted")
         return False
-    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+    if not _HOOKS:
         _check("verl")
         _register_verl_platform()
-        sys.meta_path.insert(0, _AfterImport())
-        for name in _TARGETS:
-            if name in sys.modules and name not in _applied:
-                _apply(name, sys.modules[name])
+        _HOOKS.update({name: functools.partial(_apply, name) for name in _TARGETS})
+        after_import.install(_HOOKS, _hooked)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB of KV cache per vLLM engine
     return True
 

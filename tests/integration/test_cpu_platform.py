@@ -22,7 +22,7 @@ def test_local_spec_names_map_to_transformer_engine_layout():
 def _installed_finders(env_platform: str) -> str:
     code = ("import os, sys; os.environ['VERL_PLATFORM'] = sys.argv[1]; "
             "import relibra_verl.patches.cpu_platform as p; "
-            "print(sum(type(f).__name__ == '_AfterImport' for f in sys.meta_path), p.install())")
+            "print(sum(type(f).__name__ == 'AfterImport' for f in sys.meta_path), p.install())")
     return subprocess.run([sys.executable, "-c", code, env_platform], capture_output=True, text=True,
                           timeout=120, check=True).stdout.split()
 
