@@ -433,7 +433,6 @@ def install() -> bool:
         _register_verl_platform()
         _HOOKS.update({name: functools.partial(_apply, name) for name in _TARGETS})
         after_import.install(_HOOKS, _hooked)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB of KV cache per vLLM engine
     return True
 
 
