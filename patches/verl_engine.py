@@ -186,10 +186,10 @@ def patch_engine_workers(mod) -> list[str]:
 
     def make_update(orig):
         def update_actor(self, *args, **kwargs):
-            from relibra_verl.integration.plugin import attach_from_worker
+            from relibra_verl.integration.plugin import attach_from_worker, count_patch_failures
 
             attach_from_worker(self)  # idempotent; covers loading through model.external_lib
-            return orig(self, *args, **kwargs)
+            return count_patch_failures(self, orig(self, *args, **kwargs))
         return update_actor
 
     return [d for d in (_wrap(Worker, "init_model", make_init), _wrap(Worker, "update_actor", make_update)) if d]

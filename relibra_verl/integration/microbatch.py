@@ -27,17 +27,29 @@ def _nested(parts: list[np.ndarray]) -> torch.Tensor:
                                          layout=torch.jagged)
 
 
+class ParallelStateError(RuntimeError):
+    """Megatron's parallel state is initialised but its tensor/context-parallel sizes cannot be read: this
+    rank cannot tell which rows its layers see, so relibra must not guess (the trainer falls back on every
+    EP rank alike, counted, or raises in strict mode)."""
+
+
 def _model_parallel_sizes() -> tuple[int, int, int]:
-    """(tp_size, tp_rank, cp_size) from Megatron's parallel state; (1, 0, 1) when it is not initialised."""
+    """(tp_size, tp_rank, cp_size) from Megatron's parallel state; (1, 0, 1) when it is not initialised.
+
+    Raises ParallelStateError when the state is initialised but unreadable (a layout this version does not
+    know): assuming TP 1 there would count rows this rank never computes."""
     try:
         from megatron.core import parallel_state as mpu
-
+    except ImportError:  # no megatron: single rank semantics
+        return 1, 0, 1
+    try:
         if not mpu.model_parallel_is_initialized():
             return 1, 0, 1
         return (mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank(),
                 mpu.get_context_parallel_world_size())
-    except Exception:  # pragma: no cover - no megatron: single rank semantics
-        return 1, 0, 1
+    except Exception as exc:
+        raise ParallelStateError(f"cannot read Megatron's tensor/context-parallel sizes "
+                                 f"({type(exc).__name__}: {exc})") from exc
 
 
 def local_route_rows(micro_batch, *, num_experts: int, moe_layers: np.ndarray, num_layers: int | None,

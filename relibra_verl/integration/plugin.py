@@ -40,7 +40,7 @@ _TARGETS = {
                                                             "patch_vllm_async_server"),
 }
 _lock = threading.Lock()
-_status: dict = {"registered": False, "reason": None, "patched": {}}
+_status: dict = {"registered": False, "reason": None, "patched": {}, "failed": {}}
 
 
 def version_problems() -> list[str]:
@@ -58,9 +58,10 @@ def version_problems() -> list[str]:
 
 
 def status() -> dict:
-    """What register() did: registered, reason (when not), patched {module: [names]}."""
+    """What register() did: registered, reason (when not), patched {module: [names]}, failed {module: error}."""
     return {"registered": _status["registered"], "reason": _status["reason"],
-            "patched": {k: list(v) for k, v in _status["patched"].items()}}
+            "patched": {k: list(v) for k, v in _status["patched"].items()},
+            "failed": dict(_status.setdefault("failed", {}))}
 
 
 def _apply(module_name: str, module) -> None:
@@ -72,6 +73,7 @@ def _apply(module_name: str, module) -> None:
     except Exception as exc:  # the native path must survive any patch failure
         logger.error("relibra-verl: patching %s failed (%s: %s); this module runs natively",
                      module_name, type(exc).__name__, exc)
+        _status.setdefault("failed", {})[module_name] = f"{type(exc).__name__}: {exc}"
         return
     _status["patched"][module_name] = names
     logger.warning("relibra-verl: patched %s: %s%s", module_name, ", ".join(names) or "(already patched)",
@@ -163,7 +165,16 @@ def attach_from_worker(worker, *, validate_only: bool = False):
     from relibra_verl.config import from_actor_rollout_ref
 
     cfg = from_actor_rollout_ref(getattr(worker, "config", None))
-    if validate_only or not cfg.enable:
+    if not cfg.enable:
+        return None
+    failed = _status.setdefault("failed", {})
+    if failed and cfg.strict:
+        from relibra_verl.integration.trainer import RelibraError
+
+        raise RelibraError("relibra: verl patches failed to apply, relibra cannot run as configured: "
+                           + "; ".join(f"{m}: {e}" for m, e in failed.items())
+                           + " (actor_rollout_ref.relibra.on_missing_routing=error)")
+    if validate_only:
         return None
     actor = getattr(worker, "actor", None)
     engine = getattr(actor, "engine", None)
@@ -173,6 +184,26 @@ def attach_from_worker(worker, *, validate_only: bool = False):
     if existing is not None:
         return existing
     return attach(engine, cfg)
+
+
+def count_patch_failures(worker, output):
+    """Add `relibra/fallbacks/patch_failed` (modules whose patch failed) to an update's metrics, and to
+    `relibra/fallbacks`, so a partly patched verl never looks like a balanced run. Returns `output`."""
+    failed = _status.setdefault("failed", {})
+    if not failed or output is None:
+        return output
+    from relibra_verl.config import from_actor_rollout_ref
+
+    if not from_actor_rollout_ref(getattr(worker, "config", None)).enable:
+        return output
+    from verl.utils import tensordict_utils as tu
+
+    metrics = dict(tu.get(output, "metrics", default=None) or {})
+    n = float(len(failed))
+    metrics["relibra/fallbacks/patch_failed"] = [n]
+    metrics["relibra/fallbacks"] = [float(v) + n for v in metrics.get("relibra/fallbacks", [0.0])]
+    tu.assign_non_tensor(output, metrics=metrics)
+    return output
 
 
 def attach(engine, cfg):

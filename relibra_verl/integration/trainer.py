@@ -38,7 +38,7 @@ import torch
 
 from relibra_verl.config import RelibraConfig
 from relibra_verl.integration import runtime_bridge as rb
-from relibra_verl.integration.microbatch import micro_batch_loads
+from relibra_verl.integration.microbatch import ParallelStateError, micro_batch_loads
 from relibra_verl.integration.routes import RoutesError, moe_layers_of
 from relibra_verl.planner import (BatchPlan, ReorderConfig, ReplicationConfig, Topology, plan_outcome, plan_relibra,
                                   planner_configs)
@@ -307,6 +307,7 @@ class RelibraTrainer:
         unknown = 0
         missing = 0
         error = None
+        probe_error = None
         fp8 = getattr(engine.tf_config, "fp8", None) in ("e4m3", "hybrid")
         for m, mb in enumerate(micro_batches):
             if mb.get("routed_experts", None) is None:
@@ -318,10 +319,15 @@ class RelibraTrainer:
             except RoutesError as exc:
                 error = RoutesError(f"relibra: micro-batch {m}: {exc}")
                 break
+            except ParallelStateError as exc:
+                probe_error = str(exc)
+                break
             unknown += int(unk.sum())
-        # One all-gather per mini-batch. A rank's missing (-1) or malformed (-2) routes travel as a flag so
-        # that every rank takes the same decision (no rank may skip a collective the others enter).
-        flag = np.full((len(micro_batches), L, 1), -2 if error else -1 if missing else 0, dtype=np.int64)
+        # One all-gather per mini-batch. A rank's missing (-1) or malformed (-2) routes, or its unreadable
+        # parallel state (-3), travel as a flag so that every rank takes the same decision (no rank may skip
+        # a collective the others enter).
+        code = -2 if error else -3 if probe_error else -1 if missing else 0
+        flag = np.full((len(micro_batches), L, 1), code, dtype=np.int64)
         counts = self._all_gather(np.concatenate([local, flag], axis=2))   # [G, M, L, E+1]
         flags = counts[..., E].min(axis=(1, 2))                              # [G]
         if (flags == -2).any():
@@ -329,6 +335,10 @@ class RelibraTrainer:
                 raise error
             bad = np.flatnonzero(flags == -2).tolist()
             raise RoutesError(f"relibra: malformed routed_experts on EP ranks {bad}")
+        if (flags == -3).any():
+            bad = np.flatnonzero(flags == -3).tolist()
+            detail = f"; here: {probe_error}" if probe_error else ""
+            return self._fallback(micro_batches, f"cannot read Megatron's parallel sizes (EP ranks {bad}{detail})")
         if (flags < 0).any():
             bad = np.flatnonzero(flags < 0).tolist()
             return self._fallback(micro_batches, f"micro-batches without routed_experts on EP ranks {bad}")

@@ -325,3 +325,57 @@ def test_unreadable_replay_flag_and_unknown_micro_batch_are_counted_with_their_r
         st.end()
     assert st._metrics["relibra/fallbacks"] == 1.0
     assert st._metrics["relibra/fallbacks/micro_batch_without_relibra_s_index"] == 1.0
+
+
+def test_unreadable_parallel_state_is_a_counted_fallback_on_every_rank(monkeypatch):
+    """A Megatron parallel state that is initialised but cannot be read is not taken for TP 1 (which would
+    count rows this rank never computes): the mini-batch falls back on every EP rank, also where only another
+    rank failed, counted with its reason; strict mode raises."""
+    import relibra_verl.integration.plugin  # noqa: F401
+    from megatron.core import parallel_state as mpu
+    from verl.workers.engine.megatron import transformer_impl as ti
+
+    from relibra_verl.integration.microbatch import ParallelStateError, _model_parallel_sizes
+    from relibra_verl.integration.trainer import RelibraError
+
+    def unreadable():
+        raise AttributeError("no tensor-parallel group in this layout")
+
+    monkeypatch.setattr(mpu, "model_parallel_is_initialized", lambda: True)
+    monkeypatch.setattr(mpu, "get_tensor_model_parallel_world_size", unreadable)
+    with pytest.raises(ParallelStateError, match="tensor/context-parallel sizes"):
+        _model_parallel_sizes()
+    data = v1_batch(4, 6, E, K, L)
+    st = _trainer(RelibraConfig(enable=True))
+    st.begin(_engine(), data, forward_only=False)
+    try:
+        mbs, _ = ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        st.end()
+    key = "relibra/fallbacks/cannot_read_megatron_s_parallel_sizes"
+    assert st.plan is None and st._metrics["relibra/fallbacks"] == len(mbs) and st._metrics[key] == len(mbs)
+    strict = _trainer(RelibraConfig(enable=True, on_missing_routing="error"))
+    strict.begin(_engine(), data, forward_only=False)
+    try:
+        with pytest.raises(RelibraError, match=r"parallel sizes \(EP ranks \[0, 1\]; here: cannot read"):
+            ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        strict.end()
+
+    # only EP rank 1 fails: rank 0, whose own probe works, takes the same fallback from the gathered flag
+    monkeypatch.undo()
+    ok = _trainer(RelibraConfig(enable=True))
+    gather = ok._all_gather
+
+    def rank1_failed(local):
+        both = gather(local).copy()
+        both[1, ..., E] = -3
+        return both
+
+    ok._all_gather = rank1_failed
+    ok.begin(_engine(), data, forward_only=False)
+    try:
+        mbs, _ = ti.prepare_micro_batches(data, dp_group=None)
+    finally:
+        ok.end()
+    assert ok.plan is None and ok._metrics[key] == len(mbs)

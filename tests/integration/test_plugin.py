@@ -132,3 +132,43 @@ def test_example_prints_composed_config(script):
     assert ep == cfg["trainer"]["nnodes"] * cfg["trainer"]["n_gpus_per_node"] and rc.gpus_per_node == 8
     assert rc.profile == "h100-ib400"                                    # time-aware planning
     assert rc.inter_node_share == (0.9 if cfg["trainer"]["nnodes"] > 1 else 0.0)   # NIC-aware reorder across nodes
+
+
+def test_failed_patch_is_counted_in_fallbacks_and_raises_in_strict_mode(monkeypatch, caplog):
+    """A verl patch that fails to apply leaves that module native; it is not silent: the actor's update
+    metrics carry relibra/fallbacks/patch_failed (and relibra/fallbacks), and on_missing_routing=error
+    refuses to start."""
+    import types
+
+    from verl.utils import tensordict_utils as tu
+
+    from patches.verl_engine import patch_engine_workers
+    from relibra_verl.integration import plugin
+    from relibra_verl.integration.trainer import RelibraError
+
+    monkeypatch.setattr(plugin, "_status", {"registered": True, "reason": None, "patched": {}, "failed": {}})
+    monkeypatch.setitem(plugin._TARGETS, "verl.some_module", ("relibra_verl.integration.plugin", "no_such_patch"))
+    with caplog.at_level("ERROR", logger="relibra_verl"):
+        plugin._apply("verl.some_module", types.ModuleType("verl.some_module"))
+    assert "patching verl.some_module failed" in caplog.text
+    assert "no_such_patch" in plugin.status()["failed"]["verl.some_module"]
+
+    class Worker:  # verl's ActorRolloutRefWorker surface that the wrapper touches
+        def __init__(self, relibra):
+            self.config = {"relibra": relibra}
+
+        def init_model(self):
+            return None
+
+        def update_actor(self, data):
+            return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": {"actor/pg_loss": [0.5]}})
+
+    patch_engine_workers(types.SimpleNamespace(ActorRolloutRefWorker=Worker))
+    out = Worker({"enable": True}).update_actor(None)
+    metrics = tu.get(out, "metrics")
+    assert metrics["relibra/fallbacks/patch_failed"] == [1.0] and metrics["relibra/fallbacks"] == [1.0]
+    assert metrics["actor/pg_loss"] == [0.5]
+    off = tu.get(Worker({"enable": False}).update_actor(None), "metrics")
+    assert "relibra/fallbacks" not in off                                   # relibra off: nothing added
+    with pytest.raises(RelibraError, match="verl.some_module: AttributeError"):
+        Worker({"enable": True, "on_missing_routing": "error"}).init_model()
