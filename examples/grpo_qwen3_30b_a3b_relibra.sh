@@ -79,7 +79,6 @@ exper_name=qwen3_30b_a3b_grpo_relibra_${RELIBRA_MODE}_N${NODES}_TP${TP}_EP${EP}
     actor_rollout_ref.actor.megatron.router_replay.mode=R3 \
     +actor_rollout_ref.actor.megatron.override_transformer_config.moe_router_dtype=fp32 \
     +actor_rollout_ref.actor.megatron.override_transformer_config.moe_token_dispatcher_type=alltoall \
-    +actor_rollout_ref.actor.megatron.override_transformer_config.moe_permute_fusion=False \
     +actor_rollout_ref.actor.megatron.override_transformer_config.gradient_accumulation_fusion=True \
     actor_rollout_ref.rollout.name=vllm \
     actor_rollout_ref.rollout.mode=async \
