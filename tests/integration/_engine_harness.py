@@ -158,11 +158,21 @@ def _engine_class(ti):
             routes[input_ids.offsets()[1:] - 1] = torch.arange(K, dtype=routes.dtype)
             chunk = model[0] if isinstance(model, list) else model
             for l, layer in enumerate(chunk.layers):
-                replay(layer, routes[:, l].long())
+                if self.enable_routing_replay:
+                    replay(layer, routes[:, l].long())
+                else:  # verl's ref engine: no router replay, the router routes live
+                    layer.router.router_replay.clear_indices()
+                    layer.router.router_replay.clear_router_replay_action()
             output = chunk(input_ids.values())
             return output, functools.partial(postprocess_micro_batch_func, data=batch)
 
         def postprocess_micro_batch_func(self, output, data, forward_only, loss_function):
+            if loss_function is None:  # verl's infer_batch (log-probs): per-token log-probs of the next token
+                ids = data["input_ids"]
+                lp = torch.log_softmax(output.float(), -1).gather(-1, torch.roll(ids.values(), -1)[:, None])[:, 0]
+                seqs = list(torch.split(lp, ids.offsets().diff().tolist()))
+                nested = torch.nested.as_nested_tensor(seqs, layout=torch.jagged)
+                return torch.tensor(1.0), {"loss": 1.0, "metrics": {}, "model_output": {"log_probs": nested}}
             loss = loss_function(output, data)
             return loss * data["num_micro_batch"], {"loss": loss.detach().item(), "metrics": {}}
 
