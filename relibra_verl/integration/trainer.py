@@ -112,6 +112,17 @@ def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarr
     return plan_relibra(counts, topo, placement, mode=mode, replication=replication, reorder=reorder).expert_at_home
 
 
+def _warm_up() -> None:
+    """Compile the planner's loops in the planning process (numba; tens of seconds cold on a busy host,
+    about 2 s from numba's disk cache): started when relibra attaches, so that the placement planned before
+    the first log-prob pass does not wait for the compiler."""
+    topo = Topology(num_experts=4, ep_size=2, gpus_per_node=2, replica_slots=1)
+    counts = np.arange(2 * 1 * 2 * 4, dtype=np.int64).reshape(2, 1, 2, 4) % 5 * 3
+    placement = np.arange(4, dtype=np.int64)[None]
+    _plan_next_placement(counts, topo, placement, ReplicationConfig(), ReorderConfig())
+    _plan_rest(counts, topo, placement, ReplicationConfig())
+
+
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
                                    reorder: ReorderConfig, rounds: int = 9, loop_iters: int = 2000) -> dict:
     """How much the trainer's background planning slows the training thread: a launch-bound loop of small
@@ -211,6 +222,8 @@ class RelibraTrainer:
         self._metrics: dict[str, float] = {}
         self._moved_last = 0
         self._token = None
+        if cfg.reorders:
+            _planner().submit(_warm_up)   # compile the planner beside verl's start-up
 
     # ---- setup ------------------------------------------------------------------------------------
     def _setup(self, engine) -> None:
@@ -444,7 +457,9 @@ class RelibraTrainer:
         current = rb.applied_placement(self.runtime, counts.shape[1], self.topo)
         replication, reorder = ((self.replication_fwd, self.reorder_fwd) if self.role == "ref"
                                 else (self.replication, self.reorder))
-        placement, ms = _timed(_plan_next_placement, counts, self.topo, current, replication, reorder)
+        # in the planning process, where the planner is compiled (warmed up at attach)
+        job = _planner().submit(_plan_next_placement, counts, self.topo, current, replication, reorder)
+        placement, ms = _timed(job.result)
         self._metrics["relibra/placement_plan_ms"] = ms
         if self.role == "actor":
             self._placed_by_logprob = True          # the update keeps this placement

@@ -100,11 +100,12 @@ class _Chunk(torch.nn.Module):
         pass
 
     def forward(self, ids):
-        x = self.emb[ids].unsqueeze(1)
+        dtype = next(self.layers[0].experts.parameters()).dtype
+        x = self.emb[ids].unsqueeze(1).to(dtype)
         for layer in self.layers:
             y, _ = layer(x)
             x = x + y
-        return x.squeeze(1) @ self.head
+        return x.squeeze(1).float() @ self.head
 
 
 class _SGD:
@@ -194,7 +195,9 @@ def build_engine(ti, relibra_cfg, seed: int = 0):
 
     from relibra_verl.runtime.harness import build_moe_layer
 
-    layers = [build_moe_layer(E, K, hidden=H, ffn=8, seed=seed + l) for l in range(L_ALL)]
+    import os
+    dtype = torch.bfloat16 if os.environ.get("RELIBRA_TEST_BF16") == "1" else torch.float32
+    layers = [build_moe_layer(E, K, hidden=H, ffn=8, seed=seed + l, dtype=dtype) for l in range(L_ALL)]
     for layer in layers:
         for p in layer.router.parameters():
             p.requires_grad_(False)

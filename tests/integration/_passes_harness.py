@@ -71,26 +71,41 @@ def _sabotage(trainer) -> None:
 
 
 def run(rank: int, world: int, steps: int = 2) -> dict:
-    """`steps` GRPO steps (log-prob pass, ref pass, update) with relibra off, on, and on with a sabotaged
-    placement: log-probs, ref log-probs, losses, the update's metrics."""
+    """`steps` GRPO steps (log-prob pass, ref pass, update) with relibra off, on, on with a sabotaged
+    placement, and (one step) on for the update only: log-probs, ref log-probs, losses, the update's metrics."""
     from relibra_verl.config import RelibraConfig
 
     ti = eh._setup(world)
     cfg = RelibraConfig(enable=True, mode="both", replica_slots=1, gpus_per_node=world, reorder_every=1,
                         profile="none")
+    import dataclasses
+
+    update_only = dataclasses.replace(cfg, passes={"update": True, "logprob": False, "ref": False})
     out = {}
-    for name, rc in (("off", None), ("on", cfg), ("sabotaged", cfg)):
+    for name, rc in (("off", None), ("on", cfg), ("sabotaged", cfg), ("update_only", update_only)):
         actor, ref = eh.build_engine(ti, rc), _ref_engine(ti, rc)
         if name == "sabotaged":
             _sabotage(actor._relibra)
         res = {"logprob": [], "ref": [], "losses": [], "metrics": []}
-        for step in range(steps):
+        for step in range(1 if name == "update_only" else steps):
             res["logprob"].append(_log_probs(actor.infer_batch(_batch(rank, step, max_token_len=LOGPROB_TOKENS))))
             res["ref"].append(_log_probs(ref.infer_batch(_batch(rank, step, max_token_len=LOGPROB_TOKENS,
                                                                  replay=False))))
             upd = actor.train_batch(_batch(rank, step, max_token_len=UPDATE_TOKENS), eh._loss)
             res["losses"].append(float(np.sum(upd["loss"])))
             res["metrics"].append({k: v for k, v in upd["metrics"].items() if k.startswith("relibra/")})
+        # verl's ref pass with LoRA: the actor without its adapter (a stand-in adapter that changes nothing)
+        import contextlib
+        import types
+
+        from relibra_verl.integration import trainer as tr
+
+        actor.peft_cls = types.SimpleNamespace(disable_adapter=lambda module: contextlib.nullcontext())
+        tr._pending_pass_metrics.clear()
+        with actor.disable_adapter():
+            res["ref_in_actor"] = _log_probs(actor.infer_batch(_batch(rank, steps, max_token_len=LOGPROB_TOKENS)))
+        res["ref_in_actor_metrics"] = dict(tr._pending_pass_metrics)
+        tr._pending_pass_metrics.clear()   # no update follows to report them
         if rc is not None:
             res["placement"] = np.asarray(actor._relibra.runtime.expert_at_home).copy()
             res["ref_placement"] = np.asarray(ref._relibra.runtime.expert_at_home).copy()

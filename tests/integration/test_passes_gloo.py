@@ -73,3 +73,26 @@ def test_a_wrong_placement_breaks_equality(runs):
             for x, y in zip(res["sabotaged"]["logprob"][step], res["off"]["logprob"][step]):
                 worst = max(worst, float(np.abs(x - y).max()))
     assert worst > 1e-3
+
+
+def test_passes_switched_off(runs):
+    """passes: {logprob: false, ref: false}: the forward passes run Megatron's dispatch (same log-probs, no
+    relibra/logprob|ref metrics) and the update plans and applies the next placement after its step."""
+    for res in runs:
+        for a, b in ((res["update_only"]["logprob"][0], res["off"]["logprob"][0]),
+                     (res["update_only"]["ref"][0], res["off"]["ref"][0])):
+            _assert_equal(a, b, "update_only")
+    m = runs[0]["update_only"]["metrics"][0]
+    assert not any(k.startswith(("relibra/logprob/", "relibra/ref/")) for k in m)
+    assert m["relibra/moved_experts"][0] > 0 and m["relibra/replicas"][0] > 0
+
+
+def test_ref_pass_of_a_lora_actor(runs):
+    """With LoRA verl computes the ref log-probs on the actor inside disable_adapter(): relibra plans it as
+    the ref pass (relibra/ref/*, routes replayed) on the actor's placement (no move), exact."""
+    for res in runs:
+        _assert_equal(res["on"]["ref_in_actor"], res["off"]["ref_in_actor"], "ref in actor")
+    m = runs[0]["on"]["ref_in_actor_metrics"]
+    assert m["relibra/ref/fallbacks"] == 0.0 and m["relibra/ref/replicas"] > 0
+    assert "relibra/ref/moved_experts" not in m and not any(k.startswith("relibra/logprob/") for k in m)
+    assert runs[0]["off"]["ref_in_actor_metrics"] == {}
