@@ -13,6 +13,7 @@ patches installed by the plugin, and relibra's runtime. What stands in (test har
     verl's `MegatronEngineWithLMHead.forward_step`;
   * a plain SGD optimizer with Megatron's `step() -> (ok, grad_norm, zeros)` contract; only expert weights
     train (router, embedding and head are frozen, so no DP gradient reduction is needed).
+The MoE layers are fp32; RELIBRA_TEST_BF16=1 builds them in bf16 (for measuring, not used by the tests).
 """
 from __future__ import annotations
 
