@@ -444,9 +444,11 @@ class RelibraTrainer:
         name = self.pass_name
         self._placement_found = rb.applied_placement(self.runtime, counts.shape[1], self.topo).copy()
         if name == "update":
-            if self._deferred_placement is not None:
+            if self._deferred_placement is not None:   # the log-prob pass's, reported as its move
                 placement, self._deferred_placement = self._deferred_placement, None
-                self._moved_last = self._apply_placement(placement)[0]
+                moved, ms = self._apply_placement(placement)
+                self._metrics["relibra/logprob/moved_experts"] = float(moved)
+                self._metrics["relibra/logprob/placement_ms"] = ms
             return
         if not self.cfg.reorders or (name == "ref" and self.role != "ref"):
             return

@@ -72,7 +72,8 @@ def _sabotage(trainer) -> None:
 
 def run(rank: int, world: int, steps: int = 2) -> dict:
     """`steps` GRPO steps (log-prob pass, ref pass, update) with relibra off, on, on with a sabotaged
-    placement, and (one step) on for the update only: log-probs, ref log-probs, losses, the update's metrics."""
+    placement, and (one step each) on for the update only and on with optimizer offload: log-probs, ref
+    log-probs, losses, the update's metrics."""
     from relibra_verl.config import RelibraConfig
 
     ti = eh._setup(world)
@@ -82,12 +83,14 @@ def run(rank: int, world: int, steps: int = 2) -> dict:
 
     update_only = dataclasses.replace(cfg, passes={"update": True, "logprob": False, "ref": False})
     out = {}
-    for name, rc in (("off", None), ("on", cfg), ("sabotaged", cfg), ("update_only", update_only)):
+    for name, rc in (("off", None), ("on", cfg), ("sabotaged", cfg), ("update_only", update_only),
+                     ("optimizer_offload", cfg)):
         actor, ref = eh.build_engine(ti, rc), _ref_engine(ti, rc)
+        actor._is_offload_optimizer = name == "optimizer_offload"   # verl's MegatronEngine attribute
         if name == "sabotaged":
             _sabotage(actor._relibra)
         res = {"logprob": [], "ref": [], "losses": [], "metrics": []}
-        for step in range(1 if name == "update_only" else steps):
+        for step in range(1 if name in ("update_only", "optimizer_offload") else steps):
             res["logprob"].append(_log_probs(actor.infer_batch(_batch(rank, step, max_token_len=LOGPROB_TOKENS))))
             res["ref"].append(_log_probs(ref.infer_batch(_batch(rank, step, max_token_len=LOGPROB_TOKENS,
                                                                  replay=False))))

@@ -96,3 +96,18 @@ def test_ref_pass_of_a_lora_actor(runs):
     assert m["relibra/ref/fallbacks"] == 0.0 and m["relibra/ref/replicas"] > 0
     assert "relibra/ref/moved_experts" not in m and not any(k.startswith("relibra/logprob/") for k in m)
     assert runs[0]["off"]["ref_in_actor_metrics"] == {}
+
+
+def test_optimizer_offload_defers_the_placement_to_the_update(runs):
+    """With optimizer offload the optimizer state is on the host during verl's log-prob call: the log-prob
+    pass plans the placement and runs on the previous one (with replicas); the update's first mini-batch
+    applies it. Exact either way."""
+    for res in runs:
+        _assert_equal(res["optimizer_offload"]["logprob"][0], res["off"]["logprob"][0], "offload logprob")
+        np.testing.assert_allclose(res["optimizer_offload"]["losses"], res["off"]["losses"][:1], **TOL)
+    m = runs[0]["optimizer_offload"]["metrics"][0]
+    assert m["relibra/logprob/moved_experts"][0] > 0 and m["relibra/moved_experts"] == [0.0]
+    # the log-prob pass ran on the identity placement: its "before" is the on-run's (which it also found)
+    on = runs[0]["on"]["metrics"][0]
+    assert m["relibra/logprob/imbalance_before"] == on["relibra/logprob/imbalance_before"]
+    assert m["relibra/logprob/imbalance_after"][0] > on["relibra/logprob/imbalance_after"][0]
