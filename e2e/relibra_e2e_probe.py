@@ -13,6 +13,9 @@ as JSON lines under $RELIBRA_E2E_PROBE_DIR (one file per process):
     tokens of the relibra-on and -off runs;
   * `export`: a fingerprint of every tensor the actor sends to vLLM, per weight sync
     (RELIBRA_E2E_FAULT=swap_experts makes the export non-canonical on purpose, to see the checks fail);
+  * `log_probs`: the response tokens' log-probs a forward-only pass returned (the actor's old log-probs and
+    the reference model's; the positions verl keeps), per rank and call, to compare the relibra-on and -off
+    runs;
   * `replay_mismatch`: on the actor's first batch, before verl's first log-prob pass, one extra forward
     pass in which verl hands the rollout's routes to the routers (set_router_replay_data, R3 mask) but the
     routers keep their own top-k; per MoE layer, how many replayable (token, layer) rows chose other
@@ -113,9 +116,35 @@ def _patch_engine_base(mod) -> None:
                 record("replay_mismatch", **replay_mismatch(self, data, loss_function, orig))
             except Exception as exc:  # recorded; the run's checks then fail on the missing figure
                 record("replay_mismatch", error=f"{type(exc).__name__}: {exc}")
-        return orig(self, data, loss_function)
+        out = orig(self, data, loss_function)
+        _record_log_probs(self, data, out)
+        return out
 
     cls.infer_batch = infer_batch
+
+
+def _record_log_probs(engine, data, out) -> None:
+    """The response tokens' log-probs a forward-only pass returned on this rank (the actor's old log-probs,
+    or the reference model's: verl builds the ref engine forward_only), in the order verl returns them."""
+    try:
+        import torch.distributed as dist
+
+        lp = out.get("model_output", {}).get("log_probs") if isinstance(out, dict) else None
+        if lp is None:
+            return
+        import torch
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        kind = "ref" if getattr(engine.engine_config, "forward_only", False) else "logprob"
+        n = _state[kind] = _state.get(kind, 0) + 1
+        # what verl keeps: each response token's log-prob (verl's own slicing, no_padding_2_padding)
+        padded = no_padding_2_padding(lp, data).float().cpu()
+        lens = data["responses"].offsets().diff().tolist()
+        response = torch.cat([padded[i, :k] for i, k in enumerate(lens)]).tolist()
+        record("log_probs", pass_name=kind, call=n, rank=dist.get_rank() if dist.is_initialized() else 0,
+               values=[round(v, 6) for v in response], all_positions=lp.values().numel())
+    except Exception as exc:  # recorded; the check then fails on the missing figures
+        record("log_probs", error=f"{type(exc).__name__}: {exc}")
 
 
 def replay_mismatch(engine, data, loss_function, infer_batch) -> dict:

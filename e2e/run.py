@@ -60,7 +60,11 @@ def overrides(assets: str, out: str, steps: int, relibra_on: bool) -> list[str]:
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",
         "actor_rollout_ref.actor.use_dynamic_bsz=True",
         "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=160",
-        "actor_rollout_ref.actor.use_kl_loss=False",
+        # a KL loss against the reference model: verl then runs the ref model's forward (its own Megatron
+        # engine, routes not replayed) every step, and relibra balances it too
+        "actor_rollout_ref.actor.use_kl_loss=True",
+        "actor_rollout_ref.actor.kl_loss_coef=0.01",
+        "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
         "actor_rollout_ref.actor.entropy_coeff=0",
         "actor_rollout_ref.actor.megatron.use_mbridge=True",
         "actor_rollout_ref.actor.megatron.vanilla_mbridge=True",

@@ -12,6 +12,10 @@ import sys
 LOSS_KEY = "actor/pg_loss"
 GRAD_NORM_KEY = "actor/grad_norm"
 MIN_GREEDY_SHARE = 0.5
+FORWARD_PASSES = ("logprob", "ref")
+# old and ref log-probs on/off on step 1 (same weights, same rollouts): bf16 forward-pass rounding (a
+# replica's tokens in their own GEMM); a wrong expert would move a log-prob by about a nat on this model
+LOG_PROB_ATOL = 0.05
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -88,6 +92,25 @@ def compare_rollouts(on: dict, off: dict, steps: int) -> list[dict]:
     return out
 
 
+def compare_log_probs(on: dict, off: dict, pass_name: str) -> dict:
+    """Step 1's response log-probs of one forward-only pass (the first call on each rank), on vs off, as
+    sorted lists over all ranks: verl's batch order is the order in which the asynchronous rollouts came
+    back, so the same sequences can reach other ranks or positions in the two runs. Sorted lists differ
+    by at most what the token-by-token differences do; a token computed by a wrong expert moves by far more."""
+    def first(probe):
+        return sorted(v for r in probe.get("log_probs", [])
+                      if r.get("pass_name") == pass_name and r.get("call") == 1 for v in r["values"])
+
+    a, b = first(on), first(off)
+    errors = [r["error"] for probe in (on, off) for r in probe.get("log_probs", []) if "error" in r]
+    if errors or not a or len(a) != len(b):
+        return {"ok": False, "tokens_on": len(a), "tokens_off": len(b), "errors": errors[:2]}
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    worst = max(diffs)
+    return {"ok": worst <= LOG_PROB_ATOL, "tokens": len(diffs), "max_abs_diff": worst,
+            "identical_share": sum(d == 0 for d in diffs) / len(diffs), "atol": LOG_PROB_ATOL}
+
+
 def canonical_order(on: dict, off: dict) -> dict:
     """Last weight export of each run: every routed expert's tensors must be closest, among that layer's
     experts in the relibra-off export, to the expert of the same id (canonical order), and the non-expert
@@ -141,12 +164,22 @@ def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> t
             before, after = m.get("relibra/imbalance_before", math.nan), m.get("relibra/imbalance_after", math.nan)
             if not after < before:
                 failures.append(f"relibra_on step {i + 1}: imbalance after {after} not below before {before}")
-        moved = [m.get("relibra/moved_experts", 0) for m in rel]
-        # relibra/moved_experts: experts whose home changed after that step's optimizer step (the planner
-        # keeps a placement that moving would not improve), so a reordering between steps is any before the last
-        checks["reordered_between_steps"] = len(moved) == steps and sum(moved[:-1]) > 0
-        if not checks["reordered_between_steps"]:
-            failures.append(f"relibra_on: experts moved per step {moved}: no reordering between steps")
+        # the batch's placement is applied before its old-log-prob pass (relibra/logprob/moved_experts);
+        # relibra/moved_experts counts moves after an optimizer step (none when the log-prob pass placed)
+        moved = [m.get("relibra/logprob/moved_experts", 0) + m.get("relibra/moved_experts", 0) for m in rel]
+        checks["reordered"] = len(moved) == steps and sum(moved) > 0
+        if not checks["reordered"]:
+            failures.append(f"relibra_on: experts moved per step {moved}: no reordering")
+        for p in FORWARD_PASSES:
+            per_step = [{k: m.get(f"relibra/{p}/{k}") for k in ("imbalance_before", "imbalance_after",
+                                                                  "replica_tokens", "fallbacks", "moved_experts")}
+                        for m in rel]
+            checks[f"{p}_balanced"] = per_step
+            if not per_step or any(v["imbalance_after"] is None or v["fallbacks"] != 0 for v in per_step):
+                failures.append(f"relibra_on: relibra/{p}/* metrics missing or fallbacks on some step: {per_step}")
+            elif not per_step[0]["imbalance_after"] < per_step[0]["imbalance_before"]:
+                failures.append(f"relibra_on step 1: {p} imbalance after {per_step[0]['imbalance_after']} not below "
+                                f"before {per_step[0]['imbalance_before']}")
         routes = on["_probe"].get("routes", [])
         checks["routes_from_vllm"] = bool(routes) and all(r["shape"] is not None for r in routes)
         if not checks["routes_from_vllm"]:
@@ -206,6 +239,11 @@ def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> t
         checks["max_rel_diff_all_steps"] = {key: max((abs(on[key][i] - off[key][i]) / max(abs(off[key][i]), 1e-12)
                                                       for i in range(n)), default=None)
                                             for key in ("losses", "grad_norms")}
+        for p in FORWARD_PASSES:
+            lp = compare_log_probs(on["_probe"], off["_probe"], p)
+            checks[f"{p}_log_probs_step1"] = lp
+            if not lp["ok"]:
+                failures.append(f"step 1 {p} log-probs differ on/off (same weights and rollouts): {lp}")
         order = canonical_order(on["_probe"], off["_probe"])
         checks["exported_experts_in_canonical_order"] = order["ok"]
         if not order["ok"]:

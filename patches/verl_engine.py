@@ -1,7 +1,8 @@
 """Thin, version-checked wrappers of verl 0.9.1 that hand the actor's mini-batches to relibra.
 
-Every wrapper calls verl's own function; an engine without relibra state (`engine._relibra`, set only on
-the actor engine when `actor_rollout_ref.relibra.enable=true`) takes the native path unchanged. Nothing
+Every wrapper calls verl's own function; an engine without relibra state (`engine._relibra`, set on the
+actor engine and the reference model's engine when `actor_rollout_ref.relibra.enable=true`) takes the
+native path unchanged. Nothing
 here replaces verl's router-replay patch: `forward_step` still calls `set_router_replay_data`, and
 relibra's runtime chains onto the patched `TopKRouter.routing` / dispatcher `preprocess`.
 
@@ -12,7 +13,9 @@ Wrapped (verl/workers/engine/megatron/transformer_impl.py unless noted):
   MegatronEngine.optimizer_step                                              -> reordering after the step
   MegatronEngine.train_batch                                                 -> relibra/moved_experts
   MegatronEngine.get_per_tensor_param(_shard), save_checkpoint               -> canonical expert order
+  MegatronEngine.disable_adapter                                             -> the ref pass with LoRA
   verl/workers/engine_workers.py ActorRolloutRefWorker.init_model / update_actor -> attach to the actor
+                                                                                and to the ref engine
   verl/utils/config.py validate_config (used by main_ppo)                    -> check the section early
 """
 from __future__ import annotations
@@ -108,7 +111,15 @@ def patch_transformer_impl(mod) -> list[str]:
             return out
         return export
 
+    def make_disable_adapter(orig):
+        def disable_adapter(self):
+            ctx = orig(self)
+            st = _state(self)
+            return ctx if st is None else _AdapterOff(st, ctx)
+        return disable_adapter
+
     for name, make in (("forward_backward_batch", make_fbb), ("optimizer_step", make_opt_step),
+                       ("disable_adapter", make_disable_adapter),
                        ("train_batch", make_train_batch), ("get_per_tensor_param", make_export),
                        ("get_per_tensor_param_shard", make_export), ("save_checkpoint", make_export)):
         if name == "train_batch" and "train_batch" not in Engine.__dict__:
@@ -144,6 +155,22 @@ def patch_engine_class(cls) -> list[str]:
     if "forward_step" not in cls.__dict__:
         return []
     return [d for d in (_wrap(cls, "forward_step", _make_forward_step),) if d]
+
+
+class _AdapterOff:
+    """verl's disable_adapter() context (the ref pass of a LoRA actor), telling relibra it runs the ref pass."""
+
+    def __init__(self, st, ctx):
+        self.st, self.ctx = st, ctx
+
+    def __enter__(self):
+        out = self.ctx.__enter__()
+        self.st.adapter_disabled = True
+        return out
+
+    def __exit__(self, *exc):
+        self.st.adapter_disabled = False
+        return self.ctx.__exit__(*exc)
 
 
 def _held(gen, ctx):

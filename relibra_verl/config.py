@@ -33,6 +33,11 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
                                 with moe_permute_fusion=True relibra's kernels take the place of TE's
   on_missing_routing   fallback fallback (warn, count `relibra/fallbacks`, plain dispatch) | error (strict)
   metrics              True     report relibra/* metrics in verl's metrics dict
+  passes               all on   which passes relibra balances, each true/false (all exact, so all on):
+                                {update: the actor's update (forward + backward), logprob: the actor's
+                                old-log-prob forward (its split; the batch's placement is applied before
+                                it), ref: the reference model's forward (its own engine, or the actor
+                                without LoRA adapter)}
 """
 from __future__ import annotations
 
@@ -54,6 +59,30 @@ class RelibraConfigError(UsageError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Passes:
+    """`actor_rollout_ref.relibra.passes`: which of a step's passes relibra balances."""
+
+    update: bool = True
+    logprob: bool = True
+    ref: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, bool):
+                raise RelibraConfigError(f"{SECTION}.passes.{f.name} must be bool, got {value!r} ({type(value).__name__})")
+
+    @classmethod
+    def from_mapping(cls, section: Any) -> "Passes":
+        if isinstance(section, Passes):
+            return section
+        if not isinstance(section, Mapping):
+            raise RelibraConfigError(f"{SECTION}.passes must be a mapping of pass: bool, got {type(section).__name__}")
+        _known_keys(section, tuple(f.name for f in dataclasses.fields(cls)), f"{SECTION}.passes")
+        return cls(**{str(k): v for k, v in section.items()})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RelibraConfig:
     """Validated `actor_rollout_ref.relibra` (see the module docstring for every key)."""
 
@@ -68,9 +97,13 @@ class RelibraConfig:
     kernels: str = "auto"
     on_missing_routing: str = "fallback"
     metrics: bool = True
+    passes: Passes = dataclasses.field(default_factory=Passes)
 
     def __post_init__(self):
+        object.__setattr__(self, "passes", Passes.from_mapping(self.passes))
         for f in dataclasses.fields(self):
+            if f.name == "passes":
+                continue
             value = getattr(self, f.name)
             want = {"bool": bool, "int": int, "float": (int, float)}.get(f.type, str)
             # bool is an int subclass: refuse True for an int or float key and 1 for a bool key
@@ -132,17 +165,19 @@ class RelibraConfig:
             pass
         if not isinstance(section, Mapping):
             raise RelibraConfigError(f"{SECTION} must be a mapping of keys, got {type(section).__name__}")
-        known = cls.keys()
-        for key in section:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise RelibraConfigError(
-                    f"unknown key '{SECTION}.{key}'{hint} (known keys: {', '.join(known)})")
+        _known_keys(section, cls.keys(), SECTION)
         return cls(**{str(k): v for k, v in section.items()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _known_keys(section: Mapping, known: tuple[str, ...], where: str) -> None:
+    for key in section:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RelibraConfigError(f"unknown key '{where}.{key}'{hint} (known keys: {', '.join(known)})")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -157,7 +157,8 @@ def _installed(dist: str) -> str:
 
 
 def attach_from_worker(worker, *, validate_only: bool = False):
-    """Validate `worker.config.relibra` and, when enabled, attach a RelibraTrainer to the actor's engine.
+    """Validate `worker.config.relibra` and, when enabled, attach a RelibraTrainer to the actor's engine (and
+    one to the reference model's engine when the worker holds one and passes.ref is on).
 
     Called by the ActorRolloutRefWorker wrappers (init_model before/after, update_actor). Returns the
     trainer or None. Engines other than Megatron run natively with one warning.
@@ -176,6 +177,10 @@ def attach_from_worker(worker, *, validate_only: bool = False):
                            + " (actor_rollout_ref.relibra.on_missing_routing=error)")
     if validate_only:
         return None
+    if cfg.passes.ref:  # the reference model's own engine (absent with LoRA: the ref pass runs on the actor)
+        ref_engine = getattr(getattr(worker, "ref", None), "engine", None)
+        if ref_engine is not None and getattr(ref_engine, "_relibra", None) is None:
+            attach(ref_engine, cfg, role="ref")
     actor = getattr(worker, "actor", None)
     engine = getattr(actor, "engine", None)
     if engine is None:
@@ -206,8 +211,9 @@ def count_patch_failures(worker, output):
     return output
 
 
-def attach(engine, cfg):
-    """Put a RelibraTrainer on a verl MegatronEngine (other engines: warning, native path)."""
+def attach(engine, cfg, role: str = "actor"):
+    """Put a RelibraTrainer on a verl MegatronEngine (other engines: warning, native path). role: "actor"
+    (the policy, with its optimizer) or "ref" (the reference model: forward only, no optimizer)."""
     try:
         from verl.workers.engine.megatron.transformer_impl import MegatronEngine
     except Exception as exc:
@@ -219,8 +225,8 @@ def attach(engine, cfg):
         return None
     from relibra_verl.integration.trainer import RelibraTrainer
 
-    engine._relibra = RelibraTrainer(cfg, engine=engine)
-    logger.warning("relibra-verl: attached to the actor engine: %s", cfg)
+    engine._relibra = RelibraTrainer(cfg, engine=engine, role=role)
+    logger.warning("relibra-verl: attached to the %s engine: %s", role, cfg)
     return engine._relibra
 
 

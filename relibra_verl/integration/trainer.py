@@ -1,7 +1,26 @@
-"""relibra in verl's Megatron actor engine: loads -> one all-gather -> plan -> layers, per mini-batch.
+"""relibra in verl's Megatron engines: loads -> one all-gather -> plan -> layers, per pass and mini-batch.
 
-One `RelibraTrainer` lives on the actor's `MegatronEngine` (`engine._relibra`); the ref engine has none
-and runs natively. The verl patches (relibra_verl/patches/verl_engine.py) call, per mini-batch:
+One `RelibraTrainer` lives on the actor's `MegatronEngine` (`engine._relibra`, role "actor") and one on the
+reference model's engine (role "ref", no optimizer). A GRPO step runs three passes over the batch, each a
+`forward_backward_batch` call with its own micro-batch split:
+
+  logprob   the actor's old-log-prob forward (forward_only, routes replayed by R3). Before its first
+            forward the batch's placement is planned from the whole batch's routes and applied (weights,
+            fp32 main params and optimizer state), so the migration is paid once and all passes run on it
+  ref       the reference model's forward. verl does not replay routes there (the ref routes live), so
+            its replicas are planned from the batch's replayed routes as a prediction; the slot assignment
+            sends any pair beyond a replica's quota home, so the output is exact whatever the ref routes.
+            Its placement is reordered with weights only (no optimizer state), where the cost model says
+            the move pays. With LoRA verl computes it on the actor without adapter (a forward-only call on
+            the actor inside `disable_adapter`): planned like logprob, on the actor's placement
+  update    the actor's mini-batches (forward and backward)
+
+Forward-only passes fetch replica weights only (no backward: no gradient return, no refetch) and plan with
+a forward-only cost model (no backward GEMMs, no gradient bytes). Their metrics (`relibra/logprob/*`,
+`relibra/ref/*`) are kept until the update's first mini-batch reports them with its own (`relibra/*`):
+verl reads no metrics from its log-prob calls.
+
+The verl patches (relibra_verl/patches/verl_engine.py) call, per mini-batch:
 
   begin(engine, data, forward_only)     in forward_backward_batch, before verl splits the mini-batch
   on_micro_batches(micro_batches)       right after verl's prepare_micro_batches: counts of every
@@ -47,6 +66,10 @@ logger = logging.getLogger("relibra_verl")
 
 MB_KEY = "relibra_micro_batch"  # non-tensor tag verl carries on each micro-batch
 _active: contextvars.ContextVar = contextvars.ContextVar("relibra_active", default=None)
+PASSES = ("update", "logprob", "ref")
+# metrics of the forward-only passes of this process (actor and ref engine alike), reported by the next
+# update's first mini-batch
+_pending_pass_metrics: dict[str, float] = {}
 
 
 class RelibraError(RuntimeError):
@@ -87,6 +110,17 @@ def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarr
     keeping the current placement (plan_relibra, mode both). Returns expert_at_home [L, E]."""
     mode = "both" if topo.R > 0 else "reorder"
     return plan_relibra(counts, topo, placement, mode=mode, replication=replication, reorder=reorder).expert_at_home
+
+
+def _warm_up() -> None:
+    """Compile the planner's loops in the planning process (numba; tens of seconds cold on a busy host,
+    about 2 s from numba's disk cache): started when relibra attaches, so that the placement planned before
+    the first log-prob pass does not wait for the compiler."""
+    topo = Topology(num_experts=4, ep_size=2, gpus_per_node=2, replica_slots=1)
+    counts = np.arange(2 * 1 * 2 * 4, dtype=np.int64).reshape(2, 1, 2, 4) % 5 * 3
+    placement = np.arange(4, dtype=np.int64)[None]
+    _plan_next_placement(counts, topo, placement, ReplicationConfig(), ReorderConfig())
+    _plan_rest(counts, topo, placement, ReplicationConfig())
 
 
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
@@ -157,9 +191,17 @@ def imbalance(rank_tokens: np.ndarray) -> float:
 class RelibraTrainer:
     """relibra's state on one actor engine (see the module docstring for the call order)."""
 
-    def __init__(self, cfg: RelibraConfig, *, engine=None):
+    def __init__(self, cfg: RelibraConfig, *, engine=None, role: str = "actor"):
+        if role not in ("actor", "ref"):
+            raise ValueError(f"role must be actor or ref, got {role!r}")
         self.cfg = cfg
         self.engine = engine
+        self.role = role
+        self.pass_name = "update"
+        self.adapter_disabled = False   # inside the actor's disable_adapter(): verl's ref pass with LoRA
+        self.passes_run = 0             # batches seen by the pass that places (logprob / ref): reorder_every's clock
+        self._placed_by_logprob = False  # the batch's placement is applied at the log-prob pass
+        self._deferred_placement: np.ndarray | None = None
         self.runtime = None
         self.topo: Topology | None = None
         self.moe_layers: np.ndarray | None = None
@@ -173,12 +215,15 @@ class RelibraTrainer:
         # the planner's configuration: pair counts until _setup makes it time-aware (profile)
         self.replication = ReplicationConfig()
         self.reorder = ReorderConfig(max_moves_per_layer=self._max_moves(), inter_node_share=float(self.cfg.inter_node_share))
+        self.replication_fwd, self.reorder_fwd = self.replication, self.reorder  # forward-only passes
         self.optimizer_steps = 0
         self.fallbacks_total = 0
         self._mb: dict = {}
         self._metrics: dict[str, float] = {}
         self._moved_last = 0
         self._token = None
+        if cfg.reorders:
+            _planner().submit(_warm_up)   # compile the planner beside verl's start-up
 
     # ---- setup ------------------------------------------------------------------------------------
     def _setup(self, engine) -> None:
@@ -213,11 +258,17 @@ class RelibraTrainer:
         from relibra_verl.sim.profiles import load_profile
 
         ffn = getattr(tf, "moe_ffn_hidden_size", None) or tf.ffn_hidden_size
-        self.replication, self.reorder = planner_configs(
-            ExpertShape(int(tf.hidden_size), int(ffn)), load_profile(self.cfg.profile), self.topo.num_nodes,
-            self.topo.ranks_per_node, reorder_inter_node_share=float(self.cfg.inter_node_share),
-            max_moves_per_layer=self._max_moves())
-        logger.warning("relibra-verl: time-aware planning (%s): %s; %s", self.cfg.profile, self.replication, self.reorder)
+        shape, profile = ExpertShape(int(tf.hidden_size), int(ffn)), load_profile(self.cfg.profile)
+
+        def configs(prof):
+            return planner_configs(shape, prof, self.topo.num_nodes, self.topo.ranks_per_node,
+                                   reorder_inter_node_share=float(self.cfg.inter_node_share),
+                                   max_moves_per_layer=self._max_moves())
+
+        self.replication, self.reorder = configs(profile)
+        self.replication_fwd, self.reorder_fwd = configs(forward_only_profile(profile, weights_only=self.role == "ref"))
+        logger.warning("relibra-verl: time-aware planning (%s, %s engine): %s; %s; forward-only: %s", self.cfg.profile,
+                       self.role, self.replication, self.reorder, self.replication_fwd)
 
     def _node_layout(self, G: int, g: int):
         """node_of_rank from the EP ranks' host names when each host holds exactly g ranks, else r // g."""
@@ -236,6 +287,9 @@ class RelibraTrainer:
     def begin(self, engine, data, forward_only: bool):
         self.engine = engine
         self._forward_only = forward_only
+        self.pass_name = ("ref" if self.role == "ref" or (forward_only and self.adapter_disabled)
+                          else "logprob" if forward_only else "update")
+        self._placement_found = None   # [L, E] the placement before this pass applied one
         self._flag_error = None
         self._replay = bool(getattr(engine, "enable_routing_replay", False)) and self._data_flag(data)
         self._r3 = getattr(getattr(engine.engine_config, "router_replay", None), "mode", "disabled") == "R3"
@@ -295,10 +349,14 @@ class RelibraTrainer:
             return self._fallback(micro_batches, self.disabled_reason)
         if self.runtime is None:
             return self._fallback(micro_batches, "relibra runtime unavailable: MoE layers keep Megatron's dispatch")
-        if not self._r3 or not getattr(engine, "enable_routing_replay", False):
+        if not getattr(self.cfg.passes, self.pass_name):
+            return self._skip_pass()
+        if self.role == "ref":
+            pass  # the ref routes live: its loads are predicted from the batch's replayed routes (below)
+        elif not self._r3 or not getattr(engine, "enable_routing_replay", False):
             return self._fallback(micro_batches, "routing replay R3 is off (actor.megatron.router_replay.mode "
                                                  "!= R3): loads are not known in advance")
-        if not self._replay:
+        elif not self._replay:
             return self._fallback(micro_batches, self._flag_error
                                   or "this call does not replay routes (enable_routing_replay=False)")
         t0 = time.perf_counter()
@@ -343,23 +401,29 @@ class RelibraTrainer:
             bad = np.flatnonzero(flags < 0).tolist()
             return self._fallback(micro_batches, f"micro-batches without routed_experts on EP ranks {bad}")
         counts = counts[..., :E].transpose(1, 2, 0, 3)                      # [M, L, G, E]
+        self._place_before_pass(counts)
         placement = rb.applied_placement(self.runtime, L, self.topo)
         M = len(micro_batches)
+        replication = self.replication_fwd if self._forward_only else self.replication
         if self.cfg.replicates:
             # this mini-batch's replicas, on the placement the layers hold now: the first micro-batch's
             # before its forward, the others' in the background beside it (installed at micro-batch 1)
-            plan = plan_relibra(counts[:1], self.topo, placement, mode="replicate", replication=self.replication)
+            plan = plan_relibra(counts[:1], self.topo, placement, mode="replicate", replication=replication)
             if M > 1:
-                self._rest_future = _planner().submit(_plan_rest, counts, self.topo, placement, self.replication)
+                self._rest_future = _planner().submit(_plan_rest, counts, self.topo, placement, replication)
         else:
             plan = _static_plan(self.topo, placement, M)
-        if self.cfg.reorders and not self._forward_only and self._reorder_due():
+        if (self.cfg.reorders and not self._forward_only and self._reorder_due()
+                and not self._placed_by_logprob):
+            # no log-prob pass placed this batch (bypass mode, or passes.logprob off): the next placement
+            # is planned from this mini-batch and applied after its optimizer step
             # every rank plans the same placement from the same gathered counts; a PlanError surfaces on
             # every rank alike when the placement is collected after the optimizer step
             self._next_placement = None
             self._next_future = _planner().submit(_plan_next_placement, counts, self.topo, placement,
                                                   self.replication, self.reorder)
-        plan_ms = (time.perf_counter() - t0) * 1e3
+        plan_ms = ((time.perf_counter() - t0) * 1e3 - self._metrics.get("relibra/placement_ms", 0.0)
+                   - self._metrics.get("relibra/placement_plan_ms", 0.0))
         rb.set_plan(self.runtime, plan)
         self.plan = plan
         self._counts, self._placement = counts, placement
@@ -368,6 +432,67 @@ class RelibraTrainer:
                                   "relibra/unknown_pairs": float(unknown), "relibra/fallbacks": 0.0})
             if self._rest_future is None:
                 self._plan_metrics()
+
+    def _skip_pass(self) -> None:
+        """This pass is switched off (actor_rollout_ref.relibra.passes): Megatron's dispatch over the applied
+        placement (home slots only; exact), no relibra metrics."""
+        self.plan = None
+        rb.set_plan(self.runtime, None)
+
+    def _place_before_pass(self, counts: np.ndarray) -> None:
+        """The placement this batch runs on, applied before the pass's first forward.
+
+        update: a placement deferred from the log-prob pass (optimizer state was offloaded there).
+        logprob: planned from the whole batch's routes (counts of every micro-batch of the split), weighed
+        with its replicas and migration against keeping the current one, and applied with the optimizer
+        state (between optimizer steps: gradients are zero, nothing is in flight); the update's
+        mini-batches then keep it. With optimizer offload the state is on the host during the log-prob
+        call: the placement waits for the update's first mini-batch, and the log-prob pass runs on the
+        previous placement with this batch's replicas.
+        ref (own engine): the same with the ref's predicted loads and weights only (it has no optimizer),
+        with the forward-only cost model deciding whether a move pays."""
+        name = self.pass_name
+        self._placement_found = rb.applied_placement(self.runtime, counts.shape[1], self.topo).copy()
+        if name == "update":
+            if self._deferred_placement is not None:   # the log-prob pass's, reported as its move
+                placement, self._deferred_placement = self._deferred_placement, None
+                moved, ms = self._apply_placement(placement)
+                self._metrics["relibra/logprob/moved_experts"] = float(moved)
+                self._metrics["relibra/logprob/placement_ms"] = ms
+            return
+        if not self.cfg.reorders or (name == "ref" and self.role != "ref"):
+            return
+        due = self.passes_run % self.cfg.reorder_every == 0   # every reorder_every batches
+        self.passes_run += 1
+        if not due:
+            return
+        current = rb.applied_placement(self.runtime, counts.shape[1], self.topo)
+        replication, reorder = ((self.replication_fwd, self.reorder_fwd) if self.role == "ref"
+                                else (self.replication, self.reorder))
+        # in the planning process, where the planner is compiled (warmed up at attach)
+        job = _planner().submit(_plan_next_placement, counts, self.topo, current, replication, reorder)
+        placement, ms = _timed(job.result)
+        self._metrics["relibra/placement_plan_ms"] = ms
+        if self.role == "actor":
+            self._placed_by_logprob = True          # the update keeps this placement
+            self._next_future, self._next_placement = None, None
+            if getattr(self.engine, "_is_offload_optimizer", False):
+                self._deferred_placement = placement  # optimizer state is on the host now
+                return
+        moved, ms = self._apply_placement(placement)
+        self._metrics["relibra/moved_experts"] = float(moved)
+        self._metrics["relibra/placement_ms"] = ms
+
+    def _apply_placement(self, placement: np.ndarray) -> tuple[int, float]:
+        """Move to `placement` (the actor's with its optimizer state, the ref's weights only): (experts whose
+        home rank changed, wall ms)."""
+        t0 = time.perf_counter()
+        current = rb.applied_placement(self.runtime, placement.shape[0], self.topo)
+        if (placement == current).all():
+            return 0, 0.0
+        optimizer = getattr(self.engine, "optimizer", None) if self.role == "actor" else None
+        moved = rb.apply_placement(self.runtime, placement, optimizer=optimizer) or 0
+        return moved, (time.perf_counter() - t0) * 1e3
 
     def _complete_plan(self) -> None:
         """Install the rest of the mini-batch's replicas (planned in the background) on every EP rank. A
@@ -389,12 +514,16 @@ class RelibraTrainer:
 
     def _plan_metrics(self) -> None:
         counts, M = self._counts, self._counts.shape[0]
-        static = _static_plan(self.topo, self._placement, M)
+        static = _static_plan(self.topo, self._found(), M)
         self._metrics.update({
             "relibra/imbalance_before": imbalance(plan_outcome(static, counts)[0]),
             "relibra/imbalance_after": imbalance(plan_outcome(self.plan, counts)[0]),
             "relibra/replicas": float((self.plan.replica_expert >= 0).sum()) / max(1, M),
         })
+
+    def _found(self) -> np.ndarray:
+        """[L, E] the placement this pass started from (before any placement it applied)."""
+        return self._placement_found if self._placement_found is not None else self.plan.expert_at_home
 
     @property
     def next_placement(self) -> np.ndarray | None:
@@ -444,7 +573,7 @@ class RelibraTrainer:
         once at its end (an all-gather over EP, entered by every EP rank alike). Both imbalances count every
         computed pair (also those left to the live router, which the plan-based `*_planned` figures omit)."""
         read = getattr(self.runtime, "executed_tokens", None)
-        if not self.cfg.metrics or self._forward_only or self.plan is None or read is None:
+        if not self.cfg.metrics or self.plan is None or read is None:
             return {}
         executed = read()  # [M, L, G, S+R]
         M = min(executed.shape[0], self.plan.num_micro_batches)
@@ -459,23 +588,34 @@ class RelibraTrainer:
             rep = self.plan.replica_expert[:M, l]                          # [M, G, R]
             m, r, k = np.nonzero(rep >= 0)
             np.add.at(per_expert[:, l], (m, rep[m, r, k]), executed[m, l, r, S + k])
-        # ... each computed at its home rank: the balance this placement has without replicas
-        static = np.stack([per_expert[:, l, eah[l]].reshape(M, G, S).sum(-1) for l in range(L)], axis=1)
+        # ... each computed at its home rank on the placement the pass found: the balance without relibra's
+        # work on this batch (no replicas, no placement applied for it)
+        found = self._found()
+        static = np.stack([per_expert[:, l, found[l]].reshape(M, G, S).sum(-1) for l in range(L)], axis=1)
         return {"relibra/imbalance_before": imbalance(static), "relibra/imbalance_after": imbalance(executed.sum(-1)),
                 "relibra/imbalance_before_planned": self._metrics.get("relibra/imbalance_before", float("nan")),
                 "relibra/imbalance_after_planned": self._metrics.get("relibra/imbalance_after", float("nan")),
                 "relibra/replica_tokens": float(executed[..., S:].sum())}
 
     def finish(self, output) -> None:
-        """relibra/* metrics (one value per mini-batch) into verl's metrics dict on the output ranks."""
+        """relibra/* metrics (one value per mini-batch) into verl's metrics dict on the output ranks; a
+        forward-only pass's (relibra/<pass>/*) are kept for the next update's first mini-batch."""
         measured = self._measured_metrics()  # collective: before any rank-dependent return
-        if not self.cfg.metrics or self._forward_only or not isinstance(output, dict):
-            return
-        metrics = output.get("metrics")
-        if metrics is None:
+        if not self.cfg.metrics:
             return
         values = {**self._metrics, **measured}
-        values.setdefault("relibra/fallbacks", 0.0)
+        if self.pass_name != "update":
+            if values:
+                values.setdefault("relibra/fallbacks", 0.0)
+                _pending_pass_metrics.update({_pass_key(k, self.pass_name): float(v) for k, v in values.items()})
+            return
+        if not isinstance(output, dict) or output.get("metrics") is None:
+            return
+        metrics = output["metrics"]
+        if values:
+            values.setdefault("relibra/fallbacks", 0.0)
+        values.update(_pending_pass_metrics)
+        _pending_pass_metrics.clear()
         for key, val in values.items():
             metrics[key] = [float(val)]
 
@@ -498,6 +638,22 @@ class RelibraTrainer:
 
     def export_context(self):
         return rb.canonical_export(self.runtime, getattr(self.engine, "optimizer", None))
+
+
+def forward_only_profile(profile, *, weights_only: bool):
+    """The hardware profile a forward-only pass plans with: no backward GEMMs and no replica gradient to
+    return; weights_only (the ref model, no optimizer): a move migrates the weights only."""
+    import dataclasses
+
+    changes = {"bwd_compute_factor": 0.0, "grad_bytes_per_param": 0.0}
+    if weights_only:
+        changes["state_bytes_per_param"] = profile.weight_bytes_per_param
+    return dataclasses.replace(profile, **changes)
+
+
+def _pass_key(key: str, pass_name: str) -> str:
+    """relibra/x -> relibra/<pass>/x (the update's keys stay relibra/x)."""
+    return key if pass_name == "update" else key.replace("relibra/", f"relibra/{pass_name}/", 1)
 
 
 def _static_plan(topo: Topology, placement: np.ndarray, M: int) -> BatchPlan:

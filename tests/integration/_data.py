@@ -6,8 +6,9 @@ import torch
 
 
 def v1_batch(seed: int, num_seqs: int, num_experts: int, topk: int, num_layers: int, *, max_len: int = 12,
-             max_token_len: int = 24, with_routes: bool = True, skew: float = 0.0):
-    """A TensorDict with jagged input_ids / response_mask / loss_mask / routed_experts (int16, one row short)."""
+             max_token_len: int = 24, with_routes: bool = True, skew: float = 0.0, hot: list | None = None):
+    """A TensorDict with jagged input_ids / response_mask / loss_mask / routed_experts (int16, one row short).
+    skew: expert e is routed with weight exp(-skew * e), or exp(-skew * i) for e = hot[i] (the rest 0)."""
     from verl.utils import tensordict_utils as tu
 
     g = torch.Generator().manual_seed(seed)
@@ -20,6 +21,9 @@ def v1_batch(seed: int, num_seqs: int, num_experts: int, topk: int, num_layers: 
     fields = {"input_ids": nt(ids), "response_mask": nt(rm), "loss_mask": nt(lm)}
     if with_routes:
         w = np.exp(-skew * np.arange(num_experts))
+        if hot is not None:
+            w = np.zeros(num_experts)
+            w[hot] = np.exp(-skew * np.arange(len(hot)))
         w /= w.sum()
         rng = np.random.default_rng(seed)
         routes = []

@@ -13,6 +13,7 @@ patches installed by the plugin, and relibra's runtime. What stands in (test har
     verl's `MegatronEngineWithLMHead.forward_step`;
   * a plain SGD optimizer with Megatron's `step() -> (ok, grad_norm, zeros)` contract; only expert weights
     train (router, embedding and head are frozen, so no DP gradient reduction is needed).
+The MoE layers are fp32; RELIBRA_TEST_BF16=1 builds them in bf16 (for measuring, not used by the tests).
 """
 from __future__ import annotations
 
@@ -100,11 +101,12 @@ class _Chunk(torch.nn.Module):
         pass
 
     def forward(self, ids):
-        x = self.emb[ids].unsqueeze(1)
+        dtype = next(self.layers[0].experts.parameters()).dtype
+        x = self.emb[ids].unsqueeze(1).to(dtype)
         for layer in self.layers:
             y, _ = layer(x)
             x = x + y
-        return x.squeeze(1) @ self.head
+        return x.squeeze(1).float() @ self.head
 
 
 class _SGD:
@@ -158,11 +160,21 @@ def _engine_class(ti):
             routes[input_ids.offsets()[1:] - 1] = torch.arange(K, dtype=routes.dtype)
             chunk = model[0] if isinstance(model, list) else model
             for l, layer in enumerate(chunk.layers):
-                replay(layer, routes[:, l].long())
+                if self.enable_routing_replay:
+                    replay(layer, routes[:, l].long())
+                else:  # verl's ref engine: no router replay, the router routes live
+                    layer.router.router_replay.clear_indices()
+                    layer.router.router_replay.clear_router_replay_action()
             output = chunk(input_ids.values())
             return output, functools.partial(postprocess_micro_batch_func, data=batch)
 
         def postprocess_micro_batch_func(self, output, data, forward_only, loss_function):
+            if loss_function is None:  # verl's infer_batch (log-probs): per-token log-probs of the next token
+                ids = data["input_ids"]
+                lp = torch.log_softmax(output.float(), -1).gather(-1, torch.roll(ids.values(), -1)[:, None])[:, 0]
+                seqs = list(torch.split(lp, ids.offsets().diff().tolist()))
+                nested = torch.nested.as_nested_tensor(seqs, layout=torch.jagged)
+                return torch.tensor(1.0), {"loss": 1.0, "metrics": {}, "model_output": {"log_probs": nested}}
             loss = loss_function(output, data)
             return loss * data["num_micro_batch"], {"loss": loss.detach().item(), "metrics": {}}
 
@@ -184,7 +196,9 @@ def build_engine(ti, relibra_cfg, seed: int = 0):
 
     from relibra_verl.runtime.harness import build_moe_layer
 
-    layers = [build_moe_layer(E, K, hidden=H, ffn=8, seed=seed + l) for l in range(L_ALL)]
+    import os
+    dtype = torch.bfloat16 if os.environ.get("RELIBRA_TEST_BF16") == "1" else torch.float32
+    layers = [build_moe_layer(E, K, hidden=H, ffn=8, seed=seed + l, dtype=dtype) for l in range(L_ALL)]
     for layer in layers:
         for p in layer.router.parameters():
             p.requires_grad_(False)

@@ -35,6 +35,9 @@ def test_defaults_documented_and_equal_to_yaml():
     ({"profile": "h100-ib200"}, "actor_rollout_ref.relibra.profile: unknown hardware profile 'h100-ib200'"),
     ({"inter_node_share": "high"}, "inter_node_share must be float"),
     ({"inter_node_share": True}, "inter_node_share must be float"),
+    ({"passes": {"logprb": True}}, "unknown key 'actor_rollout_ref.relibra.passes.logprb'; did you mean 'logprob'?"),
+    ({"passes": {"ref": 1}}, "passes.ref must be bool, got 1"),
+    ({"passes": ["update"]}, "passes must be a mapping of pass: bool, got list"),
 ])
 def test_rejects_bad_keys_and_values(bad, needle):
     with pytest.raises(RelibraConfigError) as exc:
@@ -102,3 +105,8 @@ def test_verl_driver_rejects_typo_before_starting_ray():
     assert r.returncode != 0
     assert "unknown key 'actor_rollout_ref.relibra.gpus_per_nod'; did you mean 'gpus_per_node'?" in r.stderr
     assert "ray.init" not in r.stderr
+
+
+def test_passes_partial_mapping_keeps_the_other_defaults():
+    passes = RelibraConfig.from_mapping({"passes": {"ref": False}}).passes
+    assert (passes.update, passes.logprob, passes.ref) == (True, True, False)
