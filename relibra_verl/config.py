@@ -33,6 +33,9 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
                                 with moe_permute_fusion=True relibra's kernels take the place of TE's
   on_missing_routing   fallback fallback (warn, count `relibra/fallbacks`, plain dispatch) | error (strict)
   metrics              True     report relibra/* metrics in verl's metrics dict
+  data_placement       verl     verl (the driver's balancing) | locality (sequences moved between the ranks
+                                of their mini-batch so their routed pairs stay on their node; legacy trainer,
+                                relibra_verl/integration/data_placement.py)
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ class RelibraConfig:
     kernels: str = "auto"
     on_missing_routing: str = "fallback"
     metrics: bool = True
+    data_placement: str = "verl"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -80,6 +84,7 @@ class RelibraConfig:
         _choice("mode", self.mode, MODES)
         _choice("kernels", self.kernels, KERNELS)
         _choice("on_missing_routing", self.on_missing_routing, ON_MISSING)
+        _choice("data_placement", self.data_placement, ("verl", "locality"))
         _at_least("replica_slots", self.replica_slots, 0)
         _at_least("gpus_per_node", self.gpus_per_node, 1)
         _at_least("reorder_every", self.reorder_every, 0)
