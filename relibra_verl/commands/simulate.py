@@ -310,8 +310,6 @@ def replay(args) -> ReplayRun:
     bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
     place_data = None
     if "relibra-locality" in strategies:
-        if getattr(args, "synthetic", False):
-            raise UsageError("relibra-locality needs per-sequence routes: give --trace, not --synthetic")
         from relibra_verl.planner.locality import LocalityConfig
         from relibra_verl.sim.locality import LocalityPlacer
 

@@ -9,12 +9,13 @@ cross-node pairs stops falling:
 
   1. sequences -> nodes, given expert -> node: each mini-batch's sequences, most decided first (largest
      margin between their best and second-best node), to the node holding most of their pairs, every node
-     taking its ranks' share of the mini-batch's sequences and at most its share of its attention workload
-     (plus `workload_tolerance`); inside a node, to its ranks, longest first to the lightest rank;
+     taking its ranks' share of every stratum of the mini-batch's sequences by attention workload (so
+     the ranks stay within `workload_tolerance` of verl's busiest); inside a node, heaviest first to its
+     lightest rank;
   2. expert -> node, per layer, given sequences -> nodes: each expert, most decided first, to the node that
-     sends it most pairs, every node taking E / N experts and at most its share of the layer's pairs (plus
-     `node_load_tolerance`), so that the reorder, which then balances each node's ranks per micro-batch,
-     starts from balanced nodes.
+     sends it most pairs (its node in force wins unless another gains `expert_stickiness`), every node
+     taking E / N experts and at most its share of the layer's pairs (plus `node_load_tolerance`), so
+     that the reorder, which then balances each node's ranks per micro-batch, starts from balanced nodes.
 
 verl's constraints are kept: every rank gets verl's number of sequences of every mini-batch (the
 mini-batches themselves are verl's: only which rank of it holds a sequence changes, which verl's loss
@@ -48,15 +49,18 @@ class LocalityConfig:
         shape, EP 16 and 32), falls of 0.02-0.04 cost more step time than they saved: the busiest NIC
         grows and experts change node.
     rounds: most alternations of the two steps.
+    expert_stickiness: an expert keeps its node in force unless another node sends it more pairs by this
+        fraction of the layer's mean pairs per expert (a move ships its weights and optimizer state).
     """
 
     workload_tolerance: float = 0.05
     node_load_tolerance: float = 0.05
     min_gain: float = 0.05
     rounds: int = 8
+    expert_stickiness: float = 0.1
 
     def __post_init__(self):
-        if self.workload_tolerance < 0 or self.node_load_tolerance < 0 or self.rounds < 1:
+        if min(self.workload_tolerance, self.node_load_tolerance, self.expert_stickiness) < 0 or self.rounds < 1:
             raise PlanError(f"LocalityConfig needs tolerances >= 0 and rounds >= 1, got {self}")
 
 
@@ -194,8 +198,7 @@ def plan_locality(usage: np.ndarray, seq_lens: np.ndarray, node_of_rank: np.ndar
     if N == 1 or total == 0:
         return done(verl_rank, None, verl_fraction, True, "one node" if N == 1 else "no routed pairs", 0, verl_fraction)
     if move_experts:
-        best_for_verl = _assign_experts(_traffic(flat, verl_node, N).reshape(N, L, E), prev_node_of_expert,
-                                        config.node_load_tolerance)
+        best_for_verl = _assign_experts(_traffic(flat, verl_node, N).reshape(N, L, E), prev_node_of_expert, config)
         verl_best = fraction(verl_node, best_for_verl)
     else:
         verl_best = verl_fraction
@@ -209,15 +212,15 @@ def plan_locality(usage: np.ndarray, seq_lens: np.ndarray, node_of_rank: np.ndar
     for rounds in range(1, config.rounds + 1):
         aff = _affinity(flat, nodes, N)
         while True:
-            rank = _assign_sequences(aff, workload, mbs, node_of_rank, verl_rank, stratum)
+            rank = _assign_sequences(aff, workload, mbs, node_of_rank, verl_rank, stratum, config.workload_tolerance)
             if _rank_peak(workload, rank, D) <= limit or stratum == 1:
                 break
             stratum //= 2
         if _rank_peak(workload, rank, D) > limit:
             break
         if move_experts:
-            nodes = _assign_experts(_traffic(flat, node_of_rank[rank], N).reshape(N, L, E), nodes,
-                                    config.node_load_tolerance)
+            nodes = _assign_experts(_traffic(flat, node_of_rank[rank], N).reshape(N, L, E), prev_node_of_expert,
+                                    config)
         frac = fraction(node_of_rank[rank], nodes)
         if best is not None and frac >= best[0] - 1e-9:
             break
@@ -259,7 +262,7 @@ def _order_by_margin(score: np.ndarray) -> np.ndarray:
 
 
 def _assign_sequences(aff: np.ndarray, workload: np.ndarray, mbs: list[np.ndarray], node_of_rank: np.ndarray,
-                      verl_rank: np.ndarray, stratum: int) -> np.ndarray:
+                      verl_rank: np.ndarray, stratum: int, tolerance: float) -> np.ndarray:
     """Step 1: sequences -> nodes -> ranks. aff: [S, N] pairs per node; workload: [S]; mbs: each
     mini-batch's sequence indices; verl_rank: [S] (every rank keeps verl's count of each mini-batch; ties
     go to verl's node); stratum: sequences per rank per stratum.
@@ -268,11 +271,13 @@ def _assign_sequences(aff: np.ndarray, workload: np.ndarray, mbs: list[np.ndarra
     `stratum` sequences of every stratum (the last ones: what remains of its count), so ranks end within
     one stratum's spread of workload of each other (stratum 1: at most the heaviest minus the lightest
     sequence in all), and inside a stratum sequences go to nodes by pairs, most decided first, and inside a
-    node heaviest first to its lightest rank. Returns rank [S]."""
+    node heaviest first to its lightest rank; a node never runs ahead of its share of the workload placed
+    so far by more than tolerance / 2 of its final share. Returns rank [S]."""
     S, N = aff.shape
     D = len(node_of_rank)
     rank = np.empty(S, dtype=np.int64)
     rank_load = np.zeros(D)                                 # attention workload, accumulated over strata
+    ranks_of_node = np.bincount(node_of_rank, minlength=N)
     # a sequence's own (verl's) node wins ties: 2 x pairs (integers) + 1
     score = 2 * aff + (node_of_rank[verl_rank][:, None] == np.arange(N))
     for idx in mbs:
@@ -289,10 +294,17 @@ def _assign_sequences(aff: np.ndarray, workload: np.ndarray, mbs: list[np.ndarra
             node_quota = np.bincount(node_of_rank, weights=quota, minlength=N)
             count = np.zeros(N)
             members = [[] for _ in range(N)]
+            node_load = np.bincount(node_of_rank, weights=rank_load, minlength=N)
+            # a node may run ahead of its share of the workload placed so far by half the tolerance
+            slack = tolerance / 2 * workload[idx].sum() * ranks_of_node / D
             for s in part[_order_by_margin(score[part])]:
-                n = int(np.argmax(np.where(count < node_quota, score[s], -np.inf)))
+                room = count < node_quota
+                share = (node_load.sum() + workload[s]) * ranks_of_node / D
+                fits = room & (node_load + workload[s] <= share + slack)
+                n = int(np.argmax(np.where(fits, score[s], -np.inf)) if fits.any() else np.argmin(np.where(room, node_load, np.inf)))
                 members[n].append(s)
                 count[n] += 1
+                node_load[n] += workload[s]
             taken = np.zeros(D, dtype=np.int64)
             for n in range(N):
                 for s in sorted(members[n], key=lambda s: (-workload[s], s)):
@@ -304,14 +316,16 @@ def _assign_sequences(aff: np.ndarray, workload: np.ndarray, mbs: list[np.ndarra
     return rank
 
 
-def _assign_experts(traffic: np.ndarray, prev: np.ndarray, tolerance: float) -> np.ndarray:
+def _assign_experts(traffic: np.ndarray, prev: np.ndarray, config: LocalityConfig) -> np.ndarray:
     """Step 2: experts -> nodes, every layer at once. traffic: [N, L, E] pairs each node sends to each
-    expert; prev: [L, E] the nodes in force (ties). Returns [L, E] with E / N experts per node."""
+    expert; prev: [L, E] the nodes in force (an expert stays unless moving gains config.expert_stickiness x
+    the layer's mean pairs per expert; ties stay). Returns [L, E] with E / N experts per node."""
     N, L, E = traffic.shape
     cap = E // N
     load_e = traffic.sum(0)                                              # [L, E]
-    load_cap = (1 + tolerance) * load_e.sum(1, keepdims=True) / N      # [L, 1]
-    score = 2 * traffic.transpose(1, 2, 0) + (prev[:, :, None] == np.arange(N))   # [L, E, N]
+    load_cap = (1 + config.node_load_tolerance) * load_e.sum(1, keepdims=True) / N      # [L, 1]
+    stay = config.expert_stickiness * load_e.mean(1)[:, None, None] + 0.5              # [L, 1, 1] pairs
+    score = traffic.transpose(1, 2, 0) + stay * (prev[:, :, None] == np.arange(N))     # [L, E, N]
     top2 = np.sort(score, axis=2)[:, :, -2:]
     order = np.argsort(-(top2[:, :, 1] - top2[:, :, 0]), axis=1, kind="stable")   # [L, E]
     rows = np.arange(L)
