@@ -15,7 +15,7 @@ cross-node pairs stops falling:
   2. expert -> node, per layer, given sequences -> nodes: each expert, most decided first, to the node that
      sends it most pairs (its node in force wins unless another gains `expert_stickiness`), every node
      taking E / N experts and at most its share of the layer's pairs (plus `node_load_tolerance`), so
-     that the reorder, which then balances each node's ranks per micro-batch, starts from balanced nodes.
+     that relibra's reorder, which then balances every micro-batch, starts from balanced nodes.
 
 verl's constraints are kept: every rank gets verl's number of sequences of every mini-batch (the
 mini-batches themselves are verl's: only which rank of it holds a sequence changes, which verl's loss
@@ -57,7 +57,7 @@ class LocalityConfig:
     node_load_tolerance: float = 0.05
     min_gain: float = 0.05
     rounds: int = 8
-    expert_stickiness: float = 0.1
+    expert_stickiness: float = 0.5
 
     def __post_init__(self):
         if min(self.workload_tolerance, self.node_load_tolerance, self.expert_stickiness) < 0 or self.rounds < 1:
@@ -272,7 +272,8 @@ def _assign_sequences(aff: np.ndarray, workload: np.ndarray, mbs: list[np.ndarra
     one stratum's spread of workload of each other (stratum 1: at most the heaviest minus the lightest
     sequence in all), and inside a stratum sequences go to nodes by pairs, most decided first, and inside a
     node heaviest first to its lightest rank; a node never runs ahead of its share of the workload placed
-    so far by more than tolerance / 2 of its final share. Returns rank [S]."""
+    so far by more than tolerance / 2 of its final share (or one sequence of the stratum, where that is
+    more). Returns rank [S]."""
     S, N = aff.shape
     D = len(node_of_rank)
     rank = np.empty(S, dtype=np.int64)
@@ -295,8 +296,9 @@ def _assign_sequences(aff: np.ndarray, workload: np.ndarray, mbs: list[np.ndarra
             count = np.zeros(N)
             members = [[] for _ in range(N)]
             node_load = np.bincount(node_of_rank, weights=rank_load, minlength=N)
-            # a node may run ahead of its share of the workload placed so far by half the tolerance
-            slack = tolerance / 2 * workload[idx].sum() * ranks_of_node / D
+            # a node may run ahead of its share of the workload placed so far by half the tolerance, or
+            # by one of the stratum's sequences where that is more (few sequences per rank)
+            slack = np.maximum(tolerance / 2 * workload[idx].sum() * ranks_of_node / D, workload[part].max())
             for s in part[_order_by_margin(score[part])]:
                 room = count < node_quota
                 share = (node_load.sum() + workload[s]) * ranks_of_node / D
@@ -350,7 +352,7 @@ def placement_on_nodes(expert_at_home: np.ndarray, node_of_expert: np.ndarray, n
                        experts_per_rank: int) -> np.ndarray:
     """A placement [L, E] (expert per home slot) with every expert on its node of node_of_expert [L, E],
     moving as few as possible: an expert already on its node keeps its slot, the others fill the free
-    slots of their node in ascending expert order. The reorder then balances each node's ranks from it."""
+    slots of their node in ascending expert order: where relibra's reorder starts from."""
     prev = np.asarray(expert_at_home, dtype=np.int64)
     L, E = prev.shape
     node_of_rank = np.asarray(node_of_rank)

@@ -151,14 +151,11 @@ def _match_labels(new_label: np.ndarray, old_label: np.ndarray, num_labels: int)
 
 
 def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None = None,
-                   config: ReorderConfig = ReorderConfig(), total: np.ndarray | None = None,
-                   node_of: np.ndarray | None = None) -> np.ndarray:
+                   config: ReorderConfig = ReorderConfig(), total: np.ndarray | None = None) -> np.ndarray:
     """A new placement for the batch from its exact loads: nodes first, then ranks inside each node.
 
     counts: [M, L, G, E].  prev: [L, E] expert in each home slot (None: Megatron's identity).
-    total: counts summed over ranks [M, L, E], when at hand.  node_of: [L, E] every expert's node when
-    fixed (relibra_verl.planner.locality co-places it with its data): only the ranks inside each node are
-    planned.  Returns expert_at_home [L, E].
+    total: counts summed over ranks [M, L, E], when at hand.  Returns expert_at_home [L, E].
     """
     M, L, G, E = counts.shape
     S, N, g = topo.S, topo.num_nodes, topo.ranks_per_node
@@ -175,9 +172,7 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
 
     # 1. experts -> nodes
     prev_node = rank_node[prev_rank]                                     # [L, E]
-    if node_of is not None:
-        node_of = np.asarray(node_of, dtype=np.int64)
-    elif N > 1:
+    if N > 1:
         node_of = _assign_nodes(load, N, prev_node, config, topo, counts)
     else:
         node_of = np.zeros((L, E), dtype=np.int64)

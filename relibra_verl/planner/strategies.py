@@ -13,8 +13,7 @@ data with the same cost model.
   relibra-replicate  identity placement, relibra's per-micro-batch replicas
   relibra            both
   relibra-locality   relibra on data co-placed with its experts (relibra_verl.planner.locality): its
-                     batches are split differently, its experts' nodes are given, the reorder plans the
-                     ranks inside each node
+                     batches are split differently, relibra plans from the experts' nodes chosen with it
   ideal              every rank computes the mean load, traffic spread evenly
 """
 from __future__ import annotations
@@ -28,7 +27,6 @@ from relibra_verl.planner.baselines import choose_homes, moved_homes, physical_t
 from relibra_verl.planner.eplb import rebalance_experts
 from relibra_verl.planner.locality import placement_on_nodes
 from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig, plan_relibra
-from relibra_verl.planner.reorder import plan_placement
 from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement, invert_placement
 
 STRATEGIES = ("megatron", "eplb-periodic", "eplb-history", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra",
@@ -122,14 +120,17 @@ def _relibra(counts, topo, mode, prev, replication, reorder) -> StrategyResult:
 
 
 def _relibra_on_nodes(counts, topo, prev, node_of_expert, replication, reorder) -> StrategyResult:
-    """relibra with every expert's node given (node_of_expert [L, E]): the reorder plans the ranks inside
-    each node from the placement in force moved onto those nodes, replicas as relibra's."""
+    """relibra starting from the experts' nodes of the data placement (node_of_expert [L, E]): the placement
+    in force with every expert moved onto its node is what relibra plans from (its reorder may still move
+    an expert where its cost model finds the node's micro-batches unbalanced; held fixed, the nodes'
+    per-micro-batch loads cost more than the pairs they keep local). Moves are counted from the placement
+    in force."""
     L = counts.shape[1]
     prev = identity_placement(topo, L) if prev is None else np.asarray(prev, dtype=np.int64)
     t0 = time.perf_counter()
     start = placement_on_nodes(prev, node_of_expert, topo.node_of_rank, topo.S)
-    placement = plan_placement(counts, topo, start, reorder, node_of=node_of_expert)
-    plan = plan_relibra(counts, topo, placement, mode="replicate", replication=replication, reorder=reorder)
+    plan = plan_relibra(counts, topo, start, mode="both", replication=replication, reorder=reorder)
+    placement = plan.expert_at_home
     plan.moved_experts = (invert_placement(prev) // topo.S != invert_placement(placement) // topo.S).sum(1)
     ms = (time.perf_counter() - t0) * 1e3
     rank_tokens, traffic, calls = plan_outcome(plan, counts)

@@ -31,7 +31,7 @@ def test_two_domains_stay_on_their_node():
     node_of_rank = np.arange(8) // 4                                     # 2 nodes x 4 ranks
     p = plan_locality(usage, lens, node_of_rank, verl_rank)
     assert not p.fell_back and p.reason == ""
-    assert p.verl_fraction > 0.4 and p.inter_node_fraction < 0.6 * p.verl_fraction
+    assert p.verl_fraction > 0.4 and p.inter_node_fraction < 0.5 * p.verl_fraction
     # the figure it reports is the one its placement has
     assert p.inter_node_fraction == pytest.approx(inter_node_fraction(usage, node_of_rank[p.rank_of_seq], p.node_of_expert))
     # verl's constraints: every rank keeps its count, every node E / N experts per layer, workload in tolerance
