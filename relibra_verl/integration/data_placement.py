@@ -130,8 +130,8 @@ def _unsupported(trainer, batch) -> str:
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         if int(meg.get(key, 1) or 1) != 1:
             return f"{key} = {meg.get(key)} (DP ranks are taken to be the EP ranks in order)"
-    if actor.get("data_loader_seed", None) is not None and actor.get("shuffle", False):
-        return "the actor shuffles its mini-batches"
+    if actor.get("shuffle", False):
+        return "actor.shuffle: each rank shuffles its rows before cutting mini-batches, so they depend on the rank"
     return ""
 
 
