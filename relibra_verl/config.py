@@ -38,6 +38,9 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
                                 old-log-prob forward (its split; the batch's placement is applied before
                                 it), ref: the reference model's forward (its own engine, or the actor
                                 without LoRA adapter)}
+  data_placement       verl     verl (the driver's balancing) | locality (sequences moved between the ranks
+                                of their mini-batch so their routed pairs stay on their node; legacy trainer,
+                                relibra_verl/integration/data_placement.py)
 """
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ class RelibraConfig:
     on_missing_routing: str = "fallback"
     metrics: bool = True
     passes: Passes = dataclasses.field(default_factory=Passes)
+    data_placement: str = "verl"
 
     def __post_init__(self):
         object.__setattr__(self, "passes", Passes.from_mapping(self.passes))
@@ -113,6 +117,7 @@ class RelibraConfig:
         _choice("mode", self.mode, MODES)
         _choice("kernels", self.kernels, KERNELS)
         _choice("on_missing_routing", self.on_missing_routing, ON_MISSING)
+        _choice("data_placement", self.data_placement, ("verl", "locality"))
         _at_least("replica_slots", self.replica_slots, 0)
         _at_least("gpus_per_node", self.gpus_per_node, 1)
         _at_least("reorder_every", self.reorder_every, 0)

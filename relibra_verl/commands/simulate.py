@@ -31,7 +31,7 @@ import numpy as np
 
 from relibra_verl.errors import UsageError
 from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig
-from relibra_verl.planner.strategies import STRATEGIES, StrategyResult, run_strategy
+from relibra_verl.planner.strategies import DEFAULT_STRATEGIES, STRATEGIES, StrategyResult, run_strategy
 from relibra_verl.planner.types import PlanError, Topology
 from relibra_verl.routing.loads import count_loads, form_batch, select_sequences, split_micro_batches
 from relibra_verl.routing.trace import Trace, load_trace
@@ -67,7 +67,8 @@ def add_replay_arguments(p) -> None:
                    help="draw N sequences with replacement per step instead of using each sequence once")
     p.add_argument("--steps", type=int, default=1, metavar="S", help="batches (RL steps) to simulate (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of: " + ", ".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                   help="comma-separated subset of: " + ", ".join(STRATEGIES) + " (default: all but relibra-locality)")
     p.add_argument("--min-replica-tokens", type=int, default=None, metavar="N",
                    help="relibra: a replica must carry at least N routed pairs (default 1; with --model: from the cost model)")
     p.add_argument("--max-copies-per-owner", type=int, default=None, metavar="N",
@@ -80,6 +81,9 @@ def add_replay_arguments(p) -> None:
                    help=f"eplb-periodic: micro-batches of past loads EPLB plans from (default {VLLM_WINDOW}, vLLM's window_size)")
     p.add_argument("--eplb-interval", type=int, default=VLLM_INTERVAL, metavar="N",
                    help=f"eplb-periodic: micro-batches between rebalances (default {VLLM_INTERVAL}, vLLM's step_interval)")
+    p.add_argument("--locality-min-gain", type=float, default=None, metavar="F",
+                   help="relibra-locality: keep verl's data placement unless co-placing lowers the share of "
+                        "routed pairs crossing nodes by at least F (default: LocalityConfig's)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
 
 
@@ -176,11 +180,12 @@ class Progress:
 
 def run_strategies(strategies, counts, history, topo, num_groups, replication, progress=None,
                    reorder: ReorderConfig = ReorderConfig(), step_seconds=None,
-                   schedule: PeriodicSchedule = PeriodicSchedule()) -> dict[str, list[StrategyResult]]:
+                   schedule: PeriodicSchedule = PeriodicSchedule(), place_data=None) -> dict[str, list[StrategyResult]]:
     """Every strategy on every step's counts [M, L, G, E]; placements carried from step to step.
     history: the batches before the run (the warm-up draw), or empty (shuffled steps: the last batch,
     cyclically). step_seconds(result, prev_placement): eplb-oracle's keep-or-rebalance cost (None: it
-    rebalances every step). schedule: eplb-periodic's window and interval."""
+    rebalances every step). schedule: eplb-periodic's window and interval. place_data: relibra-locality's
+    data placement (relibra_verl.sim.locality.LocalityPlacer; None: verl's, relibra-locality plans as relibra)."""
     results: dict[str, list[StrategyResult]] = {}
     before = list(history) if history else [counts[-1]]
     done = 0
@@ -196,8 +201,13 @@ def run_strategies(strategies, counts, history, topo, num_groups, replication, p
         per_step = []
         for i, c in enumerate(counts):
             hist = counts[i - 1] if i > 0 else before[-1]
+            node_of_expert = placed = None
+            if name == "relibra-locality" and place_data is not None:
+                c, node_of_expert, placed = place_data(i, prev)
             res = run_strategy(name, c, topo, history_counts=hist, prev_placement=prev,
-                               num_groups=num_groups, replication=replication, reorder=reorder)
+                               num_groups=num_groups, replication=replication, reorder=reorder,
+                               node_of_expert=node_of_expert)
+            res.data = placed
             prev = res.placement
             per_step.append(res)
             done += 1
@@ -298,8 +308,16 @@ def replay(args) -> ReplayRun:
         step_seconds = lambda res, prev: step_cost("eplb-oracle", res, prev, model, profile, topo,  # noqa: E731
                                                    prefetch=not args.online_copies, mean_context=ctx).total_s
     bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
+    place_data = None
+    if "relibra-locality" in strategies:
+        from relibra_verl.planner.locality import LocalityConfig
+        from relibra_verl.sim.locality import LocalityPlacer
+
+        gain = getattr(args, "locality_min_gain", None)
+        config = LocalityConfig() if gain is None else LocalityConfig(min_gain=gain)
+        place_data = LocalityPlacer(batches, topo, args.tokens_per_rank, config)
     results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar, reorder,
-                             step_seconds, schedule)
+                             step_seconds, schedule, place_data)
     run = ReplayRun(topo, counts, results, notes)
     run.model, run.profile, run.limits, run.num_groups = model, profile, limits, num_groups
     run.seq_lens = seq_lens
@@ -342,6 +360,14 @@ def summarize(run: ReplayRun) -> dict[str, dict]:
             "moved_experts_per_step": float(np.mean([r.moved_experts.sum() for r in steps])),
             "plan_ms": float(np.mean([r.plan_ms for r in steps])),
         }
+        cross = np.sum([r.inter_node_pairs(run.topo.node_of_rank) for r in steps], axis=0)
+        out[name]["inter_node_fraction"] = float(cross[0] / cross[1]) if cross[1] else 0.0
+        placed = [r.data for r in steps if r.data is not None]
+        if placed:
+            out[name]["data_placement"] = {"fell_back_steps": sum(p.fell_back for p in placed),
+                                           "reasons": sorted({p.reason for p in placed if p.reason}),
+                                           "inter_node_fraction_verl": float(np.mean([p.verl_fraction for p in placed])),
+                                           "plan_ms": float(np.mean([p.plan_ms for p in placed]))}
         if run.topo.num_nodes > 1:
             out[name]["nic_imbalance"] = _percentiles(np.concatenate(
                 [nic_imbalance(r, run.topo.node_of_rank).reshape(-1) for r in steps]))
@@ -356,12 +382,20 @@ def print_table(summary: dict[str, dict], header: str, file=None) -> None:
         print("NIC = the busiest InfiniBand NIC (pairs a rank receives from or sends to other nodes, the busier) over the\n"
               "      mean pairs per rank that cross nodes, p50 / p95", file=file)
     print(f"{'strategy':<19}{'p50':>8}{'p95':>8}{'max':>8}  {'replicas/mb/layer':>17}  {'moved/step':>10}  {'plan ms':>8}"
-          + (f"  {'NIC p50':>8}{'NIC p95':>8}" if nic else ""), file=file)
+          + (f"  {'NIC p50':>8}{'NIC p95':>8}{'x-node':>8}" if nic else ""), file=file)
     for name, s in summary.items():
         i = s["imbalance"]
         print(f"{name:<19}{i['p50']:>8.3f}{i['p95']:>8.3f}{i['max']:>8.3f}  {s['replicas_per_microbatch_layer']:>17.1f}"
               f"  {s['moved_experts_per_step']:>10.0f}  {s['plan_ms']:>8.1f}"
-              + (f"  {s['nic_imbalance']['p50']:>8.3f}{s['nic_imbalance']['p95']:>8.3f}" if nic else ""), file=file)
+              + (f"  {s['nic_imbalance']['p50']:>8.3f}{s['nic_imbalance']['p95']:>8.3f}{s['inter_node_fraction']:>8.3f}"
+                 if nic else ""), file=file)
+    for name, s in summary.items():
+        if "data_placement" in s:
+            d = s["data_placement"]
+            print(f"{name}: x-node = share of routed pairs crossing nodes ({d['inter_node_fraction_verl']:.3f} on verl's "
+                  f"data placement); fell back to verl's on {d['fell_back_steps']} step(s)"
+                  + (f" ({'; '.join(d['reasons'])})" if d["reasons"] else "") + f"; data planner {d['plan_ms']:.0f} ms",
+                  file=file)
 
 
 def config_dict(args, run: ReplayRun) -> dict:

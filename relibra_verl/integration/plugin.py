@@ -36,6 +36,7 @@ _TARGETS = {
     "verl.workers.engine.megatron.transformer_impl": ("relibra_verl.patches.verl_engine", "patch_transformer_impl"),
     "verl.workers.engine_workers": ("relibra_verl.patches.verl_engine", "patch_engine_workers"),
     "verl.utils.config": ("relibra_verl.patches.verl_engine", "patch_verl_config"),
+    "verl.trainer.ppo.ray_trainer": ("relibra_verl.integration.data_placement", "patch_ray_trainer"),
     "verl.workers.rollout.vllm_rollout.vllm_async_server": ("relibra_verl.patches.vllm_routed_experts",
                                                             "patch_vllm_async_server"),
 }

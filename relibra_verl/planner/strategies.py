@@ -12,6 +12,8 @@ data with the same cost model.
   relibra-reorder    relibra's per-batch placement, no replicas
   relibra-replicate  identity placement, relibra's per-micro-batch replicas
   relibra            both
+  relibra-locality   relibra on data co-placed with its experts (relibra_verl.planner.locality): its
+                     batches are split differently, relibra plans from the experts' nodes chosen with it
   ideal              every rank computes the mean load, traffic spread evenly
 """
 from __future__ import annotations
@@ -23,10 +25,14 @@ import numpy as np
 
 from relibra_verl.planner.baselines import choose_homes, moved_homes, physical_to_logical, redundant_per_rank
 from relibra_verl.planner.eplb import rebalance_experts
+from relibra_verl.planner.locality import placement_on_nodes
 from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig, plan_relibra
-from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
+from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement, invert_placement
 
-STRATEGIES = ("megatron", "eplb-periodic", "eplb-history", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra", "ideal")
+STRATEGIES = ("megatron", "eplb-periodic", "eplb-history", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra",
+              "relibra-locality", "ideal")
+# what simulate runs unless told: relibra-locality needs per-sequence routes (a trace) and plans the data too
+DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "relibra-locality")
 
 
 @dataclasses.dataclass
@@ -43,6 +49,7 @@ class StrategyResult:
                    relibra_verl.planner.baselines (home e, redundant -(e + 2)); carried into the next batch.
     plan_ms:       planner wall time for the batch.
     plan:          the BatchPlan (relibra strategies), else None.
+    data:          relibra-locality: the DataPlacement of the batch, else None.
     calls:         [M, L, G] expert GEMM calls of each rank: its copies (home, replica, redundant) that
                    compute at least one pair; None: every copy counts (the ideal's S per rank).
     """
@@ -57,6 +64,13 @@ class StrategyResult:
     plan_ms: float
     plan: BatchPlan | None = None
     calls: np.ndarray | None = None
+    data: object = None
+
+    def inter_node_pairs(self, node_of_rank) -> tuple[float, float]:
+        """(routed pairs that cross nodes, all routed pairs) in `traffic`."""
+        nodes = np.asarray(node_of_rank)
+        traffic = np.asarray(self.traffic, dtype=np.float64)
+        return float((traffic * (nodes[:, None] != nodes[None, :])).sum()), float(traffic.sum())
 
     def imbalance(self) -> np.ndarray:
         """[M, L] max over ranks / mean over ranks (1.0 for empty pairs)."""
@@ -105,6 +119,26 @@ def _relibra(counts, topo, mode, prev, replication, reorder) -> StrategyResult:
                           plan.expert_at_home, ms, plan, calls)
 
 
+def _relibra_on_nodes(counts, topo, prev, node_of_expert, replication, reorder) -> StrategyResult:
+    """relibra starting from the experts' nodes of the data placement (node_of_expert [L, E]): the placement
+    in force with every expert moved onto its node is what relibra plans from (its reorder may still move
+    an expert where its cost model finds the node's micro-batches unbalanced; held fixed, the nodes'
+    per-micro-batch loads cost more than the pairs they keep local). Moves are counted from the placement
+    in force."""
+    L = counts.shape[1]
+    prev = identity_placement(topo, L) if prev is None else np.asarray(prev, dtype=np.int64)
+    t0 = time.perf_counter()
+    start = placement_on_nodes(prev, node_of_expert, topo.node_of_rank, topo.S)
+    plan = plan_relibra(counts, topo, start, mode="both", replication=replication, reorder=reorder)
+    placement = plan.expert_at_home
+    plan.moved_experts = (invert_placement(prev) // topo.S != invert_placement(placement) // topo.S).sum(1)
+    ms = (time.perf_counter() - t0) * 1e3
+    rank_tokens, traffic, calls = plan_outcome(plan, counts)
+    replicas = (plan.replica_expert >= 0).sum(-1)
+    return StrategyResult("", rank_tokens, traffic, replicas, np.zeros((L, topo.G), np.int64), plan.moved_experts,
+                          plan.expert_at_home, ms, plan, calls)
+
+
 def _eplb(counts, topo, weight, prev_placement, num_groups) -> StrategyResult:
     E = counts.shape[-1]
     t0 = time.perf_counter()
@@ -133,14 +167,16 @@ def eplb_result(counts: np.ndarray, topo: Topology, placement: np.ndarray, prev_
 def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: np.ndarray | None = None,
                  prev_placement: np.ndarray | None = None, num_groups: int = 1,
                  replication: ReplicationConfig = ReplicationConfig(),
-                 reorder: ReorderConfig = ReorderConfig()) -> StrategyResult:
+                 reorder: ReorderConfig = ReorderConfig(), node_of_expert: np.ndarray | None = None) -> StrategyResult:
     """Apply strategy `name` to one batch.
 
     counts: [M, L, G, E] this batch's loads.  history_counts: [M', L, G, E] the previous batch's loads
     (eplb-history), the window of past loads (eplb-periodic; None: no history yet, EPLB then sees uniform
     loads).  prev_placement: the `placement` of this strategy's result for the previous batch (None:
     Megatron's layout).  num_groups: the model's
-    expert groups (EPLB's hierarchical mode needs groups divisible by nodes).
+    expert groups (EPLB's hierarchical mode needs groups divisible by nodes).  node_of_expert: [L, E]
+    relibra-locality's expert nodes (counts then are of its co-placed data; None: the data placement fell
+    back, and it plans as relibra).
     """
     counts = np.asarray(counts, dtype=np.int64)
     M, L, G, E = counts.shape
@@ -164,6 +200,9 @@ def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: 
         mode = {"relibra": "both", "relibra-reorder": "reorder", "relibra-replicate": "replicate"}[name]
         prev = prev_placement if mode != "replicate" else None
         res = _relibra(counts, topo, mode, prev, replication, reorder)
+    elif name == "relibra-locality":
+        res = (_relibra(counts, topo, "both", prev_placement, replication, reorder) if node_of_expert is None
+               else _relibra_on_nodes(counts, topo, prev_placement, node_of_expert, replication, reorder))
     else:
         raise PlanError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     res.name = name

@@ -80,11 +80,13 @@ def _balanced_partition(lengths: np.ndarray, parts: int, equal_count: bool) -> l
     return [np.array(sorted(m), dtype=np.int64) for m in members]
 
 
-def split_micro_batches(seq_lens: np.ndarray, ep_size: int, tokens_per_rank: int) -> MicroBatchSplit:
+def split_micro_batches(seq_lens: np.ndarray, ep_size: int, tokens_per_rank: int,
+                        rank_of_seq: np.ndarray | None = None) -> MicroBatchSplit:
     """Split sequences over `ep_size` ranks, then into micro-batches of about `tokens_per_rank` tokens.
 
-    seq_lens: [S] tokens per sequence.  Returns a MicroBatchSplit with M = max over ranks of
-    ceil(rank tokens / tokens_per_rank) micro-batches (at least 1).
+    seq_lens: [S] tokens per sequence.  rank_of_seq: [S] each sequence's rank when already placed
+    (relibra_verl.planner.locality), else balanced here.  Returns a MicroBatchSplit with M = max over ranks
+    of ceil(rank tokens / tokens_per_rank) micro-batches (at least 1).
     """
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     if tokens_per_rank < 1:
@@ -94,7 +96,10 @@ def split_micro_batches(seq_lens: np.ndarray, ep_size: int, tokens_per_rank: int
         raise UsageError(
             f"sequence {s} has {int(seq_lens[s])} tokens, more than --tokens-per-rank {tokens_per_rank} "
             "(verl's dynamic batching refuses a sequence longer than the token budget)")
-    per_rank = _balanced_partition(seq_lens, ep_size, equal_count=True)
+    if rank_of_seq is None:
+        per_rank = _balanced_partition(seq_lens, ep_size, equal_count=True)
+    else:
+        per_rank = [np.flatnonzero(np.asarray(rank_of_seq) == r) for r in range(ep_size)]
     num_mb = max(1, max(-(-int(seq_lens[idx].sum()) // tokens_per_rank) for idx in per_rank))
     while True:
         parts = [_balanced_partition(verl_workload(seq_lens[idx]), num_mb, equal_count=False) for idx in per_rank]

@@ -53,7 +53,9 @@ def ideal_costs(results_by_strategy: dict, model: ModelPreset, profile: Hardware
     per = [[batch_cost(r.rank_tokens, r.traffic, r.replicas, r.moved_experts, nodes, model, profile,
                        mean_context=mean_context, balanced=True, calls=getattr(r, "calls", None),
                        redundant=getattr(r, "redundant", None)) for r in steps]
-           for steps in results_by_strategy.values()]
+           for steps in results_by_strategy.values()
+           # the bound of the strategies on verl's data placement: relibra-locality's data is its own
+           if not any(getattr(getattr(r, "data", None), "fell_back", True) is False for r in steps)]
     out = []
     for i in range(min(len(p) for p in per)):
         cs = [p[i] for p in per]
