@@ -19,6 +19,12 @@ planners then get the cost model's `min_replica_tokens` / `max_copies_per_owner`
 unless given, and the report shows relibra's step time without them too. `--synthetic --seqs N` replaces
 `--trace` by the calibrated generator (relibra_verl.sim.synth): one fresh batch of N sequences per step plus
 a warm-up batch for eplb-history, drifting between steps. `--plot PATH` writes a PNG.
+
+Whole trainer step (relibra_verl.sim.passes): `--passes update,logprob,ref` adds the old-log-prob and
+reference forward passes over the same batch, split by `--logprob-tokens-per-rank`, and reports each
+strategy's whole step, relibra's with its forward passes balanced and unbalanced. The default, `update`,
+reports the update pass alone, as before; with forward passes eplb-oracle weighs a move against the gain
+of every pass.
 """
 from __future__ import annotations
 
@@ -305,6 +311,10 @@ def replay(args) -> ReplayRun:
         ctx = mean_context(seq_lens)
         step_seconds = lambda res, prev: step_cost("eplb-oracle", res, prev, model, profile, topo,  # noqa: E731
                                                    prefetch=not args.online_copies, mean_context=ctx).total_s
+        forward_passes = len(check_passes(args)) - 1
+        if forward_passes:   # the oracle weighs a move against the whole step's gain (sim.passes)
+            step_seconds = oracle_whole_step(step_seconds, forward_passes, model, profile, topo,
+                                             prefetch=not args.online_copies, mean_context=ctx)
     bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
     results = run_strategies(strategies, counts, history, topo, num_groups, replication, bar, reorder,
                              step_seconds, schedule)
@@ -428,6 +438,20 @@ def check_passes(args) -> tuple[str, ...]:
     if tokens is not None and tokens < 1:
         raise UsageError(f"--logprob-tokens-per-rank must be >= 1, got {tokens}")
     return passes
+
+
+def oracle_whole_step(update_seconds, forward_passes: int, model, profile, topo, *, prefetch: bool, mean_context: float):
+    """eplb-oracle's keep-or-rebalance price with forward-only passes in the step: the update's step time
+    plus `forward_passes` forward passes of the same placement over the update's micro-batches (a placement's
+    gain is earned in every pass; the forward split's own counts are not known to the oracle's loop)."""
+    from relibra_verl.sim.passes import forward_cost
+
+    nodes = np.asarray(topo.node_of_rank)
+
+    def seconds(res, prev) -> float:
+        return update_seconds(res, prev) + forward_passes * forward_cost(res, nodes, model, profile, prefetch=prefetch,
+                                                                         mean_context=mean_context).total_s
+    return seconds
 
 
 def whole_step_report(args, run: ReplayRun) -> dict | None:
