@@ -23,8 +23,8 @@ optimizer state) is paid once per step for all passes. Variants per relibra stra
               for their own split, with a forward-only time-aware configuration (forward_replication); the
               ref model follows the actor's placement (weights-only migration) and shares its replica plan.
   unbalanced  relibra balancing only the update: the placement is applied at the update, so logprob runs on
-              the placement in force before it (the previous step's), ref on Megatron's layout (the ref
-              model has no relibra), both without replicas.
+              the placement in force before it (the previous step's; on the first step its own, as in a
+              steady state), ref on Megatron's layout (the ref model has no relibra), both without replicas.
 EPLB baselines run every pass on the placement they use for the step; megatron on its own layout.
 The ideal's forward pass is the least balanced forward cost over every strategy's forward results (as
 report.ideal_costs does for the update), so no strategy's pass, and no whole step, is below it.
@@ -137,7 +137,10 @@ def plan_forward(update_results: dict[str, list[StrategyResult]], counts: list[n
             fwd.name = name
             per.append((fwd, fwd))
             if name in RELIBRA:
-                logprob = _on_placement(c, topo, prev if name != "relibra-replicate" else None, replication, replicas=False)
+                # the placement in force before this step's: the previous step's; before the first step, its
+                # own (the move away from Megatron's layout is once per run: the steady state favours this variant)
+                in_force = None if name == "relibra-replicate" else (prev if i > 0 else res.placement)
+                logprob = _on_placement(c, topo, in_force, replication, replicas=False)
                 ref = _on_placement(c, topo, None, replication, replicas=False)
                 logprob.name = ref.name = name
                 per_unb.append((logprob, ref))
