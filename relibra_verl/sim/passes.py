@@ -295,12 +295,23 @@ def _row(steps: list[StepPasses]) -> dict:
             "step_time_s": _mean(steps, "total_s"), "initial_s": steps[0].initial_s}
 
 
+def pass_imbalance(per_step: list[tuple[StrategyResult, StrategyResult]]) -> dict:
+    """p50 / p95 of max / mean pairs per rank over every (step, micro-batch, layer) of the logprob and ref
+    passes [(logprob, ref) results per step]."""
+    out = {}
+    for k, p in enumerate(FORWARD_PASSES):
+        imb = np.concatenate([pair[k].imbalance().reshape(-1) for pair in per_step])
+        out[p] = {"p50": float(np.percentile(imb, 50)), "p95": float(np.percentile(imb, 95))}
+    return out
+
+
 def whole_step_timing(update_results: dict, forward: ForwardRun | None, passes: tuple[str, ...], model: ModelPreset,
                       profile: HardwareProfile, topo, *, prefetch: bool = True, mean_context: float = 1024.0) -> dict:
     """The whole trainer step per strategy (JSON-ready):
       {"passes": [...], "forward_micro_batches_per_step": [...],
        "strategies": {name: {update_s, logprob_s, ref_s, migration_s, runtime_s, step_time_s, initial_s,
-                             throughput_vs_megatron, throughput_vs_ideal}},
+                             throughput_vs_megatron, throughput_vs_ideal,
+                             imbalance: {logprob|ref: {p50, p95}} (pass_imbalance)}},
        "forward_unbalanced": {relibra strategy: the same, its forward passes unbalanced}}
     Means over the steps; with several steps the first step's migrations are initial_s (steady state)."""
     from relibra_verl.sim.report import BASE, IDEAL, ideal_costs, strategy_costs
@@ -313,10 +324,13 @@ def whole_step_timing(update_results: dict, forward: ForwardRun | None, passes: 
         fwd = forward.results["balanced"][name] if forward is not None else None
         rows[name] = _row(strategy_passes(name, costs[name], steps, fwd, passes, model, profile, topo,
                                           prefetch=prefetch, mean_context=mean_context))
+        if fwd is not None:
+            rows[name]["imbalance"] = pass_imbalance(fwd)
         if forward is not None and name in forward.results["unbalanced"]:
-            unb[name] = _row(strategy_passes(name, costs[name], steps, forward.results["unbalanced"][name], passes,
-                                             model, profile, topo, prefetch=prefetch, mean_context=mean_context,
-                                             forward_balanced=False))
+            per = forward.results["unbalanced"][name]
+            unb[name] = _row(strategy_passes(name, costs[name], steps, per, passes, model, profile, topo,
+                                             prefetch=prefetch, mean_context=mean_context, forward_balanced=False))
+            unb[name]["imbalance"] = pass_imbalance(per)
     if IDEAL in update_results:
         upd = ideal_costs(update_results, model, profile, topo, mean_context=mean_context)
         fw = ideal_forward_costs(forward, model, profile, topo, mean_context=mean_context) if forward is not None else None

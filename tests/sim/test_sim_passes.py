@@ -178,6 +178,9 @@ def test_passes_whole_step_report(tmp_path, capsys):
     assert rows["relibra"]["step_time_s"] < unb["relibra"]["step_time_s"]
     assert rows["relibra"]["logprob_s"] < unb["relibra"]["logprob_s"] and rows["relibra"]["ref_s"] < unb["relibra"]["ref_s"]
     assert rows["relibra"]["update_s"] == unb["relibra"]["update_s"]
+    for p in ("logprob", "ref"):   # per-pass imbalance: relibra's forward passes balanced, megatron's not
+        assert rows["relibra"]["imbalance"][p]["p95"] < unb["relibra"]["imbalance"][p]["p95"]
+        assert unb["relibra"]["imbalance"]["ref"] == rows["megatron"]["imbalance"]["ref"]
     for row in list(rows.values()) + list(unb.values()):
         assert rows["ideal"]["step_time_s"] <= row["step_time_s"] * (1 + 1e-12)
         assert rows["ideal"]["logprob_s"] <= row["logprob_s"] * (1 + 1e-12)
