@@ -47,6 +47,7 @@ from relibra_verl.sim.cost import (TERMS, BatchCost, _redundant_sync, batch_cost
 from relibra_verl.sim.overheads import INT64, relibra_runtime_seconds
 from relibra_verl.sim.presets import ModelPreset
 from relibra_verl.sim.profiles import HardwareProfile
+from relibra_verl.sim.report import BASE, IDEAL, ideal_costs, replica_sends, strategy_costs
 
 PASSES = ("update", "logprob", "ref")
 FORWARD_PASSES = ("logprob", "ref")
@@ -94,8 +95,6 @@ def _on_placement(counts: np.ndarray, topo: Topology, placement: np.ndarray | No
     these micro-batches (replicas=True) or none."""
     t = topo if replicas else dataclasses.replace(topo, replica_slots=0)
     plan = plan_relibra(counts, t, placement, mode="replicate", replication=replication)
-    from relibra_verl.sim.report import replica_sends
-
     rank_tokens, traffic, calls = plan_outcome(plan, counts)
     M, L, G, _ = counts.shape
     res = StrategyResult("", rank_tokens, traffic, (plan.replica_expert >= 0).sum(-1), np.zeros((L, G), np.int64),
@@ -314,8 +313,6 @@ def whole_step_timing(update_results: dict, forward: ForwardRun | None, passes: 
                              imbalance: {logprob|ref: {p50, p95}} (pass_imbalance)}},
        "forward_unbalanced": {relibra strategy: the same, its forward passes unbalanced}}
     Means over the steps; with several steps the first step's migrations are initial_s (steady state)."""
-    from relibra_verl.sim.report import BASE, IDEAL, ideal_costs, strategy_costs
-
     costs = strategy_costs(update_results, model, profile, topo, prefetch=prefetch, mean_context=mean_context)
     rows, unb = {}, {}
     for name, steps in update_results.items():
