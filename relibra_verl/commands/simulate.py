@@ -19,6 +19,12 @@ planners then get the cost model's `min_replica_tokens` / `max_copies_per_owner`
 unless given, and the report shows relibra's step time without them too. `--synthetic --seqs N` replaces
 `--trace` by the calibrated generator (relibra_verl.sim.synth): one fresh batch of N sequences per step plus
 a warm-up batch for eplb-history, drifting between steps. `--plot PATH` writes a PNG.
+
+Whole trainer step (relibra_verl.sim.passes): `--passes update,logprob,ref` adds the old-log-prob and
+reference forward passes over the same batch, split by `--logprob-tokens-per-rank`, and reports each
+strategy's whole step, relibra's with its forward passes balanced and unbalanced. The default, `update`,
+reports the update pass alone, as before; with forward passes eplb-oracle weighs a move against the gain
+of every pass.
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ class ReplayRun:
     num_groups: int = 1
     seq_lens: np.ndarray | None = None                         # [S] all steps' sequence lengths
     untimed: dict = dataclasses.field(default_factory=dict)  # relibra planners without time-aware limits
+    batches: list | None = None                                # the measured batches (Trace per step)
+    replication: ReplicationConfig | None = None               # the relibra planner's configuration
 
 
 def add_replay_arguments(p) -> None:
@@ -100,6 +108,12 @@ def add_timing_arguments(p) -> None:
     p.add_argument("--online-copies", action="store_true",
                    help="replica weights on the critical path (online planning, UltraEP) instead of sent ahead")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG: imbalance per micro-batch, throughput bars")
+    p.add_argument("--passes", default="update", metavar="P[,P]",
+                   help="passes of the trainer step to time: update (forward + backward, the default), logprob (old "
+                        "log-probs, forward only), ref (reference model, forward only); e.g. update,logprob,ref")
+    p.add_argument("--logprob-tokens-per-rank", type=int, default=None, metavar="T",
+                   help="token budget per rank per micro-batch of the logprob and ref passes (verl's "
+                        "log_prob_max_token_len_per_gpu; default: --tokens-per-rank)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -307,6 +321,10 @@ def replay(args) -> ReplayRun:
         ctx = mean_context(seq_lens)
         step_seconds = lambda res, prev: step_cost("eplb-oracle", res, prev, model, profile, topo,  # noqa: E731
                                                    prefetch=not args.online_copies, mean_context=ctx).total_s
+        forward_passes = len(check_passes(args)) - 1
+        if forward_passes:   # the oracle weighs a move against the whole step's gain (sim.passes)
+            step_seconds = oracle_whole_step(step_seconds, forward_passes, model, profile, topo,
+                                             prefetch=not args.online_copies, mean_context=ctx)
     bar = Progress(len(strategies) * len(counts), "plan", enabled=not getattr(args, "no_progress", False))
     place_data = None
     if "relibra-locality" in strategies:
@@ -321,6 +339,7 @@ def replay(args) -> ReplayRun:
     run = ReplayRun(topo, counts, results, notes)
     run.model, run.profile, run.limits, run.num_groups = model, profile, limits, num_groups
     run.seq_lens = seq_lens
+    run.batches, run.replication = batches, replication
     if model is not None and limits["source"] == "cost model" and any(n.startswith("relibra") for n in strategies):
         # the same planners planning token counts only (no limits, overheads or move costs): what time-aware
         # planning changes
@@ -442,7 +461,68 @@ def _replicas(steps) -> float:
     return float(np.mean([r.replicas.sum((0, 2)).mean() / r.replicas.shape[0] for r in steps]))
 
 
+def check_passes(args) -> tuple[str, ...]:
+    """--passes and --logprob-tokens-per-rank, checked before any planning."""
+    from relibra_verl.sim.passes import parse_passes
+
+    passes = parse_passes(getattr(args, "passes", "update"))
+    if passes != ("update",) and getattr(args, "model", None) is None:
+        raise UsageError(f"--passes {','.join(passes)} needs --model PRESET (the passes are timed by the cost model)")
+    tokens = getattr(args, "logprob_tokens_per_rank", None)
+    if tokens is not None and tokens < 1:
+        raise UsageError(f"--logprob-tokens-per-rank must be >= 1, got {tokens}")
+    return passes
+
+
+def oracle_whole_step(update_seconds, forward_passes: int, model, profile, topo, *, prefetch: bool, mean_context: float):
+    """eplb-oracle's keep-or-rebalance price with forward-only passes in the step: the update's step time
+    plus `forward_passes` forward passes of the same placement over the update's micro-batches (a placement's
+    gain is earned in every pass; the forward split's own counts are not known to the oracle's loop)."""
+    from relibra_verl.sim.passes import forward_cost
+
+    nodes = np.asarray(topo.node_of_rank)
+
+    def seconds(res, prev) -> float:
+        return update_seconds(res, prev) + forward_passes * forward_cost(res, nodes, model, profile, prefetch=prefetch,
+                                                                         mean_context=mean_context).total_s
+    return seconds
+
+
+def whole_step_report(args, run: ReplayRun) -> dict | None:
+    """The whole trainer step (relibra_verl.sim.passes) with --passes beyond the update, else None."""
+    passes = check_passes(args)
+    if passes == ("update",) or run.model is None:
+        return None
+    from relibra_verl.sim.passes import forward_replication, plan_forward, whole_step_timing
+    from relibra_verl.sim.report import mean_context
+
+    tokens = args.logprob_tokens_per_rank or args.tokens_per_rank
+    forward = None
+    if any(p != "update" for p in passes):
+        same = tokens == args.tokens_per_rank
+        longest = int(max(b.seq_lens().max() for b in run.batches))
+        if tokens < longest:
+            raise UsageError(f"--logprob-tokens-per-rank {tokens} is less than the longest sequence of the batches "
+                             f"({longest} tokens; verl's dynamic batching refuses a sequence longer than the budget)")
+        counts = run.counts if same else [count_loads(b, split_micro_batches(b.seq_lens(), args.ep, tokens))
+                                          for b in run.batches]
+        replication = run.replication
+        if run.limits["source"] == "cost model":   # time-aware: the forward-only costs (no flag overrides it)
+            replication = forward_replication(replication, run.model, run.profile, run.topo.num_nodes,
+                                              run.topo.ranks_per_node, prefetch=not args.online_copies)
+        forward = plan_forward(run.results, counts, run.topo, replication, same_split=same)
+    out = whole_step_timing(run.results, forward, passes, run.model, run.profile, run.topo,
+                            prefetch=not args.online_copies, mean_context=mean_context(run.seq_lens))
+    out["logprob_tokens_per_rank"] = tokens
+    out["forward_replication"] = ({"min_replica_tokens": replication.min_replica_tokens,
+                                   "copy_cost_pairs": round(replication.copy_cost_pairs, 2),
+                                   "inter_node_share": round(replication.inter_node_share, 3)}
+                                  if forward is not None else None)
+    return out
+
+
 def run(args) -> int:
+    check_passes(args)
     result = replay(args)
     summary = summarize(result)
     cfg = config_dict(args, result)
@@ -472,6 +552,13 @@ def run(args) -> int:
                   f"inter_node_share={lim['inter_node_share']} "
                   f"({t['replicas_per_microbatch_layer']:.1f} replicas/mb/layer); {t['step_time_s_without']:.4f} s/step "
                   f"without ({t['replicas_per_microbatch_layer_without']:.1f})")
+    whole = whole_step_report(args, result)
+    if whole is not None:
+        from relibra_verl.sim.passes import format_whole_step
+
+        print()
+        print(format_whole_step(whole, timing["model"], timing["profile"], whole["logprob_tokens_per_rank"]))
+        timing["whole_step"] = whole
     if args.plot:
         if timing is None:
             raise UsageError("--plot needs --model PRESET (the throughput bars come from the cost model)")
