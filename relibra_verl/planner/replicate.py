@@ -170,6 +170,8 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     best_j = np.zeros((2, N))
     best_steps = np.zeros((2, N), dtype=np.int64)
     step_of = np.zeros((2, N, max(steps, 1)), dtype=np.int64)
+    settled = np.zeros((4, N))                                       # flag, J, busiest T, busiest X
+    settled_j, settled_T, settled_R = settled[1], settled[2], settled[3]
     for l in range(L):
         _home_nodes(expert_at_home[l], S, node_of_rank, on_node)
         for m in range(M):
@@ -177,7 +179,13 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                                 node_sum, home_r, home_l)
             floor = floor if N > 1 else 0.0
             runs = 2 if overhead > 0 and steps > 0 else 1
+            skip = _settled_nodes(home_r, home_l, floor, share, overhead, settled)
             for n in range(N):
+                if skip and settled[0, n] > 0:
+                    for run in range(runs):
+                        best_j[run, n], best_steps[run, n], n_picks[run, n] = settled_j[n], 0, 0
+                        peak_T[run, n], peak_R[run, n] = settled_T[n], settled_R[n]
+                    continue
                 # the moves-only run is the exchange run's until its first exchange: replayed, not searched
                 replay, first_exchange = 0, 0
                 if runs == 2:
@@ -213,6 +221,48 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
                                 replica_expert[m, l], replica_quota[m, l])
             critical_path[m, l] = layer_j
+
+
+@_jit
+def _settled_nodes(home_r, home_l, floor, s, overhead, settled):
+    """The nodes of one (micro-batch, layer) whose greedy runs cannot change the plan, found before running
+    them: settled[0, n] = 1 where node n's busiest rank and NIC already sit below what the layer's time will
+    be anyway (the busiest node mean's GEMM work T_lb and NIC R_lb: a node's pairs only move between its
+    ranks and each replica's call adds work, so every node ends at or above its means) and so does
+    whatever step its greedy could end on (a step it keeps has J at most its J at the start, J0, which
+    bounds the step's busiest T by (J0 - s F) / (1 - s) and its busiest X by (J0 - (1 - s) mean T) / s).
+    Such a node keeps no replica (_shortest_equal_prefix) and leaves the layer's maxima as they are;
+    settled[1:4, n] = its J0, busiest T and busiest X. Returns whether any node is settled (only with
+    0 < s < 1: several nodes)."""
+    N, g, S = home_r.shape
+    settled[0] = 0.0
+    if not 0.0 < s < 1.0:
+        return False
+    T_lb, R_lb = -np.inf, floor
+    for n in range(N):
+        t_sum, x_sum, t_max, x_max = 0.0, 0.0, -np.inf, -np.inf
+        for i in range(g):
+            t, x = 0.0, 0.0
+            for sl in range(S):
+                left = home_r[n, i, sl] + home_l[n, i, sl]
+                t += left + (overhead if left > 0 else 0.0)
+                x += home_r[n, i, sl]
+            t_sum += t
+            x_sum += x
+            t_max, x_max = max(t_max, t), max(x_max, x)
+        settled[1, n] = (1 - s) * t_max + s * max(x_max, floor)
+        settled[2, n], settled[3, n] = t_max, x_max
+        T_lb, R_lb = max(T_lb, t_sum / g), max(R_lb, x_sum / g)
+        settled[0, n] = t_sum / g                                     # the node's mean T, for below
+    margin = 1.0 - 1e-9                                               # rounding of J: strictly below
+    any_settled = False
+    for n in range(N):
+        j0, t_max, x_max, t_mean = settled[1, n], settled[2, n], settled[3, n], settled[0, n]
+        ok = (t_max <= T_lb * margin and x_max <= R_lb * margin
+              and (j0 - s * floor) / (1 - s) <= T_lb * margin and (j0 - (1 - s) * t_mean) / s <= R_lb * margin)
+        settled[0, n] = 1.0 if ok else 0.0
+        any_settled |= ok
+    return any_settled
 
 
 @_jit
