@@ -474,19 +474,31 @@ def _node_cost(node_of: np.ndarray, load: np.ndarray, prev_node: np.ndarray, con
 
 
 def _fill_slots(rank_of_expert: np.ndarray, prev: np.ndarray, prev_home: np.ndarray, S: int) -> np.ndarray:
-    """[L, E] target rank per expert -> [L, E] expert per home slot, keeping unmoved experts in place."""
+    """[L, E] target rank per expert -> [L, E] expert per home slot, keeping unmoved experts in place; a
+    rank's free slots take its incoming experts in ascending slot and expert order."""
     L, E = rank_of_expert.shape
-    out = np.full((L, E), -1, dtype=np.int64)
-    stays = rank_of_expert == prev_home // S
-    for l in range(L):
-        out[l, prev_home[l, stays[l]]] = np.flatnonzero(stays[l])
-        movers = np.flatnonzero(~stays[l])
-        if len(movers):
-            free = np.flatnonzero(out[l] < 0)
-            # a rank's free slots take its incoming experts in ascending expert order
-            order = np.lexsort((movers, rank_of_expert[l, movers]))
-            out[l, free] = movers[order]
+    out = np.empty((L, E), dtype=np.int64)
+    _fill(np.ascontiguousarray(rank_of_expert, dtype=np.int64), np.ascontiguousarray(prev_home, dtype=np.int64), S, out)
     return out
+
+
+@_jit
+def _fill(rank_of_expert, prev_home, S, out):
+    L, E = rank_of_expert.shape
+    next_free = np.empty(E // S, dtype=np.int64)
+    for l in range(L):
+        out[l] = -1
+        for e in range(E):
+            if rank_of_expert[l, e] == prev_home[l, e] // S:
+                out[l, prev_home[l, e]] = e
+        for r in range(E // S):
+            next_free[r] = r * S
+        for e in range(E):
+            r = rank_of_expert[l, e]
+            if r != prev_home[l, e] // S:
+                while out[l, next_free[r]] >= 0:
+                    next_free[r] += 1
+                out[l, next_free[r]] = e
 
 
 def _placement_cost(load: np.ndarray, expert_at_home: np.ndarray, topo: Topology) -> np.ndarray:

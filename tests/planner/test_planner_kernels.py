@@ -1,11 +1,13 @@
-"""The replication planner's compiled loads against plain numpy: what each home slot holds from other
-nodes and from its own node, and F, the most any rank sends off its node."""
+"""The planner's compiled helpers against plain numpy: the replication planner's slot loads (what each
+home slot holds from other nodes and from its own node, and F, the most any rank sends off its node) and
+the reorder's home slots."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from relibra_verl.planner import Topology
+from relibra_verl.planner.reorder import _fill_slots
 from relibra_verl.planner.replicate import _home_nodes, _slot_loads
 
 
@@ -37,3 +39,22 @@ def test_slot_loads_match_numpy(ep, gpus_per_node, experts, dtype):
             assert np.array_equal(home_r[n, i], remote[experts_here])
             assert np.array_equal(home_l[n, i], local[experts_here])
     assert np.array_equal(on_node.argmax(0), home_node) and (on_node.sum(0) == 1).all()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_home_slots_keep_unmoved_experts_and_fill_each_rank_in_order(seed):
+    rng = np.random.default_rng(seed)
+    S, G, L = int(rng.integers(1, 5)), int(rng.integers(1, 9)), 3
+    E = S * G
+    prev = np.stack([rng.permutation(E) for _ in range(L)])                # expert in each slot
+    prev_home = np.argsort(prev, axis=1)                                   # slot of each expert
+    rank_of = np.stack([rng.permutation(np.repeat(np.arange(G), S)) for _ in range(L)])
+    out = _fill_slots(rank_of, prev, prev_home, S)
+    for l in range(L):
+        expected = np.full(E, -1)
+        stays = rank_of[l] == prev_home[l] // S
+        expected[prev_home[l, stays]] = np.flatnonzero(stays)
+        movers = np.flatnonzero(~stays)
+        expected[expected < 0] = movers[np.lexsort((movers, rank_of[l, movers]))]
+        assert np.array_equal(out[l], expected)
+        assert np.array_equal(np.sort(out[l]), np.arange(E)) and (np.argsort(out[l]) // S == rank_of[l]).all()
