@@ -20,10 +20,9 @@ import numpy as np
 
 from relibra_verl.config import RelibraConfig
 from relibra_verl.errors import UsageError
-from relibra_verl.planner import Topology, plan_relibra, planner_configs
+from relibra_verl.planner import Topology, load_profile, plan_relibra, planner_configs
 from relibra_verl.planner.types import PlanError
 from relibra_verl.sim.presets import get_preset
-from relibra_verl.sim.profiles import load_profile
 
 # (MoE layers, routed experts, top-k), from ../shared/reference/facts.md "Model shapes"
 PLANNER_SHAPES = {

@@ -1,5 +1,5 @@
 """The planner's configuration from a hardware profile: time-aware planning inputs derived from the cost
-model (relibra_verl.sim.cost's per-pair GEMM coefficients) for the planner's `min_replica_tokens`,
+model (relibra_verl.planner.hardware's per-pair GEMM coefficients) for the planner's `min_replica_tokens`,
 `replica_overhead_pairs`, `copy_cost_pairs`, `inter_node_share`, `max_copies_per_owner`,
 `move_cost_pairs` and `rank_move_cost_pairs`).
 
@@ -23,35 +23,33 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from relibra_verl.planner.hardware import HardwareProfile, expert_gemm_coeffs, non_moe_flops_per_token
 from relibra_verl.planner.reorder import ReorderConfig
 from relibra_verl.planner.replicate import ReplicationConfig
-from relibra_verl.sim.cost import expert_gemm_coeffs, non_moe_flops_per_token
-from relibra_verl.sim.presets import ModelPreset
-from relibra_verl.sim.profiles import HardwareProfile
 
 
-def replica_copy_seconds(model: ModelPreset, profile: HardwareProfile) -> tuple[float, float]:
+def replica_copy_seconds(model, profile: HardwareProfile) -> tuple[float, float]:
     """(weight copy, gradient reduce) seconds of one replica over NVLink."""
     p2p = profile.nvlink_p2p_GBps * 1e9
     return (model.expert_params * profile.weight_bytes_per_param / p2p,
             model.expert_params * profile.grad_bytes_per_param / p2p)
 
 
-def exposed_copy_seconds(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True) -> float:
+def exposed_copy_seconds(model, profile: HardwareProfile, *, prefetch: bool = True) -> float:
     """Critical-path seconds of one replica's copies: forward copy, backward re-copy and gradient reduce,
     all of them online, the contention share when sent ahead (relibra_verl.sim.cost)."""
     w, g = replica_copy_seconds(model, profile)
     return (2.0 * w + g) * (profile.replica_contention_share if prefetch else 1.0)
 
 
-def _pair_costs(model: ModelPreset, profile: HardwareProfile) -> tuple[float, float]:
+def _pair_costs(model, profile: HardwareProfile) -> tuple[float, float]:
     """(GEMM, InfiniBand) seconds of one routed pair: its expert compute forward and backward, and its bytes
     in the layer's 4 all-to-alls (dispatch and combine, forward and backward) at the inter-node rate."""
     _, b = expert_gemm_coeffs(model, profile)
     return (1.0 + profile.bwd_compute_factor) * b, 4.0 * model.hidden * profile.act_bytes / (profile.ib_a2a_GBps * 1e9)
 
 
-def pair_seconds(model: ModelPreset, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
+def pair_seconds(model, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
     """Critical-path seconds one routed pair costs the rank that computes it: its expert GEMMs (forward
     and backward) and its bytes in the layer's 4 all-to-alls on the busier link, the rank's pairs coming
     evenly from all N * g ranks ((N-1)/N over InfiniBand, (g-1)/(N g) over NVLink)."""
@@ -61,7 +59,7 @@ def pair_seconds(model: ModelPreset, profile: HardwareProfile, num_nodes: int = 
     return gemm + max((N - 1) / N * ib, (g - 1) / (N * g) * nvl)
 
 
-def min_replica_tokens(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True,
+def min_replica_tokens(model, profile: HardwareProfile, *, prefetch: bool = True,
                        include_call: bool = True, num_nodes: int = 1, gpus_per_node: int = 8) -> int:
     """Fewest routed pairs a replica must carry to repay its copies and its extra GEMM call (>= 1).
     include_call=False: the copies only, for a planner that already charges each replica's GEMM call to
@@ -72,7 +70,7 @@ def min_replica_tokens(model: ModelPreset, profile: HardwareProfile, *, prefetch
     return max(1, math.ceil((call + exposed) / pair_seconds(model, profile, num_nodes, gpus_per_node)))
 
 
-def replica_overhead_tokens(model: ModelPreset, profile: HardwareProfile) -> int:
+def replica_overhead_tokens(model, profile: HardwareProfile) -> int:
     """A replica's extra GEMM call expressed in routed pairs of GEMM work (a / b): what a planner should
     charge a receiving rank per replica so that the ranks' expert compute, not just their pair counts,
     ends even. (The call costs compute only; the planner weighs the ranks' InfiniBand receive
@@ -81,7 +79,7 @@ def replica_overhead_tokens(model: ModelPreset, profile: HardwareProfile) -> int
     return max(0, math.ceil(a / b))
 
 
-def copy_cost_pairs(model: ModelPreset, profile: HardwareProfile, *, prefetch: bool = True) -> float:
+def copy_cost_pairs(model, profile: HardwareProfile, *, prefetch: bool = True) -> float:
     """What one more replica copy costs the rank that sends or receives most copies, in routed pairs of
     GEMM work ((1 + f) * b each): the exposed part of its forward copy, backward re-copy and gradient
     reduce (all of it online; sent ahead, the contention share: relibra_verl.sim.cost). The planner's
@@ -90,7 +88,7 @@ def copy_cost_pairs(model: ModelPreset, profile: HardwareProfile, *, prefetch: b
     return exposed_copy_seconds(model, profile, prefetch=prefetch) / gemm
 
 
-def max_copies_per_owner(model: ModelPreset, profile: HardwareProfile, tokens_per_rank: int, *,
+def max_copies_per_owner(model, profile: HardwareProfile, tokens_per_rank: int, *,
                          mean_context: float = 1024.0) -> int:
     """Most replicas one owner should send per (micro-batch, layer), at least 1: the copies that fit the
     window a prefetched copy hides behind (this layer's attention forward on `tokens_per_rank` tokens).
@@ -101,14 +99,14 @@ def max_copies_per_owner(model: ModelPreset, profile: HardwareProfile, tokens_pe
     return max(1, int(window // w))
 
 
-def migration_seconds_per_expert(model: ModelPreset, profile: HardwareProfile, *, within_node: bool = False) -> float:
+def migration_seconds_per_expert(model, profile: HardwareProfile, *, within_node: bool = False) -> float:
     """Critical-path seconds to move one expert's full state (3*H*I x state_bytes) to a rank, over IB (or
     NVLink, within_node): what a reordering move must repay (relibra_verl.sim.cost, migration term)."""
     GBps = profile.nvlink_p2p_GBps if within_node else profile.ib_bulk_GBps
     return model.expert_params * profile.state_bytes_per_param / (GBps * 1e9) * profile.migration_exposed_share
 
 
-def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
+def move_cost_pairs(model, profile: HardwareProfile) -> float:
     """A reordering move's critical-path cost in routed pairs on the busiest rank: the planner's
     ReorderConfig.move_cost_pairs. It trades a node assignment's balance (pairs per rank on the busiest
     node) against the experts it moves across nodes. A pair on the busiest node costs its expert compute
@@ -117,7 +115,7 @@ def move_cost_pairs(model: ModelPreset, profile: HardwareProfile) -> float:
     return migration_seconds_per_expert(model, profile) / sum(_pair_costs(model, profile))
 
 
-def rank_move_cost_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
+def rank_move_cost_pairs(model, profile: HardwareProfile, num_nodes: int = 1, gpus_per_node: int = 8) -> float:
     """A move between ranks of one node in routed pairs on the busiest rank: ReorderConfig's
     rank_move_cost_pairs. The move sends the expert's full state over NVLink (its exposed share, as in
     the migration term); a pair on the busiest rank costs pair_seconds (GEMMs and all-to-all bytes)."""
@@ -125,7 +123,7 @@ def rank_move_cost_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes
             / pair_seconds(model, profile, num_nodes, gpus_per_node))
 
 
-def migration_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int,
+def migration_pairs(model, profile: HardwareProfile, num_nodes: int,
                     gpus_per_node: int = 8) -> tuple[float, float]:
     """(over InfiniBand, over NVLink) what moving one expert costs the step (its exposed migration time, as in
     the cost model's migration term), in units of the replication objective J. With several nodes J is in
@@ -138,7 +136,7 @@ def migration_pairs(model: ModelPreset, profile: HardwareProfile, num_nodes: int
             migration_seconds_per_expert(model, profile, within_node=True) / unit)
 
 
-def inter_node_share(model: ModelPreset, profile: HardwareProfile) -> float:
+def inter_node_share(model, profile: HardwareProfile) -> float:
     """The share of a routed pair's cost that is its inter-node transfer when it crosses nodes:
     c_ib / (c_gemm + c_ib), c_ib = its bytes in the 4 all-to-alls at the inter-node rate, c_gemm = its
     expert compute (forward + backward). The planner's ReplicationConfig.inter_node_share (and

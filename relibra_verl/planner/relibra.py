@@ -5,6 +5,8 @@ their replicas, and the critical paths they lead to, summed over the batch's mic
 replication objective J, replicate.py), are weighed with the new placement's migration (migration_cost):
 the batch keeps its placement unless moving gains more than it costs, so the plan is never worse, under
 the planner's cost, than keeping the placement with replicas, nor than the new placement with them. The
+migration is paid once and the gain counted over ReorderConfig.migration_horizon batches (a placement
+outlasts the batch it is planned on: the trainer applies it to the next one, later plans start from it). The
 choice is the batch's, not each layer's: J is the planner's estimate of a layer's time, and layer by layer
 the choice would follow its noise. Where the placement in force cannot do better than moving even with
 perfect replication (replica_lower_bound), its replicas are not planned at all.
@@ -33,6 +35,8 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     placement in force).
     """
     counts = np.asarray(counts)
+    if not reorder.migration_horizon > 0:
+        raise PlanError(f"ReorderConfig.migration_horizon must be > 0 batches, got {reorder.migration_horizon}")
     if counts.ndim != 4:
         raise PlanError(f"counts must be [micro_batches, layers, ranks, experts], got shape {counts.shape}")
     M, L, G, E = counts.shape
@@ -53,7 +57,9 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
         changed = np.flatnonzero((placement != prev).any(1))
         if len(changed):
             rep_e, rep_q, j_new = plan_replicas(counts, weigh_topo, placement, replication)
-            moving = float(j_new[:, changed].sum()) + migration_cost(prev[changed], placement[changed], topo, reorder)
+            # per batch: the gain over the horizon against the migration, paid once
+            migration = migration_cost(prev[changed], placement[changed], topo, reorder) / reorder.migration_horizon
+            moving = float(j_new[:, changed].sum()) + migration
             # keeping cannot end below its lower bound: where that already costs more, the plan moves unweighed
             if replica_lower_bound(counts, weigh_topo, prev[changed], replication, layers=changed).sum() < moving:
                 kept_e, kept_q, j_keep = plan_replicas(counts, weigh_topo, prev[changed], replication, layers=changed)

@@ -125,17 +125,15 @@ def replica_lower_bound(counts: np.ndarray, topo: Topology, expert_at_home: np.n
 def _lower_bounds(counts, layers, expert_at_home, node_ranks, node_of_rank, S, overhead, share, out):
     M, _, G, E = counts.shape
     N, g = node_ranks.shape
-    local = np.zeros(E, dtype=np.int64)
-    remote = np.zeros(E, dtype=np.int64)
-    home_rank = np.empty(E, dtype=np.int64)
+    node_sum = np.zeros((N, E), dtype=np.int64)
+    on_node = np.zeros((N, E), dtype=np.int64)
     home_r = np.zeros((N, g, S), dtype=np.int64)
     home_l = np.zeros((N, g, S), dtype=np.int64)
     for l in range(len(layers)):
-        for slot in range(E):
-            home_rank[expert_at_home[l, slot]] = slot // S
+        _home_nodes(expert_at_home[l], S, node_of_rank, on_node)
         for m in range(M):
-            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], home_rank, node_ranks, node_of_rank, S,
-                                local, remote, home_r, home_l)
+            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], on_node, node_ranks, node_of_rank, S,
+                                node_sum, home_r, home_l)
             floor = floor if N > 1 else 0.0
             bound = 0.0
             for n in range(N):
@@ -161,9 +159,8 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     L = len(layers)
     N, g = node_ranks.shape
     steps = g * R
-    local = np.zeros(E, dtype=np.int64)
-    remote = np.zeros(E, dtype=np.int64)
-    home_rank = np.empty(E, dtype=np.int64)
+    node_sum = np.zeros((N, E), dtype=np.int64)
+    on_node = np.zeros((N, E), dtype=np.int64)
     home_r = np.zeros((N, g, S), dtype=np.int64)
     home_l = np.zeros((N, g, S), dtype=np.int64)
     picks = np.zeros((2, N, max(steps, 1), 6), dtype=np.int64)      # per run and node: d, sl, rv, k, a, y
@@ -173,15 +170,22 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     best_j = np.zeros((2, N))
     best_steps = np.zeros((2, N), dtype=np.int64)
     step_of = np.zeros((2, N, max(steps, 1)), dtype=np.int64)
+    settled = np.zeros((4, N))                                       # flag, J, busiest T, busiest X
+    settled_j, settled_T, settled_R = settled[1], settled[2], settled[3]
     for l in range(L):
-        for slot in range(E):
-            home_rank[expert_at_home[l, slot]] = slot // S
+        _home_nodes(expert_at_home[l], S, node_of_rank, on_node)
         for m in range(M):
-            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], home_rank, node_ranks, node_of_rank, S,
-                                local, remote, home_r, home_l)
+            floor = _slot_loads(counts[m, layers[l]], expert_at_home[l], on_node, node_ranks, node_of_rank, S,
+                                node_sum, home_r, home_l)
             floor = floor if N > 1 else 0.0
             runs = 2 if overhead > 0 and steps > 0 else 1
+            skip = _settled_nodes(home_r, home_l, floor, share, overhead, settled)
             for n in range(N):
+                if skip and settled[0, n] > 0:
+                    for run in range(runs):
+                        best_j[run, n], best_steps[run, n], n_picks[run, n] = settled_j[n], 0, 0
+                        peak_T[run, n], peak_R[run, n] = settled_T[n], settled_R[n]
+                    continue
                 # the moves-only run is the exchange run's until its first exchange: replayed, not searched
                 replay, first_exchange = 0, 0
                 if runs == 2:
@@ -220,6 +224,48 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
 
 
 @_jit
+def _settled_nodes(home_r, home_l, floor, s, overhead, settled):
+    """The nodes of one (micro-batch, layer) whose greedy runs cannot change the plan, found before running
+    them: settled[0, n] = 1 where node n's busiest rank and NIC already sit below what the layer's time will
+    be anyway (the busiest node mean's GEMM work T_lb and NIC R_lb: a node's pairs only move between its
+    ranks and each replica's call adds work, so every node ends at or above its means) and so does
+    whatever step its greedy could end on (a step it keeps has J at most its J at the start, J0, which
+    bounds the step's busiest T by (J0 - s F) / (1 - s) and its busiest X by (J0 - (1 - s) mean T) / s).
+    Such a node keeps no replica (_shortest_equal_prefix) and leaves the layer's maxima as they are;
+    settled[1:4, n] = its J0, busiest T and busiest X. Returns whether any node is settled (only with
+    0 < s < 1: several nodes)."""
+    N, g, S = home_r.shape
+    settled[0] = 0.0
+    if not 0.0 < s < 1.0:
+        return False
+    T_lb, R_lb = -np.inf, floor
+    for n in range(N):
+        t_sum, x_sum, t_max, x_max = 0.0, 0.0, -np.inf, -np.inf
+        for i in range(g):
+            t, x = 0.0, 0.0
+            for sl in range(S):
+                left = home_r[n, i, sl] + home_l[n, i, sl]
+                t += left + (overhead if left > 0 else 0.0)
+                x += home_r[n, i, sl]
+            t_sum += t
+            x_sum += x
+            t_max, x_max = max(t_max, t), max(x_max, x)
+        settled[1, n] = (1 - s) * t_max + s * max(x_max, floor)
+        settled[2, n], settled[3, n] = t_max, x_max
+        T_lb, R_lb = max(T_lb, t_sum / g), max(R_lb, x_sum / g)
+        settled[0, n] = t_sum / g                                     # the node's mean T, for below
+    margin = 1.0 - 1e-9                                               # rounding of J: strictly below
+    any_settled = False
+    for n in range(N):
+        j0, t_max, x_max, t_mean = settled[1, n], settled[2, n], settled[3, n], settled[0, n]
+        ok = (t_max <= T_lb * margin and x_max <= R_lb * margin
+              and (j0 - s * floor) / (1 - s) <= T_lb * margin and (j0 - (1 - s) * t_mean) / s <= R_lb * margin)
+        settled[0, n] = 1.0 if ok else 0.0
+        any_settled |= ok
+    return any_settled
+
+
+@_jit
 def _busiest_copier(picks, step_of, n_picks, keep, g):
     """The most replica copies any rank of a node sends or receives in the kept steps (step < keep)."""
     sends = np.zeros(g, dtype=np.int64)
@@ -232,33 +278,48 @@ def _busiest_copier(picks, step_of, n_picks, keep, g):
 
 
 @_jit
-def _slot_loads(counts, expert_at_home, home_rank, node_ranks, node_of_rank, S, local, remote, home_r, home_l):
+def _home_nodes(expert_at_home, S, node_of_rank, on_node):
+    """One layer's placement expert_at_home [E] -> on_node [N, E]: 1 where the expert's home is on the node."""
+    on_node[:] = 0
+    for slot in range(len(expert_at_home)):
+        on_node[node_of_rank[slot // S], expert_at_home[slot]] = 1
+
+
+@_jit
+def _slot_loads(counts, expert_at_home, on_node, node_ranks, node_of_rank, S, node_sum, home_r, home_l):
     """One (micro-batch, layer): counts [G, E] -> pairs left at each home slot of every node, from other
-    nodes home_r [N, g, S] and from the home node home_l [N, g, S]. local, remote: [E] scratch. Returns F,
-    the most any rank sends to experts homed on other nodes."""
+    nodes home_r [N, g, S] and from the home node home_l [N, g, S]. on_node: [N, E] of the layer
+    (_home_nodes); node_sum: [N, E] scratch, the pairs each node's sources send each expert. Returns F, the
+    most any rank sends to experts homed on other nodes. The loop over the loads is branch-free (it
+    vectorises): every source's row is summed into its node's, and its sends off the node are its total
+    less its pairs for experts on its node."""
     G, E = counts.shape
     N, g = node_ranks.shape
-    local[:] = 0
-    remote[:] = 0
+    node_sum[:] = 0
     floor = 0
     for src in range(G):
         node = node_of_rank[src]
-        sent = 0
+        row = counts[src]
+        acc = node_sum[node]
+        mask = on_node[node]
+        total = 0
+        kept = 0
         for e in range(E):
-            c = counts[src, e]
-            if node_of_rank[home_rank[e]] == node:
-                local[e] += c
-            else:
-                remote[e] += c
-                sent += c
-        floor = max(floor, sent)
+            c = row[e]
+            acc[e] += c
+            total += c
+            kept += c * mask[e]
+        floor = max(floor, total - kept)
     for n in range(N):
         for i in range(g):
             rank = node_ranks[n, i]
             for sl in range(S):
                 e = expert_at_home[rank * S + sl]
-                home_r[n, i, sl] = remote[e]
-                home_l[n, i, sl] = local[e]
+                total = 0
+                for k in range(N):
+                    total += node_sum[k, e]
+                home_r[n, i, sl] = total - node_sum[n, e]
+                home_l[n, i, sl] = node_sum[n, e]
     return float(floor)
 
 

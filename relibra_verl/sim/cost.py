@@ -61,33 +61,10 @@ import dataclasses
 
 import numpy as np
 
+from relibra_verl.planner.hardware import HardwareProfile, expert_gemm_coeffs, non_moe_flops_per_token  # noqa: F401
 from relibra_verl.sim.presets import ModelPreset
-from relibra_verl.sim.profiles import HardwareProfile
 
 TERMS = ("dispatch", "expert", "replica", "non_moe")
-
-
-def expert_gemm_coeffs(model: ModelPreset, profile: HardwareProfile) -> tuple[float, float]:
-    """Forward time of one expert GEMM call: a + b * pairs. Returns (a seconds, b seconds per pair).
-
-    A measured fit in profile.gemm_fit[model.name] wins; otherwise a = 3*H*I*weight_bytes / hbm +
-    gemm_call_overhead, b = 6*H*I / gemm_tflops.
-    """
-    fit = profile.gemm_fit.get(model.name)
-    if fit:
-        return float(fit["a_us"]) * 1e-6, float(fit["b_ns_per_token"]) * 1e-9
-    a = model.expert_params * profile.weight_bytes_per_param / (profile.hbm_GBps * 1e9) + profile.gemm_call_overhead_us * 1e-6
-    b = 2.0 * model.expert_params / (profile.gemm_tflops * 1e12)
-    return a, b
-
-
-def non_moe_flops_per_token(model: ModelPreset, mean_context: float) -> tuple[float, float]:
-    """Forward FLOPs per token: (one MoE layer's non-expert part, the per-micro-batch rest: dense layers +
-    LM head)."""
-    score = model.attn_score_flops_per_token(mean_context)
-    per_moe_layer = 2.0 * model.moe_layer_other_params() + score
-    rest = model.num_dense_layers * (2.0 * model.dense_layer_params() + score) + 2.0 * model.hidden * model.vocab
-    return per_moe_layer, rest
 
 
 def _exposed(t: np.ndarray, window: np.ndarray, share: float) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from relibra_verl.cli import main
-from relibra_verl.planner import (ReorderConfig, ReplicationConfig, Topology, identity_placement, plan_placement,
+from relibra_verl.planner import (PlanError, ReorderConfig, ReplicationConfig, Topology, identity_placement, plan_placement,
                                   plan_relibra, plan_replicas, validate_plan)
 from relibra_verl.planner.relibra import migration_cost
 
@@ -24,17 +24,19 @@ def _skewed(seed: int, M: int = 3, L: int = 4) -> np.ndarray:
 
 
 def _planner_cost(counts, placement, prev, reorder) -> float:
-    """The planner's cost of a placement: J with its replicas summed over the batch, plus its migration."""
-    return float(plan_replicas(counts, TOPO, placement, REPLICATION)[2].sum()) + migration_cost(prev, placement, TOPO,
-                                                                                              reorder)
+    """The planner's cost of a placement per batch: J with its replicas summed over the batch, plus its
+    migration spread over the horizon's batches."""
+    return (float(plan_replicas(counts, TOPO, placement, REPLICATION)[2].sum())
+            + migration_cost(prev, placement, TOPO, reorder) / reorder.migration_horizon)
 
 
+@pytest.mark.parametrize("horizon", [1.0, 2.0])
 @pytest.mark.parametrize("migration", [(0.0, 0.0), (40.0, 10.0), (400.0, 100.0), (1e6, 1e6)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_plan_is_never_worse_than_keeping_or_moving_under_the_planners_cost(seed, migration):
+def test_plan_is_never_worse_than_keeping_or_moving_under_the_planners_cost(seed, migration, horizon):
     counts = _skewed(seed)
     prev = identity_placement(TOPO, counts.shape[1])
-    reorder = ReorderConfig(migration_pairs=migration)
+    reorder = ReorderConfig(migration_pairs=migration, migration_horizon=horizon)
     plan = plan_relibra(counts, TOPO, prev, replication=REPLICATION, reorder=reorder)
     validate_plan(plan, counts)
     new = plan_placement(counts, TOPO, prev, reorder)
@@ -56,6 +58,25 @@ def test_migration_that_dominates_keeps_the_placement_and_its_replicas():
     # the reorder alone (no replicas) is weighed the same way
     alone = plan_relibra(counts, TOPO, prev, mode="reorder", reorder=ReorderConfig(migration_pairs=(1e6, 1e6)))
     assert (alone.expert_at_home == prev).all() and (alone.replica_expert < 0).all()
+
+
+def test_the_horizon_counts_the_gain_over_several_batches_against_one_migration():
+    """A migration between one and two batches' gain: the batch alone keeps the placement, a two-batch
+    horizon moves (each choice the cheaper one under its own weighing)."""
+    counts = _skewed(0, M=1)
+    prev = identity_placement(TOPO, counts.shape[1])
+    new = plan_placement(counts, TOPO, prev, ReorderConfig())
+    gain = float(plan_replicas(counts, TOPO, prev, REPLICATION)[2].sum() - plan_replicas(counts, TOPO, new, REPLICATION)[2].sum())
+    assert gain > 0
+    unit = migration_cost(prev, new, TOPO, ReorderConfig(migration_pairs=(1.0, 1.0)))   # busiest receiver's arrivals
+    per_move = 1.5 * gain / unit                                            # the migration costs 1.5 batches' gain
+    plans = {h: plan_relibra(counts, TOPO, prev, replication=REPLICATION,
+                             reorder=ReorderConfig(migration_pairs=(per_move, per_move), migration_horizon=h))
+             for h in (1.0, 2.0)}
+    assert (plans[1.0].expert_at_home == prev).all()
+    assert np.array_equal(plans[2.0].expert_at_home, new)
+    with pytest.raises(PlanError, match="migration_horizon"):
+        plan_relibra(counts, TOPO, prev, reorder=ReorderConfig(migration_horizon=0.0))
 
 
 def test_small_real_batch_where_migration_dominates_relibra_is_not_worse_than_replication_alone(tmp_path):
