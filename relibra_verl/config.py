@@ -14,7 +14,7 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
   gpus_per_node        8        EP ranks per NVLink domain (replicas never leave it)
   reorder_every        1        reorder the expert placement every N optimizer steps (0: never)
   max_moved_experts    -1       move budget: experts whose home may change per layer and reorder (-1: any)
-  profile              h100-ib400  hardware profile (relibra_verl/sim/profiles.py name, or a JSON/YAML
+  profile              h100-ib400  hardware profile (relibra_verl/planner/hardware.py name, or a JSON/YAML
                                 file) for time-aware planning: a replica must repay its weight copies,
                                 its GEMM call is charged to the rank that runs it, replication weighs the
                                 busiest NIC against the busiest rank's GEMMs, an expert's move must repay
@@ -123,7 +123,7 @@ class RelibraConfig:
         _at_least("reorder_every", self.reorder_every, 0)
         _at_least("max_moved_experts", self.max_moved_experts, -1)
         if self.profile != "none":
-            from relibra_verl.sim.profiles import load_profile
+            from relibra_verl.planner import load_profile
 
             try:
                 load_profile(self.profile)

@@ -255,7 +255,7 @@ class RelibraTrainer:
         if self.cfg.profile == "none":
             return
         from relibra_verl.planner import ExpertShape
-        from relibra_verl.sim.profiles import load_profile
+        from relibra_verl.planner import load_profile
 
         ffn = getattr(tf, "moe_ffn_hidden_size", None) or tf.ffn_hidden_size
         shape, profile = ExpertShape(int(tf.hidden_size), int(ffn)), load_profile(self.cfg.profile)
