@@ -13,14 +13,7 @@ sim() { name=$1; shift; .venv/bin/relibra-verl simulate --no-progress --replica-
     --strategies megatron,eplb-periodic,eplb-history,eplb-oracle,relibra,ideal --passes update,logprob,ref \
     "$@" "${EXTRA[@]}" --json "$out/$name.json" > "$out/$name.txt"; echo "$name done"; }
 EXTRA=("$@")
-real="--trace bundled:esft_intent --trace bundled:esft_law --model deepseek-v2-lite --resample 2000 --steps 3"
-sim ep8 $real --ep 8 --gpus-per-node 8 --tokens-per-rank 1024
-sim ep16 $real --ep 16 --gpus-per-node 8 --tokens-per-rank 1024
-sim ep16_4k $real --ep 16 --gpus-per-node 8 --tokens-per-rank 4096
-sim ep16_small --trace bundled:esft_intent --trace bundled:esft_law --model deepseek-v2-lite --resample 200 --steps 4 \
-    --ep 16 --gpus-per-node 8 --tokens-per-rank 4096
-sim qwen128 --synthetic --model qwen3-30b-a3b --seqs 128 --steps 2 --ep 32 --gpus-per-node 8 --tokens-per-rank 4096
-sim qwen512 --synthetic --model qwen3-30b-a3b --seqs 512 --steps 2 --ep 32 --gpus-per-node 8 --tokens-per-rank 4096
-sim v3_128 --synthetic --model deepseek-v3 --seqs 128 --steps 2 --ep 64 --gpus-per-node 8 --tokens-per-rank 4096
-sim v3_512 --synthetic --model deepseek-v3 --seqs 512 --steps 2 --ep 64 --gpus-per-node 8 --tokens-per-rank 4096
+source bench/table_configs.sh
+small_configs
+large_configs
 echo "results in $out"
