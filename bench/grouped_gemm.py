@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
+
+from calibrate_gpu import timer  # bench/ is the script's directory: on sys.path
 
 
 def grouped_mm_impl(device: str, dtype: torch.dtype):
@@ -46,25 +47,6 @@ def grouped_mm_impl(device: str, dtype: torch.dtype):
 
 def mlp(gmm, x, w1, w2, splits):
     return gmm(torch.nn.functional.gelu(gmm(x, w1, splits)), w2, splits)
-
-
-def timed_ms(fn, device: str, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(reps):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            samples.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def run(tokens: int, S: int, R: int, H: int, F: int, share: float, device: str, dtype, reps: int) -> dict:
@@ -97,7 +79,7 @@ def run(tokens: int, S: int, R: int, H: int, F: int, share: float, device: str, 
     out = {"grouped_gemm": name, "tokens": tokens, "S": S, "R": R, "hidden": H, "ffn": F,
            "replica_share": share, "splits_groups": rest + moved, "ms": {}, "max_rel_diff_vs_home": {}}
     for key, fn in cases.items():
-        out["ms"][key] = timed_ms(fn, device, reps)
+        out["ms"][key] = timer(torch, device)(fn, reps) * 1e3
         y = fn().float()
         y = y[perm] if key == "home" else y  # compare row for row in relibra's layout
         out["max_rel_diff_vs_home"][key] = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
