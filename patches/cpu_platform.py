@@ -124,13 +124,14 @@ class CPUDeviceModule:
         return getattr(torch.cpu, name)
 
 
-def _register_verl_platform() -> None:
+@functools.cache
+def platform_class():
+    """verl's platform class for a CPU-only machine (not registered; `_register_verl_platform` registers it
+    for `make e2e`, the gloo test harnesses register or set it themselves)."""
     from verl.plugin.platform.platform_cuda import PlatformCUDA
-    from verl.plugin.platform.platform_manager import PlatformRegistry
 
     device_module = CPUDeviceModule()
 
-    @PlatformRegistry.register(platform=NAME)
     class PlatformRelibraCPU(PlatformCUDA):
         """verl's device layer on a CPU-only machine: device "cpu", gloo, no CUDA IPC."""
 
@@ -183,6 +184,12 @@ def _register_verl_platform() -> None:
             return None
 
     return PlatformRelibraCPU
+
+
+def _register_verl_platform() -> None:
+    from verl.plugin.platform.platform_manager import PlatformRegistry
+
+    PlatformRegistry.register(platform=NAME)(platform_class())
 
 
 # ----------------------------------------------------------------------------------------- per-module patches

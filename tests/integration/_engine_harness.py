@@ -27,24 +27,11 @@ E, K, L_ALL, H, V = 8, 2, 2, 16, 32
 
 
 def _cpu_platform():
-    from verl.plugin.platform.platform_cuda import PlatformCUDA
     from verl.plugin.platform.platform_manager import set_platform
 
-    class PlatformCPU(PlatformCUDA):
-        @property
-        def device_name(self) -> str:
-            return "cpu"
+    from relibra_verl.patches.cpu_platform import platform_class
 
-        def is_available(self) -> bool:
-            return True
-
-        def current_device(self):
-            return "cpu"
-
-        def communication_backend_name(self) -> str:
-            return "gloo"
-
-    set_platform(PlatformCPU())
+    set_platform(platform_class()())
 
 
 def _cpu_schedules():

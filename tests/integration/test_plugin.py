@@ -142,7 +142,7 @@ def test_failed_patch_is_counted_in_fallbacks_and_raises_in_strict_mode(monkeypa
 
     from verl.utils import tensordict_utils as tu
 
-    from patches.verl_engine import patch_engine_workers
+    from relibra_verl.patches.verl_engine import patch_engine_workers
     from relibra_verl.integration import plugin
     from relibra_verl.integration.trainer import RelibraError
 
