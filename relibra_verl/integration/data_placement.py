@@ -125,8 +125,8 @@ def place_by_routes(trainer, batch, metrics: dict, logging_prefix: str = "global
     routes = batch.batch["routed_experts"].cpu().numpy()
     dp = trainer._get_dp_size(trainer.actor_rollout_wg, "actor")
     seq_lens = mask.sum(1)
-    order = _place(trainer, cfg, [routes[b][mask[b]] for b in range(len(mask))], seq_lens, dp, batch, metrics,
-                   logging_prefix)
+    rows = [sequence_usage(routes[b][mask[b]]) for b in range(len(mask))]
+    order = _place(trainer, cfg, rows, seq_lens, dp, batch, metrics, logging_prefix)
     if order is not None:
         batch.reorder(torch.as_tensor(order))
 
@@ -145,7 +145,7 @@ def place_by_routes_v1(trainer, batch, metrics: dict, logging_prefix: str = "glo
     dp = max(trainer.actor_rollout_wg._dispatch_info["actor"]) + 1     # filled by verl's _balance_batch
     seq_lens = np.array([int(tag["seq_len"]) for tag in batch.tags], dtype=np.int64)
     padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
-    routes = []
+    rows = []                                  # per sequence [L_all, e]: the routes are not kept
     for lo in range(0, len(batch), V1_READ_CHUNK):
         keys = batch.keys[lo:lo + V1_READ_CHUNK]
         try:
@@ -158,16 +158,16 @@ def place_by_routes_v1(trainer, batch, metrics: dict, logging_prefix: str = "glo
         field = got["routed_experts"]
         for j, r in enumerate(field.unbind(0) if getattr(field, "is_nested", False) else field):
             r = r.cpu().numpy()[:seq_lens[lo + j]]
-            routes.append(r[:0] if padding[lo + j] else r)                # padding samples: no pairs
-    order = _place(trainer, cfg, routes, seq_lens, dp, batch, metrics, logging_prefix)
+            rows.append(sequence_usage(r[:0] if padding[lo + j] else r))  # padding samples: no pairs
+    order = _place(trainer, cfg, rows, seq_lens, dp, batch, metrics, logging_prefix)
     if order is not None:
         batch.reorder(order.tolist())
 
 
-def _place(trainer, cfg, routes: list, seq_lens: np.ndarray, dp: int, batch, metrics: dict,
+def _place(trainer, cfg, rows: list, seq_lens: np.ndarray, dp: int, batch, metrics: dict,
            logging_prefix: str) -> np.ndarray | None:
-    """Plan the placement of a batch balanced by verl (rank r holds its r-th contiguous chunk). routes: [B]
-    per sequence [T_b, L_all, K]; seq_lens [B]. Puts the metrics and the expert-node hint; returns the
+    """Plan the placement of a batch balanced by verl (rank r holds its r-th contiguous chunk). rows: [B]
+    per sequence its sequence_usage [L_all, e_b]; seq_lens [B]. Puts the metrics and the expert-node hint; returns the
     order to reorder the batch by (None: verl's placement kept)."""
     from verl.utils.seqlen_balancing import log_seqlen_unbalance
 
@@ -186,7 +186,7 @@ def _place(trainer, cfg, routes: list, seq_lens: np.ndarray, dp: int, batch, met
         minibatch = np.unique(np.stack([minibatch, critic], 1), axis=0, return_inverse=True)[1].reshape(-1)
     ep = int(ref.actor.megatron.expert_model_parallel_size)
     node_of_rank = (np.arange(dp) % ep) // cfg.gpus_per_node
-    usage = usage_from_sequences(routes, int(node_of_rank.max()) + 1, _num_experts(trainer))
+    usage = usage_from_sequences(rows, int(node_of_rank.max()) + 1, _num_experts(trainer))
     move_experts = cfg.enable and cfg.reorders
     prev = getattr(trainer, "_relibra_node_of_expert", None) if move_experts else None
     placed = plan_locality(usage, seq_lens, node_of_rank, verl_rank, minibatch=minibatch,
@@ -241,20 +241,27 @@ def _num_experts(trainer) -> int | None:
     return trainer._relibra_num_experts
 
 
-def usage_from_sequences(routes: list, num_nodes: int, num_experts: int | None = None) -> np.ndarray:
-    """Per-sequence usage [B, L, E] from every sequence's routes [T_b, L_all, K] (valid tokens only): dense
-    layers (every route 0) dropped; E = num_experts (None: the largest id + 1), rounded up to a multiple of
-    num_nodes."""
-    L_all = next((r.shape[1] for r in routes if r.ndim == 3), 0)
-    lens = np.array([len(r) for r in routes], dtype=np.int64)
-    ids = np.concatenate([np.asarray(r, dtype=np.int64).reshape(-1, L_all, r.shape[-1]) for r in routes]) \
-        if len(routes) else np.zeros((0, 0, 0), np.int64)
-    top = int(ids.max(initial=0)) + 1
+def sequence_usage(routes: np.ndarray) -> np.ndarray:
+    """One sequence's routes [T, L_all, K] (valid tokens only) -> its pairs per layer and expert [L_all, max id + 1]."""
+    routes = np.asarray(routes, dtype=np.int64)
+    if routes.ndim != 3:
+        raise ValueError(f"routed_experts of a sequence must be [tokens, layers, top-k], got shape {routes.shape}")
+    T, L_all, K = routes.shape
+    width = int(routes.max(initial=0)) + 1
+    flat = (np.arange(L_all)[None, :, None] * width + routes).reshape(-1)
+    return np.bincount(flat, minlength=L_all * width).reshape(L_all, width).astype(np.int32)
+
+
+def usage_from_sequences(rows: list, num_nodes: int, num_experts: int | None = None) -> np.ndarray:
+    """Per-sequence usage [B, L, E] from every sequence's sequence_usage [L_all, e_b]: dense layers (every
+    route 0) dropped; E = num_experts (None: the largest id + 1), rounded up to a multiple of num_nodes."""
+    L_all = max((r.shape[0] for r in rows), default=0)
+    top = max((r.shape[1] for r in rows), default=1)
     if num_experts is not None and top > num_experts:
         raise ValueError(f"routed_experts holds expert id {top - 1} >= the model's {num_experts} experts")
-    moe = (ids != 0).any(axis=(0, 2))                                            # [L_all]
     E = -(-max(top, num_experts or 0) // num_nodes) * num_nodes
-    from relibra_verl.planner.locality import usage_from_routes
-
-    return usage_from_routes(ids[:, moe], np.concatenate([[0], np.cumsum(lens)]), E)
-
+    usage = np.zeros((len(rows), L_all, E), dtype=np.int32)
+    for b, r in enumerate(rows):
+        usage[b, :r.shape[0], :r.shape[1]] = r
+    moe = usage[:, :, 1:].any(axis=(0, 2))                                       # [L_all]
+    return usage[:, moe]

@@ -134,7 +134,10 @@ def test_verl_placement_is_untouched(v1, store):
     assert not any("routed_experts" in r for r in store.reads)          # nothing read from TransferQueue
 
 
-def test_locality_keeps_minibatches_and_counts_and_keeps_pairs_on_their_node(v1, store):
+def test_locality_keeps_minibatches_and_counts_and_keeps_pairs_on_their_node(v1, store, monkeypatch):
+    from relibra_verl.integration import data_placement
+
+    monkeypatch.setattr(data_placement, "V1_READ_CHUNK", 5)             # 16 samples: read in 4 chunks
     native = v1.PPOTrainer._balance_batch.__wrapped__
     mv, mo = {}, {}
     verl_batch = native(_trainer(v1, "verl"), _batch(store), metrics=mv)
@@ -150,9 +153,9 @@ def test_locality_keeps_minibatches_and_counts_and_keeps_pairs_on_their_node(v1,
     assert np.mean([node[s] == s % 2 for s in node]) > 0.7
     assert {k for k in mv} <= {k for k in mo}
     assert all(mo[k] == mv[k] for k in mv if "/balanced_" not in k)
-    # the tags travel with their keys; the routes were read once, routed_experts only
+    # the tags travel with their keys; the routes were read a chunk at a time, routed_experts only
     assert [t["seq_len"] for t in ours.tags] == [len(store.rows[k]["input_ids"]) for k in ours.keys]
-    assert ["routed_experts"] in store.reads and "relibra_node_of_expert" not in ours.extra_info
+    assert store.reads.count(["routed_experts"]) == 4 and "relibra_node_of_expert" not in ours.extra_info
 
 
 def test_verls_padding_samples_count_no_pairs_and_hint_reaches_extra_info(v1, store):
