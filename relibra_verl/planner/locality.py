@@ -369,25 +369,3 @@ def _assign_experts(traffic: np.ndarray, prev: np.ndarray, config: LocalityConfi
         load[rows, n] += w[:, 0]
     return out
 
-
-def placement_on_nodes(expert_at_home: np.ndarray, node_of_expert: np.ndarray, node_of_rank: np.ndarray,
-                       experts_per_rank: int) -> np.ndarray:
-    """A placement [L, E] (expert per home slot) with every expert on its node of node_of_expert [L, E],
-    moving as few as possible: an expert already on its node keeps its slot, the others fill the free
-    slots of their node in ascending expert order: where relibra's reorder starts from."""
-    prev = np.asarray(expert_at_home, dtype=np.int64)
-    L, E = prev.shape
-    node_of_rank = np.asarray(node_of_rank)
-    slot_node = node_of_rank[np.arange(E) // experts_per_rank]                 # [E] node of each home slot
-    home = invert_placement(prev)
-    out = np.full((L, E), -1, dtype=np.int64)
-    for l in range(L):
-        stays = slot_node[home[l]] == node_of_expert[l]
-        out[l, home[l, stays]] = np.flatnonzero(stays)
-        for n in np.unique(node_of_expert[l, ~stays]):
-            movers = np.flatnonzero(~stays & (node_of_expert[l] == n))
-            free = np.flatnonzero((out[l] < 0) & (slot_node == n))
-            if len(free) != len(movers):
-                raise PlanError(f"layer {l}: node {n} is assigned {len(movers)} new experts for {len(free)} free slots")
-            out[l, free] = movers
-    return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from relibra_verl.planner.locality import (LocalityConfig, inter_node_fraction, node_of_expert_of, placement_on_nodes,
-                                           plan_locality, usage_from_routes, verl_workload)
+from relibra_verl.planner.locality import (LocalityConfig, inter_node_fraction, plan_locality,
+                                           usage_from_routes, verl_workload)
 from relibra_verl.planner.types import PlanError
 
 
@@ -92,16 +92,6 @@ def test_usage_from_routes_counts_pairs():
     ids = np.array([[[0, 1]], [[1, -1]], [[2, 0]]])                      # 3 tokens, 1 layer, top-2
     u = usage_from_routes(ids, np.array([0, 2, 3]), 3)
     np.testing.assert_array_equal(u[:, 0], [[1, 2, 0], [1, 0, 1]])
-
-
-def test_placement_on_nodes_moves_only_what_must():
-    prev = np.tile(np.arange(8), (2, 1))
-    node_of_rank = np.array([0, 0, 1, 1])                                # 4 ranks x 2 slots, 2 nodes
-    target = np.array([[0, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]])
-    out = placement_on_nodes(prev, target, node_of_rank, 2)
-    np.testing.assert_array_equal(node_of_expert_of(out, node_of_rank, 2), target)
-    assert (out[0] == prev[0]).all()                                     # already on its nodes: nothing moves
-    assert (out[1] != prev[1]).sum() == 8                                # every expert changes node in layer 1
 
 
 def test_busiest_node_cross_pairs_by_hand_and_the_fall_back_rule():
