@@ -243,13 +243,11 @@ def _num_experts(trainer) -> int | None:
 
 def sequence_usage(routes: np.ndarray) -> np.ndarray:
     """One sequence's routes [T, L_all, K] (valid tokens only) -> its pairs per layer and expert [L_all, max id + 1]."""
-    routes = np.asarray(routes, dtype=np.int64)
+    routes = np.asarray(routes)
     if routes.ndim != 3:
         raise ValueError(f"routed_experts of a sequence must be [tokens, layers, top-k], got shape {routes.shape}")
-    T, L_all, K = routes.shape
-    width = int(routes.max(initial=0)) + 1
-    flat = (np.arange(L_all)[None, :, None] * width + routes).reshape(-1)
-    return np.bincount(flat, minlength=L_all * width).reshape(L_all, width).astype(np.int32)
+    from relibra_verl.planner.locality import count_routed_pairs
+    return count_routed_pairs(routes)
 
 
 def usage_from_sequences(rows: list, num_nodes: int, num_experts: int | None = None) -> np.ndarray:

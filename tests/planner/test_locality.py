@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from relibra_verl.planner.locality import (LocalityConfig, inter_node_fraction, plan_locality,
+from relibra_verl.planner.locality import (LocalityConfig, count_routed_pairs, inter_node_fraction, plan_locality,
                                            usage_from_routes, verl_workload)
 from relibra_verl.planner.types import PlanError
 
@@ -110,3 +110,25 @@ def test_busiest_node_cross_pairs_by_hand_and_the_fall_back_rule():
     assert 0.3 < p.nic_gain <= 1.0 and not p.fell_back
     q = plan_locality(usage, lens, np.arange(8) // 4, verl_rank, config=LocalityConfig(min_gain=p.nic_gain + 1e-6))
     assert q.fell_back and "busiest node" in q.reason and q.nic_gain == pytest.approx(p.nic_gain)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
+def test_count_routed_pairs_matches_bincount(dtype):
+    rng = np.random.default_rng(3)
+    routes = rng.integers(0, 60, size=(37, 5, 4)).astype(dtype)
+    routes[:, 2] = 0                                                    # a dense layer: every route 0
+    want = np.stack([np.bincount(routes[:, layer].reshape(-1).astype(np.int64), minlength=60)
+                     for layer in range(5)])[:, :int(routes.max()) + 1]
+    got = count_routed_pairs(routes)
+    assert got.dtype == np.int32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert count_routed_pairs(routes[:0]).shape == (5, 1)               # no valid token: no pairs
+
+
+def test_count_routed_pairs_names_bad_routes():
+    with pytest.raises(PlanError, match="negative expert id"):
+        count_routed_pairs(np.array([[[1, -2]]], dtype=np.int64))
+    with pytest.raises(PlanError, match="integer expert ids"):
+        count_routed_pairs(np.zeros((2, 1, 2), dtype=np.float32))
+    with pytest.raises(PlanError, match="tokens, layers, top-k"):
+        count_routed_pairs(np.zeros((2, 2), dtype=np.int64))
