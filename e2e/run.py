@@ -112,6 +112,9 @@ def overrides(assets: str, out: str, steps: int, relibra_on: bool) -> list[str]:
         # more than computing its tokens); count pairs so that replicas and reordering are exercised
         "actor_rollout_ref.relibra.profile=none",
         "actor_rollout_ref.relibra.on_missing_routing=error",
+        # the driver reads the routes back from TransferQueue and plans the data placement (one node here:
+        # it keeps verl's placement, which leaves the comparison with the off run exact)
+        f"actor_rollout_ref.relibra.data_placement={'locality' if relibra_on else 'verl'}",
         f"reward.custom_reward_function.path={HERE}/reward.py",
         "reward.custom_reward_function.name=compute_score",
         "reward.num_workers=1",

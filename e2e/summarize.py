@@ -59,6 +59,8 @@ def run_summary(run: dict) -> dict:
         # verl prefixes the actor's metrics with "actor/"
         "relibra": [{k[len("actor/"):]: _num(v) for k, v in m.items() if k.startswith("actor/relibra/")}
                     for m in steps],
+        # the driver's (data placement) are not prefixed
+        "driver": [{k: _num(v) for k, v in m.items() if k.startswith("relibra/")} for m in steps],
         "reward_mean": [_num(m.get("critic/score/mean")) for m in steps],
         "validation_reward": [_num(v) for m in steps for k, v in m.items() if k.startswith("val-core/")][:1],
         "_probe": probe,
@@ -180,6 +182,13 @@ def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> t
             elif not per_step[0]["imbalance_after"] < per_step[0]["imbalance_before"]:
                 failures.append(f"relibra_on step 1: {p} imbalance after {per_step[0]['imbalance_after']} not below "
                                 f"before {per_step[0]['imbalance_before']}")
+        # the driver read every step's routes from TransferQueue and ran the co-placement planner (verl's V1
+        # trainer); on one node it keeps verl's placement, so only that it ran is checked here
+        planned = [m.get("relibra/data_placement_ms") for m in on["driver"]]
+        checks["data_placement_planned_every_step"] = planned
+        if len(planned) != steps or any(p is None for p in planned):
+            failures.append(f"relibra_on: the driver's data placement did not plan every step "
+                            f"(relibra/data_placement_ms {planned}; see the log for its reason)")
         routes = on["_probe"].get("routes", [])
         checks["routes_from_vllm"] = bool(routes) and all(r["shape"] is not None for r in routes)
         if not checks["routes_from_vllm"]:
