@@ -1,0 +1,401 @@
+"""Compiled kernels of the reorder (reorder.py): one problem (a layer's experts -> nodes, or a node's
+experts -> its ranks) at a time, start to finish, so that its loads stay in cache and nothing is copied per
+candidate.
+
+assign_bins does what reorder._cheapest_assignment does for all problems at once in numpy (the readable
+reference, tests/planner/test_reorder_kernels.py compares them): greedy packings at every stickiness level,
+labels matched to the previous assignment, the cheapest candidate, then the cheapest of its refining swap
+steps. Loads are integer pair counts held as floats, so the sums and dot products the choices compare are
+exact in any order (_row_dot_int lets the compiler vectorise them); the sums that are not (over the mean bin
+load, or deviations from it) keep the reference's order.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(nogil=True, cache=True)
+# for dot products of integer-valued vectors only: exact in any summation order, so reassociation is safe
+_jit_int = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+
+# cost kinds of assign_bins
+NODE_COST = 0   # sum over micro-batches of the busiest bin's load / ranks_per_node, plus moves * move_cost / G
+RANK_COST = 1   # sum over micro-batches of the busiest bin's load, plus the busiest receiver's migration
+
+
+@_jit
+def _dot(a, b):
+    out = 0.0
+    for i in range(len(a)):
+        out += a[i] * b[i]
+    return out
+
+
+@_jit_int
+def _row_dot_int(x, a, y, b):
+    """x[a] . y[b], rows of integer-valued matrices."""
+    out = 0.0
+    for m in range(x.shape[1]):
+        out += x[a, m] * y[b, m]
+    return out
+
+
+@_jit_int
+def _row_dot_vec_int(x, a, v):
+    """x[a] . v, integer-valued."""
+    out = 0.0
+    for m in range(len(v)):
+        out += x[a, m] * v[m]
+    return out
+
+
+@_jit_int
+def _row_dist_int(x, a, b):
+    """|x[a] - x[b]|^2, integer-valued."""
+    out = 0.0
+    for m in range(x.shape[1]):
+        d = x[a, m] - x[b, m]
+        out += d * d
+    return out
+
+
+@_jit
+def expert_loads(counts, out):
+    """counts [M, L, G, E] (any integer or float dtype) -> out [L, E, M] float64: pairs per expert, summed
+    over source ranks, read once."""
+    M, L, G, E = counts.shape
+    acc = np.empty(E)
+    for m in range(M):
+        for l in range(L):
+            acc[:] = 0.0
+            for r in range(G):
+                for e in range(E):
+                    acc[e] += counts[m, l, r, e]
+            for e in range(E):
+                out[l, e, m] = acc[e]
+
+
+@_jit
+def placement_cost(load, expert_at_home, node_of_rank, num_nodes, S, out):
+    """out [L]: reorder._placement_cost, squared deviations from the mean of node loads plus those of rank
+    loads, summed over micro-batches. load [L, E, M]; expert_at_home [L, E]."""
+    L, E, M = load.shape
+    G = E // S
+    rank_load = np.empty((G, M))
+    node_load = np.empty((num_nodes, M))
+    for l in range(L):
+        rank_load[:] = 0.0
+        node_load[:] = 0.0
+        for r in range(G):
+            for s in range(S):
+                rank_load[r] += load[l, expert_at_home[l, r * S + s]]
+            node_load[node_of_rank[r]] += rank_load[r]
+        total = 0.0
+        for m in range(M):
+            mean = node_load[:, m].mean()
+            for n in range(num_nodes):
+                total += (node_load[n, m] - mean) ** 2
+        for m in range(M):
+            mean = rank_load[:, m].mean()
+            for r in range(G):
+                total += (rank_load[r, m] - mean) ** 2
+        out[l] = total
+
+
+@_jit
+def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, c0, c1, c2, iters, out):
+    """Items -> bins for P problems; reorder._cheapest_assignment, one problem at a time.
+
+    load [P, n, M] float64; prev [P, n] each item's previous bin (-1: none); levels [K] stickiness levels;
+    sticky: whether the packings keep items in their previous bin (within their level's price);
+    with_cost False: the packing at levels[0], labels matched to prev, refined by `iters` swap steps.
+    with_cost True: the cheapest (first on ties) of the previous assignment (where every item had a bin;
+    else the first level's packing) and the packings at every level, then of the swap steps on it, under
+    cost_kind: NODE_COST (c0 ranks per node, c1 move cost, c2 EP ranks) or RANK_COST (c0 move cost inside
+    the node, c1 arrival cost from another node). Writes bin_of_item into out [P, n] (n / num_bins per bin).
+    """
+    P, n, M = load.shape
+    K = len(levels)
+    per = n // num_bins
+    rowsum = np.empty(n)
+    mean_bin = np.empty(M)
+    bin_load = np.empty((num_bins, M))
+    bin_items = np.empty(num_bins, dtype=np.int64)
+    score = np.empty(num_bins)
+    overlap = np.empty((num_bins, num_bins), dtype=np.int64)
+    mapping = np.empty(num_bins, dtype=np.int64)
+    row_free = np.empty(num_bins, dtype=np.bool_)
+    col_free = np.empty(num_bins, dtype=np.bool_)
+    row_best = np.empty(num_bins, dtype=np.int64)
+    price = np.empty(n)
+    # with few items per bin, the items' dot products (n^2 M, once) are cheaper than the bins' (n bins M per
+    # packing): the packings then only add them up, and the swaps look them up
+    use_gram = per <= max(K, 1) and per < M
+    gram = np.empty((n, n) if use_gram else (1, 1))
+    bin_dot = np.empty((num_bins, n) if use_gram else (1, 1))
+    cand = np.empty(n, dtype=np.int64)
+    step_of = np.empty(n, dtype=np.int64)
+    members = np.empty((num_bins, per), dtype=np.int64)
+    # swap work space
+    node_load = np.empty((num_bins, M))
+    delta = np.empty(M)
+    proj_a = np.empty(per)
+    proj_b = np.empty(per)
+    sq = np.empty(n)
+    cost_space = np.empty((num_bins, M))
+    moved_in = np.empty(num_bins)
+    arrived_in = np.empty(num_bins)
+    for p in range(P):
+        w = load[p]
+        for i in range(n):
+            rowsum[i] = w[i].sum()
+        order = np.argsort(-rowsum, kind="mergesort")                    # heaviest first, stable
+        mean_bin[:] = 0.0
+        for i in range(n):
+            mean_bin += w[i]
+        mean_bin /= num_bins
+        for i in range(n):
+            price[i] = _dot(w[i], mean_bin)
+        if use_gram:
+            for i in range(n):
+                for j in range(i + 1):
+                    gram[i, j] = gram[j, i] = _row_dot_int(w, i, w, j)
+        if not with_cost:
+            _pack_one(w, order, num_bins, per, prev[p], levels[0], sticky, price, use_gram, gram, bin_dot, bin_load,
+                      bin_items, score, cand)
+            _match_one(cand, prev[p], num_bins, overlap, mapping, row_free, col_free, row_best)
+            _members_of(cand, num_bins, members)
+            _swap_one(w, use_gram, gram, members, iters, False, cost_kind, c0, c1, c2, prev[p], node_load, delta, proj_a,
+                      proj_b, sq, moved_in, arrived_in, step_of, 0.0, out[p])
+            continue
+        has_prev = True
+        for i in range(n):
+            if prev[p, i] < 0:
+                has_prev = False
+        best = np.inf
+        if has_prev:
+            best = _cost(w, prev[p], prev[p], num_bins, cost_kind, c0, c1, c2, cost_space, moved_in, arrived_in)
+            out[p] = prev[p]
+        for k in range(K):
+            _pack_one(w, order, num_bins, per, prev[p], levels[k], sticky, price, use_gram, gram, bin_dot, bin_load,
+                      bin_items, score, cand)
+            _match_one(cand, prev[p], num_bins, overlap, mapping, row_free, col_free, row_best)
+            if k == 0 and not has_prev:                                  # stands in for the previous one
+                best = _cost(w, cand, prev[p], num_bins, cost_kind, c0, c1, c2, cost_space, moved_in, arrived_in)
+                out[p] = cand
+                continue
+            c = _cost(w, cand, prev[p], num_bins, cost_kind, c0, c1, c2, cost_space, moved_in, arrived_in)
+            if c < best:
+                best = c
+                out[p] = cand
+        _members_of(out[p], num_bins, members)
+        _swap_one(w, use_gram, gram, members, iters, True, cost_kind, c0, c1, c2, prev[p], node_load, delta, proj_a,
+                  proj_b, sq, moved_in, arrived_in, step_of, best, out[p])
+
+
+@_jit
+def _pack_one(w, order, num_bins, per, prev, stickiness, sticky, price, use_gram, gram, bin_dot, bin_load, bin_items,
+              score, bin_of):
+    """reorder._pack for one problem: items heaviest first, each into the bin (with room) whose load it
+    grows the sum of squares least (its load . the bin's); it stays in its previous bin when that costs at
+    most stickiness x price (its load . the mean bin load) more. w [n, M]; writes bin_of [n].
+    use_gram: gram [n, n] holds the items' dot products, and bin_dot [num_bins, n] keeps each bin's load .
+    every item (else bin_load [num_bins, M] keeps the bins' loads)."""
+    n, M = w.shape
+    bin_dot[:] = 0.0
+    bin_load[:] = 0.0
+    bin_items[:] = 0
+    for i in range(n):
+        item = order[i]
+        if use_gram:
+            for k in range(num_bins):
+                score[k] = bin_dot[k, item]
+        else:
+            for k in range(num_bins):
+                score[k] = _row_dot_int(bin_load, k, w, item)
+        b = -1
+        for k in range(num_bins):
+            if bin_items[k] >= per:
+                score[k] = np.inf
+            elif b < 0 or score[k] < score[b]:
+                b = k
+        if sticky:
+            pb = prev[item]
+            if pb >= 0 and score[pb] <= score[b] + stickiness * price[item]:
+                b = pb
+        bin_of[item] = b
+        bin_items[b] += 1
+        if use_gram:
+            for j in range(n):
+                bin_dot[b, j] += gram[item, j]
+        else:
+            for m in range(M):
+                bin_load[b, m] += w[item, m]
+
+
+@_jit
+def _match_one(label, old, num_labels, overlap, mapping, row_free, col_free, row_best):
+    """reorder._match_labels for one problem, in place: rename label [n] so it agrees with old [n] (-1: no
+    preference) on as many items as possible; greedily the largest overlap of a free label pair first, the
+    first in row-major order on ties. row_best [num_labels]: each free row's first largest free column."""
+    overlap[:] = 0
+    for i in range(len(label)):
+        if old[i] >= 0:
+            overlap[label[i], old[i]] += 1
+    row_free[:] = True
+    col_free[:] = True
+    for a in range(num_labels):
+        row_best[a] = _first_largest(overlap, a, col_free)
+    for _ in range(num_labels):
+        ba = -1
+        for a in range(num_labels):
+            if row_free[a] and (ba < 0 or overlap[a, row_best[a]] > overlap[ba, row_best[ba]]):
+                ba = a
+        bb = row_best[ba]
+        mapping[ba] = bb
+        row_free[ba] = False
+        col_free[bb] = False
+        for a in range(num_labels):
+            if row_free[a] and row_best[a] == bb:
+                row_best[a] = _first_largest(overlap, a, col_free)
+    for i in range(len(label)):
+        label[i] = mapping[label[i]]
+
+
+@_jit
+def _first_largest(overlap, a, col_free):
+    """The first free column of row a with the largest overlap (-1 when none is free)."""
+    best = -1
+    for b in range(overlap.shape[1]):
+        if col_free[b] and (best < 0 or overlap[a, b] > overlap[a, best]):
+            best = b
+    return best
+
+
+@_jit
+def _members_of(bin_of, num_bins, members):
+    """bin_of [n] -> members [num_bins, per], each bin's items ascending (a stable argsort's order)."""
+    fill = np.zeros(num_bins, dtype=np.int64)
+    for i in range(len(bin_of)):
+        b = bin_of[i]
+        members[b, fill[b]] = i
+        fill[b] += 1
+
+
+@_jit
+def _cost(w, bin_of, prev, num_bins, cost_kind, c0, c1, c2, bin_load, moved_in, arrived_in):
+    """The cost of one assignment bin_of [n] (see assign_bins), in pairs; bin_load [num_bins, M] is work space."""
+    n, M = w.shape
+    bin_load[:] = 0.0
+    for i in range(n):
+        b = bin_of[i]
+        for m in range(M):
+            bin_load[b, m] += w[i, m]
+    return _cost_of_loads(bin_load, bin_of, prev, cost_kind, c0, c1, c2, moved_in, arrived_in)
+
+
+@_jit
+def _cost_of_loads(bin_load, bin_of, prev, cost_kind, c0, c1, c2, moved_in, arrived_in):
+    """_cost, given the assignment's bin loads bin_load [num_bins, M]."""
+    num_bins, M = bin_load.shape
+    busy = 0.0
+    for m in range(M):
+        most = bin_load[0, m]
+        for b in range(1, num_bins):
+            most = max(most, bin_load[b, m])
+        busy += most
+    if cost_kind == NODE_COST:
+        moves = 0
+        for i in range(len(bin_of)):
+            if bin_of[i] != prev[i]:
+                moves += 1
+        return busy / c0 + moves * c1 / c2
+    moved_in[:] = 0.0
+    arrived_in[:] = 0.0
+    for i in range(len(bin_of)):
+        if prev[i] < 0:
+            arrived_in[bin_of[i]] += 1.0
+        elif bin_of[i] != prev[i]:
+            moved_in[bin_of[i]] += 1.0
+    migration = 0.0
+    for b in range(num_bins):
+        migration = max(migration, max(moved_in[b] * c0, arrived_in[b] * c1))
+    return busy + migration
+
+
+@_jit
+def _swap_one(w, use_gram, gram, members, iters, with_cost, cost_kind, c0, c1, c2, prev, node_load, delta, proj_a, proj_b,
+              sq, moved_in, arrived_in, step_of, best, bin_of):
+    """reorder._swap for one problem: up to `iters` swaps, each between the two bins whose per-micro-batch
+    loads differ most, the one that lowers the sum of squared deviations from the mean most. members
+    [N, per] each bin's items (changed in place). with_cost: bin_of [n] holds the assignment the swaps
+    start from, of cost `best`, and ends with the cheapest step (the earliest on ties); else it ends with the
+    last step. use_gram: gram [n, n] holds the items' dot products."""
+    n, M = w.shape
+    N, per = members.shape
+    total = 0.0
+    for e in range(n):
+        sq[e] = gram[e, e] if use_gram else _row_dot_int(w, e, w, e)     # |w_e|^2
+        total += sq[e]
+    threshold = 1e-6 * max(total, 1.0)                                     # ignore swaps worth ~nothing
+    node_load[:] = 0.0
+    for b in range(N):
+        for i in range(per):
+            for m in range(M):
+                node_load[b, m] += w[members[b, i], m]
+    for step in range(iters):
+        # the two bins whose loads differ most, |load_h - load_k|^2 (the first such pair in (h, k) order)
+        h, k, far = 0, 0, 0.0
+        for x in range(N):
+            for y in range(x + 1, N):
+                f = _row_dist_int(node_load, x, y)
+                if f > far:
+                    h, k, far = x, y, f
+        for m in range(M):
+            delta[m] = node_load[h, m] - node_load[k, m]
+        for i in range(per):
+            proj_a[i] = _row_dot_vec_int(w, members[h, i], delta)
+            proj_b[i] = _row_dot_vec_int(w, members[k, i], delta)
+        # gain of swapping a (on h) with b (on k): 2 (w_a - w_b).delta - 2 |w_a - w_b|^2, at most its first
+        # term (the second is exact and >= 0 for integer loads). Pairs in decreasing order of the first term
+        # stop where it falls below the best gain so far; the pair kept is the reference's, the first best in
+        # (i, j) order
+        by_a = np.argsort(-proj_a)
+        by_b = np.argsort(proj_b)
+        bi, bj, gain = 0, 0, -np.inf
+        for x in range(per):
+            i = by_a[x]
+            if 2 * (proj_a[i] - proj_b[by_b[0]]) < gain:
+                break
+            a = members[h, i]
+            for y in range(per):
+                j = by_b[y]
+                first = 2 * (proj_a[i] - proj_b[j])
+                if first < gain:
+                    break
+                b = members[k, j]
+                ab = gram[a, b] if use_gram else _row_dot_int(w, a, w, b)
+                g = first - 2 * (sq[a] + sq[b] - 2 * ab)
+                if g > gain or (g == gain and (i < bi or (i == bi and j < bj))):
+                    bi, bj, gain = i, j, g
+        if not gain > threshold:
+            break
+        a, b = members[h, bi], members[k, bj]
+        for m in range(M):
+            d = w[a, m] - w[b, m]
+            node_load[h, m] -= d
+            node_load[k, m] += d
+        members[h, bi], members[k, bj] = b, a
+        if with_cost:
+            for x in range(N):
+                for i in range(per):
+                    step_of[members[x, i]] = x
+            # node_load: the step's bin loads, exact (integer loads)
+            c = _cost_of_loads(node_load, step_of, prev, cost_kind, c0, c1, c2, moved_in, arrived_in)
+            if c < best:
+                best = c
+                bin_of[:] = step_of
+    if not with_cost:
+        for x in range(N):
+            for i in range(per):
+                bin_of[members[x, i]] = x
