@@ -236,7 +236,7 @@ def _assign_ranks(load: np.ndarray, g: int, old_pos: np.ndarray, config: Reorder
     one, the one with the least _rank_cost (busiest rank per micro-batch plus the busiest rank's arrivals)."""
     if compiled:
         return _assign_compiled(load, g, old_pos, config.rank_stickiness, config.rank_move_cost_pairs > 0,
-                                reorder_kernels.RANK_COST, config.rank_move_cost_pairs, config.move_cost_pairs, 0.0)
+                                reorder_kernels.RANK_COST, (config.rank_move_cost_pairs, config.move_cost_pairs))
     cost = None
     if config.rank_move_cost_pairs > 0:
         cost = lambda cand: _rank_cost(cand, load, old_pos, g, config.rank_move_cost_pairs, config.move_cost_pairs)
@@ -244,9 +244,11 @@ def _assign_ranks(load: np.ndarray, g: int, old_pos: np.ndarray, config: Reorder
 
 
 def _assign_compiled(load: np.ndarray, num_bins: int, prev: np.ndarray, stickiness: float, with_cost: bool,
-                     cost_kind: int, c0: float, c1: float, c2: float) -> np.ndarray:
-    """_cheapest_assignment with the cost `cost_kind` (reorder_kernels.assign_bins), compiled, one problem
-    at a time. Returns bin_of_item [P, n]."""
+                     cost_kind: int, params: tuple, counts: np.ndarray | None = None,
+                     node_ranks: np.ndarray | None = None) -> np.ndarray:
+    """_cheapest_assignment with the cost `cost_kind` and its params (reorder_kernels.assign_bins), compiled,
+    one problem at a time; counts [M, P, G, E] and node_ranks [N, g] for a node cost with a NIC share > 0.
+    Returns bin_of_item [P, n]."""
     P, n, M = load.shape
     if with_cost:
         levels = np.array(sorted(set(_NODE_STICKINESS_CANDIDATES) | {stickiness}), dtype=np.float64)
@@ -254,10 +256,13 @@ def _assign_compiled(load: np.ndarray, num_bins: int, prev: np.ndarray, stickine
     else:
         levels = np.array([stickiness], dtype=np.float64)
         sticky = stickiness > 0
+    params = np.array(params + (0.0,) * (4 - len(params)), dtype=np.float64)
+    counts = np.zeros((1, 1, 1, 1), dtype=np.int64) if counts is None else np.ascontiguousarray(counts)
+    node_ranks = np.zeros((1, 1), dtype=np.int64) if node_ranks is None else np.ascontiguousarray(node_ranks, dtype=np.int64)
     out = np.empty((P, n), dtype=np.int64)
     reorder_kernels.assign_bins(np.ascontiguousarray(load, dtype=np.float64), num_bins,
                                 np.ascontiguousarray(prev, dtype=np.int64), levels, sticky, with_cost, cost_kind,
-                                float(c0), float(c1), float(c2), 8, out)
+                                params, counts, node_ranks, 8, out)
     return out
 
 
@@ -435,9 +440,11 @@ def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: Reord
     picks among them the one whose sends and receives across nodes are most even."""
     with_cost = config.move_cost_pairs > 0 or config.inter_node_share > 0
     inter_node = with_cost and counts is not None and config.inter_node_share > 0
-    if compiled and not inter_node:
+    if compiled:
+        share = config.inter_node_share if inter_node else 0.0
         return _assign_compiled(load, N, prev_node, config.node_stickiness, with_cost, reorder_kernels.NODE_COST,
-                                topo.G // N, config.move_cost_pairs, topo.G)
+                                (topo.G // N, config.move_cost_pairs, topo.G, share),
+                                counts if inter_node else None, topo.node_ranks())
     cost = None
     if with_cost:
         inter = _InterNodeLoads(np.asarray(counts), topo, load) if inter_node else None
@@ -493,9 +500,9 @@ def _node_cost(node_of: np.ndarray, load: np.ndarray, prev_node: np.ndarray, con
     share = config.inter_node_share if inter is not None else 0.0
     if share > 0:
         sent, recv, node_load = inter(node_of)
-        nic = np.maximum(sent.max(-1), recv.max(-1) / g)                 # [C, L, M]
-        busy = (1 - share) * node_load.max(-1) / g + share * nic
-        busy = busy.sum(-1)
+        nic = np.maximum(sent.max(-1) * g, recv.max(-1))                 # [C, L, M] g x the busiest NIC
+        # integer sums (exact in any order), weighed once
+        busy = ((1 - share) * node_load.max(-1).sum(-1) + share * nic.sum(-1)) / g
     else:
         busy = _busiest_bin(node_of, load, N).sum(-1) / g               # integer sums: exact in any order
     return busy + moves * config.move_cost_pairs / topo.G

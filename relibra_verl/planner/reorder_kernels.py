@@ -18,9 +18,9 @@ _jit = numba.njit(nogil=True, cache=True)
 # for dot products of integer-valued vectors only: exact in any summation order, so reassociation is safe
 _jit_int = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 
-# cost kinds of assign_bins
-NODE_COST = 0   # sum over micro-batches of the busiest bin's load / ranks_per_node, plus moves * move_cost / G
-RANK_COST = 1   # sum over micro-batches of the busiest bin's load, plus the busiest receiver's migration
+# cost kinds of assign_bins (reorder._node_cost, reorder._rank_cost), with their parameters
+NODE_COST = 0   # (g ranks per node, move cost, G EP ranks, share of the busiest NIC)
+RANK_COST = 1   # (move cost inside the node, arrival cost from another node, -, -)
 
 
 @_jit
@@ -103,7 +103,7 @@ def placement_cost(load, expert_at_home, node_of_rank, num_nodes, S, out):
 
 
 @_jit
-def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, c0, c1, c2, iters, out):
+def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, params, counts, node_ranks, iters, out):
     """Items -> bins for P problems; reorder._cheapest_assignment, one problem at a time.
 
     load [P, n, M] float64; prev [P, n] each item's previous bin (-1: none); levels [K] stickiness levels;
@@ -111,8 +111,9 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, c0, 
     with_cost False: the packing at levels[0], labels matched to prev, refined by `iters` swap steps.
     with_cost True: the cheapest (first on ties) of the previous assignment (where every item had a bin;
     else the first level's packing) and the packings at every level, then of the swap steps on it, under
-    cost_kind: NODE_COST (c0 ranks per node, c1 move cost, c2 EP ranks) or RANK_COST (c0 move cost inside
-    the node, c1 arrival cost from another node). Writes bin_of_item into out [P, n] (n / num_bins per bin).
+    cost_kind with params [4] (see NODE_COST, RANK_COST). A node cost with a share of the busiest NIC > 0
+    needs the layers' counts [M, P, G, E] and node_ranks [N, g] (else any arrays).
+    Writes bin_of_item into out [P, n] (n / num_bins per bin).
     """
     P, n, M = load.shape
     K = len(levels)
@@ -143,8 +144,12 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, c0, 
     proj_b = np.empty(per)
     sq = np.empty(n)
     cost_space = np.empty((num_bins, M))
-    moved_in = np.empty(num_bins)
-    arrived_in = np.empty(num_bins)
+    # cost work space; the inter-node terms: pairs from each source rank to each item, each rank's pairs,
+    # and the pairs of each node's ranks that stay on their node
+    inter = cost_kind == NODE_COST and params[3] > 0
+    G, g = (counts.shape[2], node_ranks.shape[1]) if inter else (1, 1)
+    cst = (cost_kind, params, np.empty(num_bins), np.empty(num_bins), np.empty((n, G, M) if inter else (1, 1, 1)),
+           np.empty((G, M) if inter else (1, 1)), node_ranks, np.empty((num_bins, g, M) if inter else (1, 1, 1)))
     for p in range(P):
         w = load[p]
         for i in range(n):
@@ -160,13 +165,15 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, c0, 
             for i in range(n):
                 for j in range(i + 1):
                     gram[i, j] = gram[j, i] = _row_dot_int(w, i, w, j)
+        if inter:
+            _source_loads(counts, p, cst[4], cst[5])
         if not with_cost:
             _pack_one(w, order, num_bins, per, prev[p], levels[0], sticky, price, use_gram, gram, bin_dot, bin_load,
                       bin_items, score, cand)
             _match_one(cand, prev[p], num_bins, overlap, mapping, row_free, col_free, row_best)
             _members_of(cand, num_bins, members)
-            _swap_one(w, use_gram, gram, members, iters, False, cost_kind, c0, c1, c2, prev[p], node_load, delta, proj_a,
-                      proj_b, sq, moved_in, arrived_in, step_of, 0.0, out[p])
+            _swap_one(w, use_gram, gram, members, iters, False, cst, prev[p], node_load, delta, proj_a, proj_b, sq,
+                      step_of, 0.0, out[p])
             continue
         has_prev = True
         for i in range(n):
@@ -174,23 +181,37 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, c0, 
                 has_prev = False
         best = np.inf
         if has_prev:
-            best = _cost(w, prev[p], prev[p], num_bins, cost_kind, c0, c1, c2, cost_space, moved_in, arrived_in)
+            best = _cost(w, prev[p], prev[p], cst, cost_space)
             out[p] = prev[p]
         for k in range(K):
             _pack_one(w, order, num_bins, per, prev[p], levels[k], sticky, price, use_gram, gram, bin_dot, bin_load,
                       bin_items, score, cand)
             _match_one(cand, prev[p], num_bins, overlap, mapping, row_free, col_free, row_best)
             if k == 0 and not has_prev:                                  # stands in for the previous one
-                best = _cost(w, cand, prev[p], num_bins, cost_kind, c0, c1, c2, cost_space, moved_in, arrived_in)
+                best = _cost(w, cand, prev[p], cst, cost_space)
                 out[p] = cand
                 continue
-            c = _cost(w, cand, prev[p], num_bins, cost_kind, c0, c1, c2, cost_space, moved_in, arrived_in)
+            c = _cost(w, cand, prev[p], cst, cost_space)
             if c < best:
                 best = c
                 out[p] = cand
         _members_of(out[p], num_bins, members)
-        _swap_one(w, use_gram, gram, members, iters, True, cost_kind, c0, c1, c2, prev[p], node_load, delta, proj_a,
-                  proj_b, sq, moved_in, arrived_in, step_of, best, out[p])
+        _swap_one(w, use_gram, gram, members, iters, True, cst, prev[p], node_load, delta, proj_a, proj_b, sq,
+                  step_of, best, out[p])
+
+
+@_jit
+def _source_loads(counts, l, by_source, tokens):
+    """Layer l of counts [M, L, G, E] -> by_source [E, G, M] (pairs from each source rank to each expert)
+    and tokens [G, M] (pairs of each source rank)."""
+    M, L, G, E = counts.shape
+    tokens[:] = 0.0
+    for r in range(G):                                                     # M read streams, 128 B writes
+        for e in range(E):
+            for m in range(M):
+                x = counts[m, l, r, e]
+                by_source[e, r, m] = x
+                tokens[r, m] += x
 
 
 @_jit
@@ -283,7 +304,7 @@ def _members_of(bin_of, num_bins, members):
 
 
 @_jit
-def _cost(w, bin_of, prev, num_bins, cost_kind, c0, c1, c2, bin_load, moved_in, arrived_in):
+def _cost(w, bin_of, prev, cst, bin_load):
     """The cost of one assignment bin_of [n] (see assign_bins), in pairs; bin_load [num_bins, M] is work space."""
     n, M = w.shape
     bin_load[:] = 0.0
@@ -291,12 +312,15 @@ def _cost(w, bin_of, prev, num_bins, cost_kind, c0, c1, c2, bin_load, moved_in, 
         b = bin_of[i]
         for m in range(M):
             bin_load[b, m] += w[i, m]
-    return _cost_of_loads(bin_load, bin_of, prev, cost_kind, c0, c1, c2, moved_in, arrived_in)
+    return _cost_of_loads(bin_load, bin_of, prev, cst)
 
 
 @_jit
-def _cost_of_loads(bin_load, bin_of, prev, cost_kind, c0, c1, c2, moved_in, arrived_in):
-    """_cost, given the assignment's bin loads bin_load [num_bins, M]."""
+def _cost_of_loads(bin_load, bin_of, prev, cst, kept_ready=False):
+    """_cost, given the assignment's bin loads bin_load [num_bins, M]. cst: (cost kind, its parameters, work
+    space: moved_in [num_bins], arrived_in [num_bins], by_source [n, G, M], tokens [G, M], node_ranks [N, g],
+    kept [N, g, M], which kept_ready says already holds the assignment's kept pairs)."""
+    cost_kind, params, moved_in, arrived_in, by_source, tokens, node_ranks, kept = cst
     num_bins, M = bin_load.shape
     busy = 0.0
     for m in range(M):
@@ -305,11 +329,19 @@ def _cost_of_loads(bin_load, bin_of, prev, cost_kind, c0, c1, c2, moved_in, arri
             most = max(most, bin_load[b, m])
         busy += most
     if cost_kind == NODE_COST:
+        g, move_cost, G, share = params[0], params[1], params[2], params[3]
         moves = 0
         for i in range(len(bin_of)):
             if bin_of[i] != prev[i]:
                 moves += 1
-        return busy / c0 + moves * c1 / c2
+        if share > 0:
+            if not kept_ready:
+                _kept_pairs(bin_of, by_source, node_ranks, kept)
+            busy = ((1 - share) * busy + share * _busiest_nic(bin_load, tokens, node_ranks, kept)) / g
+        else:
+            busy = busy / g
+        return busy + moves * move_cost / G
+    move_cost, arrival_cost = params[0], params[1]
     moved_in[:] = 0.0
     arrived_in[:] = 0.0
     for i in range(len(bin_of)):
@@ -319,13 +351,59 @@ def _cost_of_loads(bin_load, bin_of, prev, cost_kind, c0, c1, c2, moved_in, arri
             moved_in[bin_of[i]] += 1.0
     migration = 0.0
     for b in range(num_bins):
-        migration = max(migration, max(moved_in[b] * c0, arrived_in[b] * c1))
+        migration = max(migration, max(moved_in[b] * move_cost, arrived_in[b] * arrival_cost))
     return busy + migration
 
 
 @_jit
-def _swap_one(w, use_gram, gram, members, iters, with_cost, cost_kind, c0, c1, c2, prev, node_load, delta, proj_a, proj_b,
-              sq, moved_in, arrived_in, step_of, best, bin_of):
+def _kept_pairs(node_of, by_source, node_ranks, kept):
+    """kept [N, g, M]: the pairs of each node's source ranks whose expert is on their node, under node_of [E]."""
+    g = node_ranks.shape[1]
+    M = kept.shape[2]
+    kept[:] = 0.0
+    for e in range(len(node_of)):
+        n = node_of[e]
+        for j in range(g):
+            r = node_ranks[n, j]
+            for m in range(M):
+                kept[n, j, m] += by_source[e, r, m]
+
+
+@_jit
+def _busiest_nic(node_load, tokens, node_ranks, kept):
+    """Summed over micro-batches, g x the busiest InfiniBand NIC's pairs: the most any source rank sends to
+    other nodes (times g), or any node receives from them (exact: integer loads). node_load [N, M], kept
+    [N, g, M] (_kept_pairs) of one assignment; tokens [G, M] each source rank's pairs."""
+    N, g = node_ranks.shape
+    M = node_load.shape[1]
+    total = 0.0
+    for m in range(M):
+        most = -np.inf
+        for n in range(N):
+            stay = 0.0
+            for j in range(g):
+                most = max(most, (tokens[node_ranks[n, j], m] - kept[n, j, m]) * g)
+                stay += kept[n, j, m]
+            most = max(most, node_load[n, m] - stay)
+        total += most
+    return total
+
+
+@_jit
+def _swap_kept_pairs(a, h, b, k, by_source, node_ranks, kept):
+    """kept after item a moves from node h to node k and item b from k to h (exact: integer loads)."""
+    g = node_ranks.shape[1]
+    M = kept.shape[2]
+    for j in range(g):
+        rh, rk = node_ranks[h, j], node_ranks[k, j]
+        for m in range(M):
+            kept[h, j, m] += by_source[b, rh, m] - by_source[a, rh, m]
+            kept[k, j, m] += by_source[a, rk, m] - by_source[b, rk, m]
+
+
+@_jit
+def _swap_one(w, use_gram, gram, members, iters, with_cost, cst, prev, node_load, delta, proj_a, proj_b, sq, step_of,
+              best, bin_of):
     """reorder._swap for one problem: up to `iters` swaps, each between the two bins whose per-micro-batch
     loads differ most, the one that lowers the sum of squared deviations from the mean most. members
     [N, per] each bin's items (changed in place). with_cost: bin_of [n] holds the assignment the swaps
@@ -343,6 +421,9 @@ def _swap_one(w, use_gram, gram, members, iters, with_cost, cost_kind, c0, c1, c
         for i in range(per):
             for m in range(M):
                 node_load[b, m] += w[members[b, i], m]
+    inter = with_cost and cst[0] == NODE_COST and cst[1][3] > 0          # the inter-node terms, kept up to date
+    if inter:
+        _kept_pairs(bin_of, cst[4], cst[6], cst[7])
     for step in range(iters):
         # the two bins whose loads differ most, |load_h - load_k|^2 (the first such pair in (h, k) order)
         h, k, far = 0, 0, 0.0
@@ -386,12 +467,14 @@ def _swap_one(w, use_gram, gram, members, iters, with_cost, cost_kind, c0, c1, c
             node_load[h, m] -= d
             node_load[k, m] += d
         members[h, bi], members[k, bj] = b, a
+        if inter:
+            _swap_kept_pairs(a, h, b, k, cst[4], cst[6], cst[7])
         if with_cost:
             for x in range(N):
                 for i in range(per):
                     step_of[members[x, i]] = x
             # node_load: the step's bin loads, exact (integer loads)
-            c = _cost_of_loads(node_load, step_of, prev, cost_kind, c0, c1, c2, moved_in, arrived_in)
+            c = _cost_of_loads(node_load, step_of, prev, cst, inter)
             if c < best:
                 best = c
                 bin_of[:] = step_of

@@ -69,10 +69,10 @@ def test_assign_bins_equals_cheapest_assignment(num_bins, n, with_cost, few_valu
     topo = Topology(num_bins * g, num_bins * g, g)
     node_cost = lambda cand: reorder._node_cost(cand, load, prev, ReorderConfig(move_cost_pairs=25.0), topo)
     rank_cost = lambda cand: reorder._rank_cost(cand, load, prev, num_bins, 25.0, 60.0)
-    for kind, c, cost in ((reorder_kernels.NODE_COST, (g, 25.0, topo.G), node_cost),
-                          (reorder_kernels.RANK_COST, (25.0, 60.0, 0.0), rank_cost)):
+    for kind, c, cost in ((reorder_kernels.NODE_COST, (g, 25.0, topo.G, 0.0), node_cost),
+                          (reorder_kernels.RANK_COST, (25.0, 60.0), rank_cost)):
         for stickiness in (0.0, 0.05):
-            fast = reorder._assign_compiled(load, num_bins, prev, stickiness, with_cost, kind, *c)
+            fast = reorder._assign_compiled(load, num_bins, prev, stickiness, with_cost, kind, c)
             slow = reorder._cheapest_assignment(load, num_bins, prev, stickiness, cost if with_cost else None)
             np.testing.assert_array_equal(fast, slow)
             assert (np.stack([np.bincount(row, minlength=num_bins) for row in fast]) == n // num_bins).all()
