@@ -199,8 +199,7 @@ def _plan_placement(counts, topo, prev, config, total, compiled):
 
     # 2. inside each node: its g*S experts -> its g ranks
     members = np.argsort(node_of, axis=1, kind="stable").reshape(L, N, g * S)   # experts of each node
-    member_load = np.take_along_axis(load, members.reshape(L, N * g * S)[:, :, None], axis=1)
-    member_load = member_load.reshape(L * N, g * S, M)
+    member_load = load[np.arange(L)[:, None], members.reshape(L, N * g * S)].reshape(L * N, g * S, M)
     old_rank = prev_rank.reshape(L, E)[np.arange(L)[:, None], members.reshape(L, -1)].reshape(L * N, g * S)
     same_node = rank_node[old_rank] == np.repeat(np.arange(N)[None], L, 0).reshape(L * N, 1)
     old_pos = np.where(same_node, rank_pos[old_rank], -1)

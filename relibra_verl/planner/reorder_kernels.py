@@ -402,8 +402,22 @@ def _swap_kept_pairs(a, h, b, k, by_source, node_ranks, kept):
 
 
 @_jit
+def _sort_order(x, sign, order):
+    """order: the indices of x by increasing sign * x (insertion sort: x is short)."""
+    for i in range(len(x)):
+        v = sign * x[i]
+        j = i
+        while j > 0 and sign * x[order[j - 1]] > v:
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = i
+
+
+@_jit
 def _swap_one(w, use_gram, gram, members, iters, with_cost, cst, prev, node_load, delta, proj_a, proj_b, sq, step_of,
               best, bin_of):
+    by_a = np.empty(len(proj_a), dtype=np.int64)
+    by_b = np.empty(len(proj_b), dtype=np.int64)
     """reorder._swap for one problem: up to `iters` swaps, each between the two bins whose per-micro-batch
     loads differ most, the one that lowers the sum of squared deviations from the mean most. members
     [N, per] each bin's items (changed in place). with_cost: bin_of [n] holds the assignment the swaps
@@ -441,8 +455,8 @@ def _swap_one(w, use_gram, gram, members, iters, with_cost, cst, prev, node_load
         # term (the second is exact and >= 0 for integer loads). Pairs in decreasing order of the first term
         # stop where it falls below the best gain so far; the pair kept is the reference's, the first best in
         # (i, j) order
-        by_a = np.argsort(-proj_a)
-        by_b = np.argsort(proj_b)
+        _sort_order(proj_a, -1.0, by_a)
+        _sort_order(proj_b, 1.0, by_b)
         bi, bj, gain = 0, 0, -np.inf
         for x in range(per):
             i = by_a[x]
