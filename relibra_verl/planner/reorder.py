@@ -10,9 +10,12 @@ within `keep_tolerance` of the new one keeps it (no moves). With move costs, eac
 ranks) takes, among packings of increasing stickiness and the previous assignment, the cheapest
 (_cheapest_assignment).
 
-The packing and the swaps loop over a layer's experts one at a time; they are compiled (numba, nogil,
-cached on disk), the rest is numpy over all layers at once. Loads are integer pair counts held as floats,
-so the sums and dot products the choices compare are exact in any order.
+plan_placement runs each assignment problem (a layer's experts -> nodes, a node's experts -> its ranks)
+start to finish in compiled code (reorder_kernels.py: numba, nogil, cached on disk). The numpy functions
+here, over all problems at once, are its readable reference: _plan_placement(..., compiled=False) runs them,
+and tests/planner/test_reorder_kernels.py checks that both give the same placements. Loads are integer pair
+counts held as floats, so the sums and dot products the choices compare are exact in any order (the costs
+add integers before they weigh them, the swaps compare load differences, not deviations from a mean).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ assign_bins does what reorder._cheapest_assignment does for all problems at once
 reference, tests/planner/test_reorder_kernels.py compares them): greedy packings at every stickiness level,
 labels matched to the previous assignment, the cheapest candidate, then the cheapest of its refining swap
 steps. Loads are integer pair counts held as floats, so the sums and dot products the choices compare are
-exact in any order (_row_dot_int lets the compiler vectorise them); the sums that are not (over the mean bin
-load, or deviations from it) keep the reference's order.
+exact in any order (the _*_int helpers let the compiler vectorise them); the one product that is not (an
+item's load . the mean bin load, the price of stickiness) keeps the reference's order.
 """
 from __future__ import annotations
 
@@ -135,6 +135,10 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, para
     gram = np.empty((n, n) if use_gram else (1, 1))
     bin_dot = np.empty((num_bins, n) if use_gram else (1, 1))
     cand = np.empty(n, dtype=np.int64)
+    packed = np.empty(n, dtype=np.int64)                                  # the last level's packing, unmatched
+    step_best = np.empty(n, dtype=np.int64)
+    step_score = np.empty(n)
+    step_score_prev = np.empty(n)
     step_of = np.empty(n, dtype=np.int64)
     members = np.empty((num_bins, per), dtype=np.int64)
     # swap work space
@@ -169,7 +173,8 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, para
             _source_loads(counts, p, cst[4], cst[5])
         if not with_cost:
             _pack_one(w, order, num_bins, per, prev[p], levels[0], sticky, price, use_gram, gram, bin_dot, bin_load,
-                      bin_items, score, cand)
+                      bin_items, score, True, packed, step_best, step_score, step_score_prev)
+            cand[:] = packed
             _match_one(cand, prev[p], num_bins, overlap, mapping, row_free, col_free, row_best)
             _members_of(cand, num_bins, members)
             _swap_one(w, use_gram, gram, members, iters, False, cst, prev[p], node_load, delta, proj_a, proj_b, sq,
@@ -184,8 +189,10 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, para
             best = _cost(w, prev[p], prev[p], cst, cost_space)
             out[p] = prev[p]
         for k in range(K):
-            _pack_one(w, order, num_bins, per, prev[p], levels[k], sticky, price, use_gram, gram, bin_dot, bin_load,
-                      bin_items, score, cand)
+            if not _pack_one(w, order, num_bins, per, prev[p], levels[k], sticky, price, use_gram, gram, bin_dot,
+                             bin_load, bin_items, score, k == 0, packed, step_best, step_score, step_score_prev):
+                continue                                                  # the last level's candidate again
+            cand[:] = packed
             _match_one(cand, prev[p], num_bins, overlap, mapping, row_free, col_free, row_best)
             if k == 0 and not has_prev:                                  # stands in for the previous one
                 best = _cost(w, cand, prev[p], cst, cost_space)
@@ -216,35 +223,58 @@ def _source_loads(counts, l, by_source, tokens):
 
 @_jit
 def _pack_one(w, order, num_bins, per, prev, stickiness, sticky, price, use_gram, gram, bin_dot, bin_load, bin_items,
-              score, bin_of):
+              score, first, packed, step_best, step_score, step_score_prev):
     """reorder._pack for one problem: items heaviest first, each into the bin (with room) whose load it
     grows the sum of squares least (its load . the bin's); it stays in its previous bin when that costs at
-    most stickiness x price (its load . the mean bin load) more. w [n, M]; writes bin_of [n].
+    most stickiness x price (its load . the mean bin load) more. w [n, M]; writes packed [n].
     use_gram: gram [n, n] holds the items' dot products, and bin_dot [num_bins, n] keeps each bin's load .
-    every item (else bin_load [num_bins, M] keeps the bins' loads)."""
+    every item (else bin_load [num_bins, M] keeps the bins' loads).
+
+    Levels of stickiness packed one after another (first: the first level) share their steps until their
+    choices differ: packed holds the last level's packing, and step_best, step_score, step_score_prev [n] each
+    step's best bin, its score and the previous bin's score, so that a step they share needs no scores.
+    Returns False where this level's packing is the last one's."""
     n, M = w.shape
+    start = 0
+    if not first:
+        start = n
+        for i in range(n):                                                # the steps shared with the last level
+            item = order[i]
+            b = step_best[i]
+            pb = prev[item]
+            if sticky and pb >= 0 and step_score_prev[i] <= step_score[i] + stickiness * price[item]:
+                b = pb
+            if b != packed[item]:
+                start = i
+                break
+        if start == n:
+            return False
     bin_dot[:] = 0.0
     bin_load[:] = 0.0
     bin_items[:] = 0
     for i in range(n):
         item = order[i]
-        if use_gram:
+        if i >= start:
+            if use_gram:
+                for k in range(num_bins):
+                    score[k] = bin_dot[k, item]
+            else:
+                for k in range(num_bins):
+                    score[k] = _row_dot_int(bin_load, k, w, item)
+            b = -1
             for k in range(num_bins):
-                score[k] = bin_dot[k, item]
-        else:
-            for k in range(num_bins):
-                score[k] = _row_dot_int(bin_load, k, w, item)
-        b = -1
-        for k in range(num_bins):
-            if bin_items[k] >= per:
-                score[k] = np.inf
-            elif b < 0 or score[k] < score[b]:
-                b = k
-        if sticky:
+                if bin_items[k] >= per:
+                    score[k] = np.inf
+                elif b < 0 or score[k] < score[b]:
+                    b = k
             pb = prev[item]
-            if pb >= 0 and score[pb] <= score[b] + stickiness * price[item]:
+            step_best[i] = b
+            step_score[i] = score[b]
+            step_score_prev[i] = score[pb] if pb >= 0 else np.inf
+            if sticky and pb >= 0 and score[pb] <= score[b] + stickiness * price[item]:
                 b = pb
-        bin_of[item] = b
+            packed[item] = b
+        b = packed[item]
         bin_items[b] += 1
         if use_gram:
             for j in range(n):
@@ -252,6 +282,7 @@ def _pack_one(w, order, num_bins, per, prev, stickiness, sticky, price, use_gram
         else:
             for m in range(M):
                 bin_load[b, m] += w[item, m]
+    return True
 
 
 @_jit
