@@ -6,7 +6,8 @@
 Defaults: Qwen3-30B-A3B's MoE shape (48 layers, 128 experts, top-8) on EP 32 (4 nodes x 8). The usage is
 synthetic: `--domains` domains, each with its own Zipf popularity of the experts of every layer, sequence
 lengths log-normal around 1,500 tokens; verl's ranks are a round robin. Prints the planner's wall time
-(one CPU core with OMP_NUM_THREADS=1), the inter-node shares and whether it fell back, as JSON.
+(one CPU core with OMP_NUM_THREADS=1), the inter-node shares and whether it fell back, and the time the
+driver takes to count every sequence's routes (uint8, as vLLM returns them) into its usage, as JSON.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 import numpy as np
 
-from relibra_verl.planner.locality import plan_locality
+from relibra_verl.planner.locality import count_routed_pairs, plan_locality
 
 
 def synthetic_usage(seqs, layers, experts, topk, domains, seed=0):
@@ -32,6 +33,17 @@ def synthetic_usage(seqs, layers, experts, topk, domains, seed=0):
             p = zipf[rng.permutation(experts)]
             usage[idx, l] = rng.multinomial(lens[idx] * topk, p / p.sum())
     return usage, lens
+
+
+def time_counting(lens, layers, experts, topk, seed=1):
+    """Seconds to count the routes of sequences of these lengths: one random [max len, L, K] uint8 array,
+    each sequence counted on its first `len` tokens (what the driver does per sequence)."""
+    routes = np.random.default_rng(seed).integers(0, experts, size=(int(lens.max()), layers, topk), dtype=np.uint8)
+    count_routed_pairs(routes[:1])                                            # compile / load the cache
+    t0 = time.perf_counter()
+    for n in lens:
+        count_routed_pairs(routes[:n])
+    return time.perf_counter() - t0
 
 
 def main():
@@ -50,6 +62,7 @@ def main():
     verl_rank = np.arange(a.seqs) % a.ep
     minibatch = np.arange(a.seqs) * a.mini_batches // a.seqs
     node_of_rank = np.arange(a.ep) // a.gpus_per_node
+    count_s = time_counting(lens, a.layers, a.experts, a.topk)
     times = []
     for _ in range(a.repeat):
         t0 = time.perf_counter()
@@ -57,7 +70,7 @@ def main():
         times.append(time.perf_counter() - t0)
     print(json.dumps({"shape": {"seqs": a.seqs, "layers": a.layers, "experts": a.experts, "topk": a.topk, "ep": a.ep,
                                 "nodes": int(node_of_rank.max()) + 1, "domains": a.domains, "mini_batches": a.mini_batches},
-                      "plan_s": {"min": min(times), "median": float(np.median(times))},
+                      "count_routes_s": count_s, "plan_s": {"min": min(times), "median": float(np.median(times))},
                       "inter_node_fraction": p.inter_node_fraction, "verl": p.verl_fraction,
                       "verl_best_experts": p.verl_best_fraction, "fell_back": p.fell_back, "reason": p.reason,
                       "rounds": p.rounds}, indent=1))

@@ -39,8 +39,8 @@ relibra_verl/integration/config/relibra_megatron_trainer.yaml):
                                 it), ref: the reference model's forward (its own engine, or the actor
                                 without LoRA adapter)}
   data_placement       verl     verl (the driver's balancing) | locality (sequences moved between the ranks
-                                of their mini-batch so their routed pairs stay on their node; legacy trainer,
-                                relibra_verl/integration/data_placement.py)
+                                of their mini-batch so their routed pairs stay on their node; legacy and V1
+                                trainers, relibra_verl/integration/data_placement.py)
 """
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ def add_replay_arguments(p) -> None:
     p.add_argument("--eplb-interval", type=int, default=VLLM_INTERVAL, metavar="N",
                    help=f"eplb-periodic: micro-batches between rebalances (default {VLLM_INTERVAL}, vLLM's step_interval)")
     p.add_argument("--locality-min-gain", type=float, default=None, metavar="F",
-                   help="relibra-locality: keep verl's data placement unless co-placing lowers the share of "
-                        "routed pairs crossing nodes by at least F (default: LocalityConfig's)")
+                   help="relibra-locality: keep verl's data placement unless co-placing lowers the busiest "
+                        "node's cross-node pairs by at least the fraction F (default: LocalityConfig's)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
 
 
@@ -386,6 +386,7 @@ def summarize(run: ReplayRun) -> dict[str, dict]:
             out[name]["data_placement"] = {"fell_back_steps": sum(p.fell_back for p in placed),
                                            "reasons": sorted({p.reason for p in placed if p.reason}),
                                            "inter_node_fraction_verl": float(np.mean([p.verl_fraction for p in placed])),
+                                           "nic_gain": float(np.mean([p.nic_gain for p in placed])),
                                            "plan_ms": float(np.mean([p.plan_ms for p in placed]))}
         if run.topo.num_nodes > 1:
             out[name]["nic_imbalance"] = _percentiles(np.concatenate(

@@ -10,8 +10,8 @@ Two ways in, same effect:
 Importing this module calls `register()`. It checks the versions (verl 0.9.1, megatron-core 0.19.2; anything
 else: nothing is patched, native path, one warning), then patches verl modules as they are imported (an
 import hook, so `import verl` stays light and no GPU module is imported early): the Megatron engine, the
-actor worker, the PPO driver's config check and the vLLM server's launch arguments. It logs one line
-saying what was patched. Set RELIBRA_VERL_DISABLE=1 to load nothing, RELIBRA_VERL_SKIP_VERSION_CHECK=1 to
+actor worker, the PPO driver's config check and batch balancing (legacy and V1 trainers) and the vLLM
+server's launch arguments. It logs one line saying what was patched. Set RELIBRA_VERL_DISABLE=1 to load nothing, RELIBRA_VERL_SKIP_VERSION_CHECK=1 to
 patch other versions at your own risk.
 
 `python -m relibra_verl.integration.plugin --config-dir` prints the folder of the Hydra config
@@ -37,6 +37,7 @@ _TARGETS = {
     "verl.workers.engine_workers": ("relibra_verl.patches.verl_engine", "patch_engine_workers"),
     "verl.utils.config": ("relibra_verl.patches.verl_engine", "patch_verl_config"),
     "verl.trainer.ppo.ray_trainer": ("relibra_verl.integration.data_placement", "patch_ray_trainer"),
+    "verl.trainer.ppo.v1.trainer_base": ("relibra_verl.integration.data_placement", "patch_v1_trainer"),
     "verl.workers.rollout.vllm_rollout.vllm_async_server": ("relibra_verl.patches.vllm_routed_experts",
                                                             "patch_vllm_async_server"),
 }

@@ -57,6 +57,7 @@ import torch
 
 from relibra_verl.config import RelibraConfig
 from relibra_verl.integration import runtime_bridge as rb
+from relibra_verl.integration.data_placement import HINT_KEY
 from relibra_verl.integration.microbatch import ParallelStateError, micro_batch_loads
 from relibra_verl.integration.routes import RoutesError, moe_layers_of
 from relibra_verl.planner import (BatchPlan, ReorderConfig, ReplicationConfig, Topology, plan_outcome, plan_relibra,
@@ -105,11 +106,13 @@ def _plan_rest(counts: np.ndarray, topo: Topology, placement: np.ndarray, replic
 
 
 def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarray, replication: ReplicationConfig,
-                         reorder: ReorderConfig) -> np.ndarray:
+                         reorder: ReorderConfig, preferred_node: np.ndarray | None = None) -> np.ndarray:
     """The placement for the next mini-batch: the reorder weighed with its replicas and migration against
-    keeping the current placement (plan_relibra, mode both). Returns expert_at_home [L, E]."""
+    keeping the current placement (plan_relibra, mode both), packed towards the driver's expert nodes
+    preferred_node [L, E] where given. Returns expert_at_home [L, E]."""
     mode = "both" if topo.R > 0 else "reorder"
-    return plan_relibra(counts, topo, placement, mode=mode, replication=replication, reorder=reorder).expert_at_home
+    return plan_relibra(counts, topo, placement, mode=mode, replication=replication, reorder=reorder,
+                        preferred_node=preferred_node).expert_at_home
 
 
 def _warm_up() -> None:
@@ -222,6 +225,7 @@ class RelibraTrainer:
         self._metrics: dict[str, float] = {}
         self._moved_last = 0
         self._token = None
+        self._node_hint = None
         if cfg.reorders:
             _planner().submit(_warm_up)   # compile the planner beside verl's start-up
 
@@ -292,6 +296,7 @@ class RelibraTrainer:
         self._placement_found = None   # [L, E] the placement before this pass applied one
         self._flag_error = None
         self._replay = bool(getattr(engine, "enable_routing_replay", False)) and self._data_flag(data)
+        self._node_hint = _non_tensor(data, HINT_KEY)    # the driver's expert nodes (data_placement: locality)
         self._r3 = getattr(getattr(engine.engine_config, "router_replay", None), "mode", "disabled") == "R3"
         self._metrics = {}
         self.plan = None
@@ -421,7 +426,8 @@ class RelibraTrainer:
             # every rank alike when the placement is collected after the optimizer step
             self._next_placement = None
             self._next_future = _planner().submit(_plan_next_placement, counts, self.topo, placement,
-                                                  self.replication, self.reorder)
+                                                  self.replication, self.reorder,
+                                                  self._preferred_nodes(counts.shape[1]))
         plan_ms = ((time.perf_counter() - t0) * 1e3 - self._metrics.get("relibra/placement_ms", 0.0)
                    - self._metrics.get("relibra/placement_plan_ms", 0.0))
         rb.set_plan(self.runtime, plan)
@@ -470,7 +476,8 @@ class RelibraTrainer:
         replication, reorder = ((self.replication_fwd, self.reorder_fwd) if self.role == "ref"
                                 else (self.replication, self.reorder))
         # in the planning process, where the planner is compiled (warmed up at attach)
-        job = _planner().submit(_plan_next_placement, counts, self.topo, current, replication, reorder)
+        job = _planner().submit(_plan_next_placement, counts, self.topo, current, replication, reorder,
+                                self._preferred_nodes(counts.shape[1]))
         placement, ms = _timed(job.result)
         self._metrics["relibra/placement_plan_ms"] = ms
         if self.role == "actor":
@@ -482,6 +489,28 @@ class RelibraTrainer:
         moved, ms = self._apply_placement(placement)
         self._metrics["relibra/moved_experts"] = float(moved)
         self._metrics["relibra/placement_ms"] = ms
+
+    def _preferred_nodes(self, L: int) -> np.ndarray | None:
+        """The driver's expert -> node hint for this batch ([L, E], `data_placement: locality`: the nodes its
+        sequences were co-placed with) where it fits this engine, else None (a hint that does not fit is
+        said once and counted in relibra/node_hint_ignored)."""
+        if self._node_hint is None:
+            return None
+        hint, topo = np.asarray(self._node_hint), self.topo
+        N = topo.num_nodes
+        # the driver numbers nodes r // gpus_per_node over the EP ranks
+        if not np.array_equal(np.asarray(topo.node_of_rank), np.arange(topo.G) // topo.ranks_per_node):
+            reason = "the EP ranks' hosts are not in rank order, so the driver's node numbers do not apply"
+        elif hint.shape != (L, topo.E):
+            reason = f"its shape {hint.shape} is not [{L} MoE layers, {topo.E} experts]"
+        elif hint.min(initial=0) < 0 or (np.bincount(hint.reshape(-1).astype(np.int64), minlength=N) != L * topo.E // N).any():
+            reason = f"it does not put {topo.E // N} experts on each of {N} nodes in every layer"
+        else:
+            self._metrics["relibra/node_hint_ignored"] = 0.0
+            return hint.astype(np.int64)
+        rb._warn_once(f"hint:{reason}", f"the driver's expert-node hint is ignored: {reason}")
+        self._metrics["relibra/node_hint_ignored"] = 1.0
+        return None
 
     def _apply_placement(self, placement: np.ndarray) -> tuple[int, float]:
         """Move to `placement` (the actor's with its optimizer state, the ref's weights only): (experts whose
@@ -669,6 +698,16 @@ def _reason_key(reason: str) -> str:
 
     head = reason.split("(")[0].split(":")[0].lower()
     return re.sub(r"[^a-z0-9]+", "_", head).strip("_")[:48] or "other"
+
+
+def _non_tensor(data, key: str):
+    """A non-tensor entry verl put in the call's TensorDict (DataProto.meta_info, KVBatchMeta.extra_info)."""
+    try:
+        from verl.utils import tensordict_utils as tu
+
+        return tu.get_non_tensor_data(data, key=key, default=None)
+    except Exception:
+        return None
 
 
 def _mb_index(batch):

@@ -20,8 +20,9 @@ cross-node pairs stops falling:
 verl's constraints are kept: every rank gets verl's number of sequences of every mini-batch (the
 mini-batches themselves are verl's: only which rank of it holds a sequence changes, which verl's loss
 normalisation does not see), and the busiest rank's attention workload stays within `workload_tolerance`
-of verl's own partition's. Where co-placing lowers the inter-node share by less than `min_gain` (one node,
-a single-domain batch), verl's placement is kept and the result says so (`fell_back`, `reason`).
+of verl's own partition's. Where co-placing lowers the busiest node's cross-node pairs by less than
+`min_gain` (one node, a single-domain batch), verl's placement is kept and the result says so (`fell_back`,
+`reason`).
 
 Glossary: S sequences, L MoE layers, E experts per layer, D DP ranks (each on one of N nodes, D / N per
 node), B mini-batches. Ties go to the previous assignment (experts) or verl's node (sequences), then to the
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numba
 import numpy as np
 
 from relibra_verl.planner.types import PlanError, invert_placement
@@ -44,10 +46,12 @@ class LocalityConfig:
     workload_tolerance: the busiest DP rank's attention workload may exceed that of verl's partition by at
         most this fraction (else the plan falls back to verl's).
     node_load_tolerance: a node may take at most (1 + this) x its share of a layer's routed pairs.
-    min_gain: fall back to verl's placement when the inter-node share of routed pairs falls by less than
-        this (absolute: 0.05 = five percentage points). In the simulator (bundled traces, DeepSeek-V2-Lite's
-        shape, EP 16 and 32), falls of 0.02-0.04 cost more step time than they saved: the busiest NIC
-        grows and experts change node.
+    min_gain: fall back to verl's placement when the busiest node's cross-node pairs (sent or received,
+        summed over layers: what sets the dispatch's time over InfiniBand; DataPlacement.nic_gain) fall by
+        less than this fraction. Not the share of cross-node pairs: co-placing concentrates the traffic that
+        still crosses, so the share can fall while the busiest NIC does not. Measured in the simulator on five
+        batches (docs/verl.md), this rule at 0.05 chose as the step time did on three, the share's at 0.05
+        on two; neither sees the attention imbalance and expert migration that co-placing adds.
     rounds: most alternations of the two steps.
     expert_stickiness: an expert keeps its node in force unless another node sends it more pairs by this
         fraction of the layer's mean pairs per expert (a move ships its weights and optimizer state).
@@ -75,6 +79,10 @@ class DataPlacement:
     verl_fraction:      the same share for verl's data placement with the expert nodes in force.
     verl_best_fraction: verl's data placement with the best expert nodes for it (what the gain is
                         measured against: co-placing is credited only with what moving the data adds).
+    nic_gain:           how much the co-placement lowers the busiest node's cross-node pairs (sent or
+                        received, the larger; summed over layers: what sets the all-to-all's time over
+                        InfiniBand), relative to verl's data with the expert nodes in force (0 on fallback
+                        before planning).
     fell_back, reason:  whether verl's placement was kept, and why ("" when not).
     rounds:             alternations run.
     plan_ms:            wall time.
@@ -85,6 +93,7 @@ class DataPlacement:
     inter_node_fraction: float
     verl_fraction: float
     verl_best_fraction: float
+    nic_gain: float
     fell_back: bool
     reason: str
     rounds: int
@@ -94,6 +103,7 @@ class DataPlacement:
         """Scalars for a trainer's logger."""
         return {f"{prefix}inter_node_fraction": self.inter_node_fraction,
                 f"{prefix}inter_node_fraction_verl": self.verl_fraction,
+                f"{prefix}data_placement_nic_gain": self.nic_gain,
                 f"{prefix}data_placement_fell_back": float(self.fell_back),
                 f"{prefix}data_placement_ms": self.plan_ms}
 
@@ -191,8 +201,8 @@ def plan_locality(usage: np.ndarray, seq_lens: np.ndarray, node_of_rank: np.ndar
 
     verl_fraction = fraction(verl_node, prev_node_of_expert)
 
-    def done(rank, nodes, frac, fell_back, reason, rounds, best):
-        return DataPlacement(rank, nodes, frac, verl_fraction, best, fell_back, reason, rounds,
+    def done(rank, nodes, frac, fell_back, reason, rounds, best, nic_gain=0.0):
+        return DataPlacement(rank, nodes, frac, verl_fraction, best, nic_gain, fell_back, reason, rounds,
                              (time.perf_counter() - t0) * 1e3)
 
     if N == 1 or total == 0:
@@ -232,10 +242,12 @@ def plan_locality(usage: np.ndarray, seq_lens: np.ndarray, node_of_rank: np.ndar
                     f"attention workload: busiest rank {_rank_peak(workload, rank, D) / verl_peak:.3f} x verl's",
                     rounds, verl_best)
     frac, rank, nodes = best
-    if verl_best - frac < config.min_gain:
-        return done(verl_rank, None, verl_fraction, True,
-                    f"gain {verl_best - frac:.3f} below min_gain {config.min_gain}", rounds, verl_best)
-    return done(rank, nodes, frac, False, "", rounds, verl_best)
+    verl_nic = _busiest_cross(flat, verl_node, prev_node_of_expert, N)
+    nic_gain = 1.0 - _busiest_cross(flat, node_of_rank[rank], nodes, N) / verl_nic if verl_nic > 0 else 0.0
+    if nic_gain < config.min_gain:
+        return done(verl_rank, None, verl_fraction, True, f"gain {nic_gain:.3f} of the busiest node's cross-node "
+                    f"pairs below min_gain {config.min_gain}", rounds, verl_best, nic_gain)
+    return done(rank, nodes, frac, False, "", rounds, verl_best, nic_gain)
 
 
 def _affinity(flat: np.ndarray, node_of_expert: np.ndarray, N: int) -> np.ndarray:
@@ -248,6 +260,17 @@ def _traffic(flat: np.ndarray, node_of_seq: np.ndarray, N: int) -> np.ndarray:
     """[N, L * E] pairs each node's sequences (node_of_seq [S]) send to each (layer, expert)."""
     onehot = (node_of_seq[:, None] == np.arange(N)).astype(np.float64)                   # [S, N]
     return onehot.T @ flat
+
+
+def _busiest_cross(flat: np.ndarray, node_of_seq: np.ndarray, node_of_expert: np.ndarray, N: int) -> float:
+    """Sum over layers of the busiest node's cross-node pairs (sent or received, the larger). flat [S, L * E],
+    node_of_seq [S], node_of_expert [L, E]."""
+    L, E = node_of_expert.shape
+    traffic = _traffic(flat, node_of_seq, N).reshape(N, L, E)                       # [src, L, E]
+    onehot = (node_of_expert[:, :, None] == np.arange(N)).astype(np.float64)       # [L, E, dst]
+    pairs = np.einsum("sle,led->lsd", traffic, onehot)                              # [L, src, dst]
+    cross = pairs * (1 - np.eye(N))[None]
+    return float(np.maximum(cross.sum(2), cross.sum(1)).max(1).sum())
 
 
 def _rank_peak(workload: np.ndarray, rank: np.ndarray, D: int) -> float:
@@ -348,24 +371,28 @@ def _assign_experts(traffic: np.ndarray, prev: np.ndarray, config: LocalityConfi
     return out
 
 
-def placement_on_nodes(expert_at_home: np.ndarray, node_of_expert: np.ndarray, node_of_rank: np.ndarray,
-                       experts_per_rank: int) -> np.ndarray:
-    """A placement [L, E] (expert per home slot) with every expert on its node of node_of_expert [L, E],
-    moving as few as possible: an expert already on its node keeps its slot, the others fill the free
-    slots of their node in ascending expert order: where relibra's reorder starts from."""
-    prev = np.asarray(expert_at_home, dtype=np.int64)
-    L, E = prev.shape
-    node_of_rank = np.asarray(node_of_rank)
-    slot_node = node_of_rank[np.arange(E) // experts_per_rank]                 # [E] node of each home slot
-    home = invert_placement(prev)
-    out = np.full((L, E), -1, dtype=np.int64)
-    for l in range(L):
-        stays = slot_node[home[l]] == node_of_expert[l]
-        out[l, home[l, stays]] = np.flatnonzero(stays)
-        for n in np.unique(node_of_expert[l, ~stays]):
-            movers = np.flatnonzero(~stays & (node_of_expert[l] == n))
-            free = np.flatnonzero((out[l] < 0) & (slot_node == n))
-            if len(free) != len(movers):
-                raise PlanError(f"layer {l}: node {n} is assigned {len(movers)} new experts for {len(free)} free slots")
-            out[l, free] = movers
+
+def count_routed_pairs(routes: np.ndarray) -> np.ndarray:
+    """One sequence's routes [T, L, K] (expert ids, any integer dtype) -> its routed pairs per layer and
+    expert [L, max id + 1], int32. Compiled: the driver counts every sequence of the batch each step (at
+    Qwen3-30B-A3B scale a 1,000-token sequence is 384k ids; numpy's bincount needs an int64 copy first)."""
+    routes = np.ascontiguousarray(routes)
+    if routes.ndim != 3:
+        raise PlanError(f"routes of a sequence must be [tokens, layers, top-k], got shape {routes.shape}")
+    if routes.dtype.kind not in "iu":
+        raise PlanError(f"routes must hold integer expert ids, got dtype {routes.dtype}")
+    if routes.size and routes.dtype.kind == "i" and routes.min() < 0:
+        raise PlanError(f"routes hold a negative expert id ({int(routes.min())})")
+    width = int(routes.max(initial=0)) + 1
+    return _count_pairs(routes, width)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_pairs(routes, width):
+    T, L, K = routes.shape
+    out = np.zeros((L, width), np.int32)
+    for t in range(T):
+        for layer in range(L):
+            for k in range(K):
+                out[layer, routes[t, layer, k]] += 1
     return out

@@ -26,13 +26,14 @@ __all__ = ["ReorderConfig", "ReplicationConfig", "plan_relibra", "plan_placement
 
 def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.ndarray | None = None,
                  mode: str = "both", replication: ReplicationConfig = ReplicationConfig(),
-                 reorder: ReorderConfig = ReorderConfig()) -> BatchPlan:
+                 reorder: ReorderConfig = ReorderConfig(), preferred_node: np.ndarray | None = None) -> BatchPlan:
     """relibra's plan for one batch.
 
     counts: [M, L, G, E] pairs per (micro-batch, layer, source rank, expert).
     expert_at_home_prev: [L, E] the placement in force (None: Megatron's identity).
     mode: "both" | "reorder" (no replicas; the placement is weighed without them) | "replicate" (the
     placement in force).
+    preferred_node: [L, E] experts' nodes chosen with the data (reorder.plan_placement), or None.
     """
     counts = np.asarray(counts)
     if not reorder.migration_horizon > 0:
@@ -53,7 +54,7 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     # "reorder" weighs placements without replicas: what a plan without them computes
     weigh_topo = topo if mode == "both" else dataclasses.replace(topo, replica_slots=0)
     if mode in ("both", "reorder"):
-        placement = plan_placement(counts, topo, prev, reorder)
+        placement = plan_placement(counts, topo, prev, reorder, preferred_node=preferred_node)
         changed = np.flatnonzero((placement != prev).any(1))
         if len(changed):
             rep_e, rep_q, j_new = plan_replicas(counts, weigh_topo, placement, replication)

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from relibra_verl.planner import reorder_kernels
-from relibra_verl.planner.types import Topology, identity_placement, invert_placement
+from relibra_verl.planner.types import PlanError, Topology, identity_placement, invert_placement
 
 _jit = numba.njit(nogil=True, cache=True)
 
@@ -73,6 +73,8 @@ class ReorderConfig:
     migration_horizon: float = 3.0
 
 
+# the least cost (routed pairs) of an expert away from plan_placement's preferred_node: a tie-breaker
+_PREFERRED_MOVE_PAIRS = 1.0
 # stickiness values tried by the move-cost-aware node assignment (0: balance only ... 1: strongly sticky)
 _NODE_STICKINESS_CANDIDATES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -164,16 +166,22 @@ def _match_labels(new_label: np.ndarray, old_label: np.ndarray, num_labels: int)
 
 
 def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None = None,
-                   config: ReorderConfig = ReorderConfig(), total: np.ndarray | None = None) -> np.ndarray:
+                   config: ReorderConfig = ReorderConfig(), total: np.ndarray | None = None,
+                   preferred_node: np.ndarray | None = None) -> np.ndarray:
     """A new placement for the batch from its exact loads: nodes first, then ranks inside each node.
 
     counts: [M, L, G, E].  prev: [L, E] expert in each home slot (None: Megatron's identity).
     total: counts summed over ranks [M, L, E], when at hand.  Returns expert_at_home [L, E].
+    preferred_node: [L, E] a node for every expert chosen with the data (relibra_verl.planner.locality),
+    E / N per node: the node assignment takes it for the experts' nodes in force (its stickiness, its
+    kept candidate, its labels; an expert away from it costs move_cost_pairs, at least one pair), and the
+    balance-only keep rule is skipped: plan_relibra weighs the result, whose inter-node pairs its
+    objective sees, with the real migration from prev.
     """
-    return _plan_placement(counts, topo, prev, config, total, compiled=True)
+    return _plan_placement(counts, topo, prev, config, total, preferred_node, compiled=True)
 
 
-def _plan_placement(counts, topo, prev, config, total, compiled):
+def _plan_placement(counts, topo, prev, config, total, preferred_node, compiled):
     """plan_placement; compiled False: the numpy reference of every step (tests compare the two)."""
     M, L, G, E = counts.shape
     S, N, g = topo.S, topo.num_nodes, topo.ranks_per_node
@@ -195,6 +203,12 @@ def _plan_placement(counts, topo, prev, config, total, compiled):
 
     # 1. experts -> nodes
     prev_node = rank_node[prev_rank]                                     # [L, E]
+    if preferred_node is not None:
+        prev_node = np.asarray(preferred_node, dtype=np.int64)
+        if prev_node.shape != (L, E) or (np.bincount(prev_node.reshape(-1), minlength=N) != L * E // N).any():
+            raise PlanError(f"preferred_node must be [{L}, {E}] with {E // N} experts on each of {N} nodes per layer")
+        # leaving it costs at least one pair per expert: ties in balance go to the preferred node
+        config = dataclasses.replace(config, move_cost_pairs=max(config.move_cost_pairs, _PREFERRED_MOVE_PAIRS))
     if N > 1:
         node_of = _assign_nodes(load, N, prev_node, config, topo, counts, compiled)
     else:
@@ -221,6 +235,8 @@ def _plan_placement(counts, topo, prev, config, total, compiled):
     moves = (rank_of_expert != prev_rank).sum(1)
     cost = _placement_cost_compiled if compiled else _placement_cost
     keep = cost(load, prev, topo) <= cost(load, new, topo) * (1 + config.keep_tolerance)
+    if preferred_node is not None:
+        keep[:] = False
     if config.max_moves_per_layer is not None:
         keep |= moves > config.max_moves_per_layer
     return np.where(keep[:, None], prev, new)

@@ -25,9 +25,8 @@ import numpy as np
 
 from relibra_verl.planner.baselines import choose_homes, moved_homes, physical_to_logical, redundant_per_rank
 from relibra_verl.planner.eplb import rebalance_experts
-from relibra_verl.planner.locality import placement_on_nodes
 from relibra_verl.planner.relibra import ReorderConfig, ReplicationConfig, plan_relibra
-from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement, invert_placement
+from relibra_verl.planner.types import BatchPlan, PlanError, Topology, identity_placement
 
 STRATEGIES = ("megatron", "eplb-periodic", "eplb-history", "eplb-oracle", "relibra-reorder", "relibra-replicate", "relibra",
               "relibra-locality", "ideal")
@@ -108,34 +107,15 @@ def plan_outcome(plan: BatchPlan, counts: np.ndarray) -> tuple[np.ndarray, np.nd
     return traffic.sum(2), traffic, calls
 
 
-def _relibra(counts, topo, mode, prev, replication, reorder) -> StrategyResult:
+def _relibra(counts, topo, mode, prev, replication, reorder, preferred_node=None) -> StrategyResult:
     t0 = time.perf_counter()
-    plan = plan_relibra(counts, topo, prev, mode=mode, replication=replication, reorder=reorder)
+    plan = plan_relibra(counts, topo, prev, mode=mode, replication=replication, reorder=reorder,
+                        preferred_node=preferred_node)
     ms = (time.perf_counter() - t0) * 1e3
     rank_tokens, traffic, calls = plan_outcome(plan, counts)
     replicas = (plan.replica_expert >= 0).sum(-1)
     M, L, G, _ = counts.shape
     return StrategyResult("", rank_tokens, traffic, replicas, np.zeros((L, G), np.int64), plan.moved_experts,
-                          plan.expert_at_home, ms, plan, calls)
-
-
-def _relibra_on_nodes(counts, topo, prev, node_of_expert, replication, reorder) -> StrategyResult:
-    """relibra starting from the experts' nodes of the data placement (node_of_expert [L, E]): the placement
-    in force with every expert moved onto its node is what relibra plans from (its reorder may still move
-    an expert where its cost model finds the node's micro-batches unbalanced; held fixed, the nodes'
-    per-micro-batch loads cost more than the pairs they keep local). Moves are counted from the placement
-    in force."""
-    L = counts.shape[1]
-    prev = identity_placement(topo, L) if prev is None else np.asarray(prev, dtype=np.int64)
-    t0 = time.perf_counter()
-    start = placement_on_nodes(prev, node_of_expert, topo.node_of_rank, topo.S)
-    plan = plan_relibra(counts, topo, start, mode="both", replication=replication, reorder=reorder)
-    placement = plan.expert_at_home
-    plan.moved_experts = (invert_placement(prev) // topo.S != invert_placement(placement) // topo.S).sum(1)
-    ms = (time.perf_counter() - t0) * 1e3
-    rank_tokens, traffic, calls = plan_outcome(plan, counts)
-    replicas = (plan.replica_expert >= 0).sum(-1)
-    return StrategyResult("", rank_tokens, traffic, replicas, np.zeros((L, topo.G), np.int64), plan.moved_experts,
                           plan.expert_at_home, ms, plan, calls)
 
 
@@ -201,8 +181,8 @@ def run_strategy(name: str, counts: np.ndarray, topo: Topology, history_counts: 
         prev = prev_placement if mode != "replicate" else None
         res = _relibra(counts, topo, mode, prev, replication, reorder)
     elif name == "relibra-locality":
-        res = (_relibra(counts, topo, "both", prev_placement, replication, reorder) if node_of_expert is None
-               else _relibra_on_nodes(counts, topo, prev_placement, node_of_expert, replication, reorder))
+        # the data placement's expert nodes as the reorder's preferred nodes: what verl's workers do with the hint
+        res = _relibra(counts, topo, "both", prev_placement, replication, reorder, preferred_node=node_of_expert)
     else:
         raise PlanError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     res.name = name

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from relibra_verl.planner.locality import (LocalityConfig, inter_node_fraction, node_of_expert_of, placement_on_nodes,
-                                           plan_locality, usage_from_routes, verl_workload)
+from relibra_verl.planner.locality import (LocalityConfig, count_routed_pairs, inter_node_fraction, plan_locality,
+                                           usage_from_routes, verl_workload)
 from relibra_verl.planner.types import PlanError
 
 
@@ -94,11 +94,41 @@ def test_usage_from_routes_counts_pairs():
     np.testing.assert_array_equal(u[:, 0], [[1, 2, 0], [1, 0, 1]])
 
 
-def test_placement_on_nodes_moves_only_what_must():
-    prev = np.tile(np.arange(8), (2, 1))
-    node_of_rank = np.array([0, 0, 1, 1])                                # 4 ranks x 2 slots, 2 nodes
-    target = np.array([[0, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]])
-    out = placement_on_nodes(prev, target, node_of_rank, 2)
-    np.testing.assert_array_equal(node_of_expert_of(out, node_of_rank, 2), target)
-    assert (out[0] == prev[0]).all()                                     # already on its nodes: nothing moves
-    assert (out[1] != prev[1]).sum() == 8                                # every expert changes node in layer 1
+def test_busiest_node_cross_pairs_by_hand_and_the_fall_back_rule():
+    """_busiest_cross: per layer the node sending or receiving most pairs across nodes. Two nodes, one layer,
+    two experts (expert 0 on node 0): sequence 0 on node 0 sends 3 pairs to expert 1 (node 1), sequence 1
+    on node 1 sends 5 pairs to expert 0 and 1 to expert 1: node 0 sends 3 and receives 5, node 1 sends 5
+    and receives 3 -> 5."""
+    from relibra_verl.planner.locality import _busiest_cross
+
+    flat = np.array([[0.0, 3.0], [5.0, 1.0]])
+    assert _busiest_cross(flat, np.array([0, 1]), np.array([[0, 1]]), 2) == 5.0
+    assert _busiest_cross(flat, np.array([1, 0]), np.array([[0, 1]]), 2) == 1.0
+    # the rule: a structured batch gains far more than min_gain; at a min_gain above its gain it falls back
+    usage, lens, verl_rank, _ = _two_domains()
+    p = plan_locality(usage, lens, np.arange(8) // 4, verl_rank)
+    assert 0.3 < p.nic_gain <= 1.0 and not p.fell_back
+    q = plan_locality(usage, lens, np.arange(8) // 4, verl_rank, config=LocalityConfig(min_gain=p.nic_gain + 1e-6))
+    assert q.fell_back and "busiest node" in q.reason and q.nic_gain == pytest.approx(p.nic_gain)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
+def test_count_routed_pairs_matches_bincount(dtype):
+    rng = np.random.default_rng(3)
+    routes = rng.integers(0, 60, size=(37, 5, 4)).astype(dtype)
+    routes[:, 2] = 0                                                    # a dense layer: every route 0
+    want = np.stack([np.bincount(routes[:, layer].reshape(-1).astype(np.int64), minlength=60)
+                     for layer in range(5)])[:, :int(routes.max()) + 1]
+    got = count_routed_pairs(routes)
+    assert got.dtype == np.int32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert count_routed_pairs(routes[:0]).shape == (5, 1)               # no valid token: no pairs
+
+
+def test_count_routed_pairs_names_bad_routes():
+    with pytest.raises(PlanError, match="negative expert id"):
+        count_routed_pairs(np.array([[[1, -2]]], dtype=np.int64))
+    with pytest.raises(PlanError, match="integer expert ids"):
+        count_routed_pairs(np.zeros((2, 1, 2), dtype=np.float32))
+    with pytest.raises(PlanError, match="tokens, layers, top-k"):
+        count_routed_pairs(np.zeros((2, 2), dtype=np.int64))

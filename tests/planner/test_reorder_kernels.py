@@ -42,12 +42,27 @@ def test_compiled_placement_equals_the_numpy_reference(topo, config):
     for trial, dtype in enumerate((np.int64, np.int32, np.int64)):
         counts = _counts(rng, 3 + trial, 4, topo.G, topo.E, dtype)
         prev = identity_placement(topo, 4) if trial == 0 else np.stack([rng.permutation(topo.E) for _ in range(4)])
-        fast = reorder._plan_placement(counts, topo, prev, config, None, compiled=True)
-        slow = reorder._plan_placement(counts, topo, prev, config, None, compiled=False)
+        fast = reorder._plan_placement(counts, topo, prev, config, None, None, compiled=True)
+        slow = reorder._plan_placement(counts, topo, prev, config, None, None, compiled=False)
         np.testing.assert_array_equal(fast, slow)
         assert np.array_equal(np.sort(fast, axis=1), np.tile(np.arange(topo.E), (4, 1)))
         moved += int((fast != prev).sum())
     assert moved > 0                                                      # the cases are not all "keep"
+
+
+@pytest.mark.parametrize("config", [0, 2, 4])
+def test_compiled_placement_with_a_preferred_node_equals_the_reference(config):
+    """plan_placement's preferred_node hint (a node per expert chosen with the data) through both paths."""
+    topo, config = Topology(64, 16, 4, 2), CONFIGS[config]
+    rng = np.random.default_rng(9)
+    counts = _counts(rng, 4, 3, topo.G, topo.E, np.int64)
+    preferred = np.stack([rng.permutation(np.repeat(np.arange(topo.num_nodes), topo.E // topo.num_nodes))
+                          for _ in range(3)])
+    fast = reorder._plan_placement(counts, topo, None, config, None, preferred, compiled=True)
+    slow = reorder._plan_placement(counts, topo, None, config, None, preferred, compiled=False)
+    np.testing.assert_array_equal(fast, slow)
+    unhinted = reorder._plan_placement(counts, topo, None, config, None, None, compiled=True)
+    assert not np.array_equal(fast, unhinted)                             # the hint changes the placement
 
 
 @pytest.mark.parametrize("with_cost", [False, True])
