@@ -88,18 +88,28 @@ def placement_cost(load, expert_at_home, node_of_rank, num_nodes, S, out):
         node_load[:] = 0.0
         for r in range(G):
             for s in range(S):
-                rank_load[r] += load[l, expert_at_home[l, r * S + s]]
-            node_load[node_of_rank[r]] += rank_load[r]
-        total = 0.0
-        for m in range(M):
-            mean = node_load[:, m].mean()
-            for n in range(num_nodes):
-                total += (node_load[n, m] - mean) ** 2
-        for m in range(M):
-            mean = rank_load[:, m].mean()
-            for r in range(G):
-                total += (rank_load[r, m] - mean) ** 2
-        out[l] = total
+                e = expert_at_home[l, r * S + s]
+                for m in range(M):
+                    rank_load[r, m] += load[l, e, m]
+            n = node_of_rank[r]
+            for m in range(M):
+                node_load[n, m] += rank_load[r, m]
+        out[l] = _squared_deviations(node_load) + _squared_deviations(rank_load)
+
+
+@_jit
+def _squared_deviations(x):
+    """Sum over columns of x [K, M] of the squared deviations from the column's mean."""
+    K, M = x.shape
+    total = 0.0
+    for m in range(M):
+        mean = 0.0
+        for k in range(K):
+            mean += x[k, m]
+        mean /= K
+        for k in range(K):
+            total += (x[k, m] - mean) ** 2
+    return total
 
 
 @_jit
