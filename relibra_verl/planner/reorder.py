@@ -10,9 +10,12 @@ within `keep_tolerance` of the new one keeps it (no moves). With move costs, eac
 ranks) takes, among packings of increasing stickiness and the previous assignment, the cheapest
 (_cheapest_assignment).
 
-The packing and the swaps loop over a layer's experts one at a time; they are compiled (numba, nogil,
-cached on disk), the rest is numpy over all layers at once. Loads are integer pair counts held as floats,
-so the sums and dot products the choices compare are exact in any order.
+plan_placement runs each assignment problem (a layer's experts -> nodes, a node's experts -> its ranks)
+start to finish in compiled code (reorder_kernels.py: numba, nogil, cached on disk). The numpy functions
+here, over all problems at once, are its readable reference: _plan_placement(..., compiled=False) runs them,
+and tests/planner/test_reorder_kernels.py checks that both give the same placements. Loads are integer pair
+counts held as floats, so the sums and dot products the choices compare are exact in any order (the costs
+add integers before they weigh them, the swaps compare load differences, not deviations from a mean).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import dataclasses
 import numba
 import numpy as np
 
+from relibra_verl.planner import reorder_kernels
 from relibra_verl.planner.types import PlanError, Topology, identity_placement, invert_placement
 
 _jit = numba.njit(nogil=True, cache=True)
@@ -174,11 +178,21 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     balance-only keep rule is skipped: plan_relibra weighs the result, whose inter-node pairs its
     objective sees, with the real migration from prev.
     """
+    return _plan_placement(counts, topo, prev, config, total, preferred_node, compiled=True)
+
+
+def _plan_placement(counts, topo, prev, config, total, preferred_node, compiled):
+    """plan_placement; compiled False: the numpy reference of every step (tests compare the two)."""
     M, L, G, E = counts.shape
     S, N, g = topo.S, topo.num_nodes, topo.ranks_per_node
     prev = identity_placement(topo, L) if prev is None else np.asarray(prev, dtype=np.int64)
-    total = counts.sum(axis=2) if total is None else total               # [M, L, E] pairs per expert
-    load = total.transpose(1, 2, 0).astype(np.float64)                  # [L, E, M]
+    if total is not None:
+        load = np.asarray(total).transpose(1, 2, 0).astype(np.float64)  # [L, E, M] pairs per expert
+    elif compiled:
+        load = np.empty((L, E, M))
+        reorder_kernels.expert_loads(counts, load)
+    else:
+        load = counts.sum(axis=2).transpose(1, 2, 0).astype(np.float64)
     node_ranks = topo.node_ranks()                                       # [N, g]
     rank_node = np.asarray(topo.node_of_rank)
     rank_pos = np.empty(G, dtype=np.int64)                               # position of a rank in its node
@@ -196,19 +210,18 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
         # leaving it costs at least one pair per expert: ties in balance go to the preferred node
         config = dataclasses.replace(config, move_cost_pairs=max(config.move_cost_pairs, _PREFERRED_MOVE_PAIRS))
     if N > 1:
-        node_of = _assign_nodes(load, N, prev_node, config, topo, counts)
+        node_of = _assign_nodes(load, N, prev_node, config, topo, counts, compiled)
     else:
         node_of = np.zeros((L, E), dtype=np.int64)
 
     # 2. inside each node: its g*S experts -> its g ranks
     members = np.argsort(node_of, axis=1, kind="stable").reshape(L, N, g * S)   # experts of each node
-    member_load = np.take_along_axis(load, members.reshape(L, N * g * S)[:, :, None], axis=1)
-    member_load = member_load.reshape(L * N, g * S, M)
+    member_load = load[np.arange(L)[:, None], members.reshape(L, N * g * S)].reshape(L * N, g * S, M)
     old_rank = prev_rank.reshape(L, E)[np.arange(L)[:, None], members.reshape(L, -1)].reshape(L * N, g * S)
     same_node = rank_node[old_rank] == np.repeat(np.arange(N)[None], L, 0).reshape(L * N, 1)
     old_pos = np.where(same_node, rank_pos[old_rank], -1)
     if g > 1:
-        pos_of = _assign_ranks(member_load, g, old_pos, config)
+        pos_of = _assign_ranks(member_load, g, old_pos, config, compiled)
     else:
         pos_of = np.zeros((L * N, g * S), dtype=np.int64)
     rank_of = node_ranks[np.repeat(np.tile(np.arange(N), L)[:, None], g * S, 1), pos_of]   # [L*N, g*S]
@@ -220,7 +233,8 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
 
     # 4. keep the old placement where the new one is not clearly better (or moves too much)
     moves = (rank_of_expert != prev_rank).sum(1)
-    keep = _placement_cost(load, prev, topo) <= _placement_cost(load, new, topo) * (1 + config.keep_tolerance)
+    cost = _placement_cost_compiled if compiled else _placement_cost
+    keep = cost(load, prev, topo) <= cost(load, new, topo) * (1 + config.keep_tolerance)
     if preferred_node is not None:
         keep[:] = False
     if config.max_moves_per_layer is not None:
@@ -228,7 +242,8 @@ def plan_placement(counts: np.ndarray, topo: Topology, prev: np.ndarray | None =
     return np.where(keep[:, None], prev, new)
 
 
-def _assign_ranks(load: np.ndarray, g: int, old_pos: np.ndarray, config: ReorderConfig) -> np.ndarray:
+def _assign_ranks(load: np.ndarray, g: int, old_pos: np.ndarray, config: ReorderConfig,
+                  compiled: bool = True) -> np.ndarray:
     """Each node's experts -> its g ranks. load: [P, n, M] per (layer, node) problem, its n = g*S experts'
     per-micro-batch loads; old_pos: [P, n] each expert's previous rank position in the node (-1: it
     comes from another node). Returns pos_of [P, n] (S experts per position).
@@ -237,10 +252,36 @@ def _assign_ranks(load: np.ndarray, g: int, old_pos: np.ndarray, config: Reorder
     config.rank_move_cost_pairs > 0, like _assign_nodes: among packings of increasing stickiness and the
     previous assignment (where the node kept its experts), then the refining swap steps on the chosen
     one, the one with the least _rank_cost (busiest rank per micro-batch plus the busiest rank's arrivals)."""
+    if compiled:
+        return _assign_compiled(load, g, old_pos, config.rank_stickiness, config.rank_move_cost_pairs > 0,
+                                reorder_kernels.RANK_COST, (config.rank_move_cost_pairs, config.move_cost_pairs))
     cost = None
     if config.rank_move_cost_pairs > 0:
         cost = lambda cand: _rank_cost(cand, load, old_pos, g, config.rank_move_cost_pairs, config.move_cost_pairs)
     return _cheapest_assignment(load, g, old_pos, config.rank_stickiness, cost)
+
+
+def _assign_compiled(load: np.ndarray, num_bins: int, prev: np.ndarray, stickiness: float, with_cost: bool,
+                     cost_kind: int, params: tuple, counts: np.ndarray | None = None,
+                     node_ranks: np.ndarray | None = None) -> np.ndarray:
+    """_cheapest_assignment with the cost `cost_kind` and its params (reorder_kernels.assign_bins), compiled,
+    one problem at a time; counts [M, P, G, E] and node_ranks [N, g] for a node cost with a NIC share > 0.
+    Returns bin_of_item [P, n]."""
+    P, n, M = load.shape
+    if with_cost:
+        levels = np.array(sorted(set(_NODE_STICKINESS_CANDIDATES) | {stickiness}), dtype=np.float64)
+        sticky = bool((levels > 0).any())
+    else:
+        levels = np.array([stickiness], dtype=np.float64)
+        sticky = stickiness > 0
+    params = np.array(params + (0.0,) * (4 - len(params)), dtype=np.float64)
+    counts = np.zeros((1, 1, 1, 1), dtype=np.int64) if counts is None else np.ascontiguousarray(counts)
+    node_ranks = np.zeros((1, 1), dtype=np.int64) if node_ranks is None else np.ascontiguousarray(node_ranks, dtype=np.int64)
+    out = np.empty((P, n), dtype=np.int64)
+    reorder_kernels.assign_bins(np.ascontiguousarray(load, dtype=np.float64), num_bins,
+                                np.ascontiguousarray(prev, dtype=np.int64), levels, sticky, with_cost, cost_kind,
+                                params, counts, node_ranks, 8, out)
+    return out
 
 
 def _cheapest_assignment(load: np.ndarray, num_bins: int, prev: np.ndarray, stickiness: float, cost) -> np.ndarray:
@@ -337,8 +378,6 @@ def _swap(load, members, iters, every_step, out):
     L, E, M = load.shape
     _, N, per = members.shape
     node_load = np.zeros((N, M))
-    dev = np.empty((N, M))
-    dd = np.empty((N, N))
     delta = np.empty(M)
     proj_a = np.empty(per)
     proj_b = np.empty(per)
@@ -358,25 +397,15 @@ def _swap(load, members, iters, every_step, out):
             _write_assignment(members[l], out[0, l])
         done = 0
         for step in range(iters):
-            for m in range(M):
-                mean = 0.0
-                for n in range(N):
-                    mean += node_load[n, m]
-                mean /= N
-                for n in range(N):
-                    dev[n, m] = node_load[n, m] - mean
-            for h in range(N):
-                for k in range(h, N):
-                    dd[h, k] = dd[k, h] = _dot(dev[h], dev[k])
-            # the two bins that differ most: |dev_h - dev_k|^2
-            h, k, far = 0, 0, -np.inf
+            # the two bins that differ most, |load_h - load_k|^2 (integer loads: exact, unlike deviations from
+            # their mean), the first such pair in (h, k) order
+            h, k, far = 0, 0, 0.0
             for x in range(N):
-                for y in range(N):
-                    f = dd[x, x] + dd[y, y] - 2 * dd[x, y]
+                for y in range(x + 1, N):
+                    f = _dot(node_load[x] - node_load[y], node_load[x] - node_load[y])
                     if f > far:
                         h, k, far = x, y, f
-            for m in range(M):
-                delta[m] = dev[h, m] - dev[k, m]
+            delta[:] = node_load[h] - node_load[k]
             for i in range(per):
                 proj_a[i] = _dot(load[l, members[l, h, i]], delta)
                 proj_b[i] = _dot(load[l, members[l, k, i]], delta)
@@ -417,7 +446,7 @@ def _write_assignment(members, bin_of):
 
 
 def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: ReorderConfig,
-                  topo: Topology, counts: np.ndarray | None = None) -> np.ndarray:
+                  topo: Topology, counts: np.ndarray | None = None, compiled: bool = True) -> np.ndarray:
     """Experts -> nodes for every layer. load: [L, E, M]; prev_node: [L, E]; counts: [M, L, G, E] (for the
     inter-node terms). Returns node_of [L, E].
 
@@ -427,9 +456,16 @@ def _assign_nodes(load: np.ndarray, N: int, prev_node: np.ndarray, config: Reord
     the busiest node's pairs per rank and (inter_node_share > 0) the busiest NIC, plus the moves' cost
     (moves run in parallel over the G ranks; _cheapest_assignment). The candidates balance pairs; the cost
     picks among them the one whose sends and receives across nodes are most even."""
+    with_cost = config.move_cost_pairs > 0 or config.inter_node_share > 0
+    inter_node = with_cost and counts is not None and config.inter_node_share > 0
+    if compiled:
+        share = config.inter_node_share if inter_node else 0.0
+        return _assign_compiled(load, N, prev_node, config.node_stickiness, with_cost, reorder_kernels.NODE_COST,
+                                (topo.G // N, config.move_cost_pairs, topo.G, share),
+                                counts if inter_node else None, topo.node_ranks())
     cost = None
-    if config.move_cost_pairs > 0 or config.inter_node_share > 0:
-        inter = None if counts is None or config.inter_node_share <= 0 else _InterNodeLoads(np.asarray(counts), topo, load)
+    if with_cost:
+        inter = _InterNodeLoads(np.asarray(counts), topo, load) if inter_node else None
         cost = lambda cand: _node_cost(cand, load, prev_node, config, topo, inter)
     return _cheapest_assignment(load, N, prev_node, config.node_stickiness, cost)
 
@@ -482,11 +518,12 @@ def _node_cost(node_of: np.ndarray, load: np.ndarray, prev_node: np.ndarray, con
     share = config.inter_node_share if inter is not None else 0.0
     if share > 0:
         sent, recv, node_load = inter(node_of)
-        nic = np.maximum(sent.max(-1), recv.max(-1) / g)                 # [C, L, M]
-        busy = (1 - share) * node_load.max(-1) / g + share * nic
+        nic = np.maximum(sent.max(-1) * g, recv.max(-1))                 # [C, L, M] g x the busiest NIC
+        # integer sums (exact in any order), weighed once
+        busy = ((1 - share) * node_load.max(-1).sum(-1) + share * nic.sum(-1)) / g
     else:
-        busy = _busiest_bin(node_of, load, N) / g
-    return busy.sum(-1) + moves * config.move_cost_pairs / topo.G
+        busy = _busiest_bin(node_of, load, N).sum(-1) / g               # integer sums: exact in any order
+    return busy + moves * config.move_cost_pairs / topo.G
 
 
 def _fill_slots(rank_of_expert: np.ndarray, prev: np.ndarray, prev_home: np.ndarray, S: int) -> np.ndarray:
@@ -528,6 +565,14 @@ def _placement_cost(load: np.ndarray, expert_at_home: np.ndarray, topo: Topology
     node_dev = node_load - node_load.mean(1, keepdims=True)
     rank_dev = rank_load - rank_load.mean(1, keepdims=True)
     return (node_dev ** 2).sum((1, 2)) + (rank_dev ** 2).sum((1, 2))
+
+
+def _placement_cost_compiled(load: np.ndarray, expert_at_home: np.ndarray, topo: Topology) -> np.ndarray:
+    """_placement_cost, compiled."""
+    out = np.empty(load.shape[0])
+    reorder_kernels.placement_cost(load, np.ascontiguousarray(expert_at_home, dtype=np.int64),
+                                   np.asarray(topo.node_of_rank, dtype=np.int64), topo.num_nodes, topo.S, out)
+    return out
 
 
 def _by_node(counts: np.ndarray, node_ranks: np.ndarray) -> np.ndarray:
