@@ -118,12 +118,25 @@ def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarr
 def _warm_up() -> None:
     """Compile the planner's loops in the planning process (numba; tens of seconds cold on a busy host,
     about 2 s from numba's disk cache): started when relibra attaches, so that the placement planned before
-    the first log-prob pass does not wait for the compiler."""
-    topo = Topology(num_experts=4, ep_size=2, gpus_per_node=2, replica_slots=1)
-    counts = np.arange(2 * 1 * 2 * 4, dtype=np.int64).reshape(2, 1, 2, 4) % 5 * 3
-    placement = np.arange(4, dtype=np.int64)[None]
-    _plan_next_placement(counts, topo, placement, ReplicationConfig(), ReorderConfig())
-    _plan_rest(counts, topo, placement, ReplicationConfig())
+    the first log-prob pass does not wait for the compiler. numba compiles per argument type and array
+    layout, so this plans what the trainer plans: two nodes, counts as the all-gather leaves them (int64,
+    not contiguous), the default configurations and the time-aware ones (float costs, NIC share), with and
+    without the driver's expert-node hint."""
+    from relibra_verl.planner import ExpertShape, load_profile
+
+    topo = Topology(num_experts=8, ep_size=4, gpus_per_node=2, replica_slots=2)
+    M, L, G, E = 2, 2, topo.G, topo.E
+    rng = np.random.default_rng(0)
+    gathered = rng.integers(0, 40, size=(G, M, L, E + 1)) * (np.arange(E + 1) < 3)
+    counts = gathered[..., :E].transpose(1, 2, 0, 3)                        # [M, L, G, E], a view
+    placement = np.tile(np.arange(E, dtype=np.int64), (L, 1))
+    hint = np.tile(np.arange(E, dtype=np.int64) % topo.num_nodes, (L, 1))
+    timed = planner_configs(ExpertShape(2048, 768), load_profile("h100-ib400"), topo.num_nodes,
+                            topo.ranks_per_node, reorder_inter_node_share=0.8)
+    for replication, reorder in ((ReplicationConfig(), ReorderConfig()), timed):
+        for preferred_node in (None, hint):
+            _plan_next_placement(counts, topo, placement, replication, reorder, preferred_node)
+        _plan_rest(counts, topo, placement, replication)
 
 
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,

@@ -1,0 +1,48 @@
+"""The trainer's planner warm-up compiles what the trainer's first real plan needs: after it, planning a
+time-aware, two-node batch in the trainer's layout (and with the driver's hint) compiles nothing new."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+CHECK = r"""
+import json
+import numba, numpy as np
+from relibra_verl.integration import trainer as tr
+from relibra_verl.planner import ExpertShape, Topology, load_profile, planner_configs
+from relibra_verl.planner import reorder, reorder_kernels, replicate
+
+def signatures():
+    out = {}
+    for mod in (reorder, reorder_kernels, replicate):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, numba.core.registry.CPUDispatcher):
+                out[f"{mod.__name__}.{name}"] = len(obj.signatures)
+    return out
+
+tr._warm_up()
+before = signatures()
+topo = Topology(num_experts=16, ep_size=8, gpus_per_node=4, replica_slots=1)
+rng = np.random.default_rng(1)
+gathered = rng.integers(0, 300, size=(topo.G, 3, 4, topo.E + 1))
+counts = gathered[..., :topo.E].transpose(1, 2, 0, 3)
+placement = np.tile(np.arange(topo.E, dtype=np.int64), (4, 1))
+hint = np.tile(np.arange(topo.E, dtype=np.int64) // (topo.E // 2), (4, 1))
+replication, reorder_cfg = planner_configs(ExpertShape(4096, 1536), load_profile("h100-ib400"), 2, 4,
+                                           reorder_inter_node_share=0.85)
+tr._plan_next_placement(counts, topo, placement, replication, reorder_cfg, hint)
+tr._plan_next_placement(counts, topo, placement, replication, reorder_cfg)
+tr._plan_rest(counts, topo, placement, replication)
+after = signatures()
+print(json.dumps({"compiled": sum(before.values()),
+                  "new": {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}}))
+"""
+
+
+def test_warm_up_leaves_nothing_to_compile_for_the_first_plan():
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["compiled"] > 0                       # the warm-up did compile (or load) the planner's loops
+    assert result["new"] == {}, f"compiled after the warm-up: {result['new']}"
