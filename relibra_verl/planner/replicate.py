@@ -38,8 +38,8 @@ import numpy as np
 from relibra_verl.planner.types import Topology
 
 _jit = numba.njit(nogil=True, cache=True)
-# a score bound's margin for rounding (relative): a bound is used only to skip candidates that cannot win
-_SLACK = 1e-9
+# small helpers of the greedy step, inlined into their callers (a call passing arrays costs reference counts)
+_inline = numba.njit(nogil=True, cache=True, inline="always")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +274,7 @@ def _busiest_copier(picks, step_of, n_picks, keep, g):
         if step_of[i] < keep:
             sends[picks[i, 0]] += 1
             receives[picks[i, 2]] += 1
-    return float(max(sends.max(), receives.max()))
+    return float(max(_vmax(sends), _vmax(receives)))
 
 
 @_jit
@@ -323,12 +323,32 @@ def _slot_loads(counts, expert_at_home, on_node, node_ranks, node_of_rank, S, no
     return float(floor)
 
 
-@_jit
+@_inline
+def _mean(v):
+    """v.mean() as numba computes it (a sum in index order, over the length), without its nditer, which
+    costs more than the sum on a node's few ranks."""
+    total = 0.0
+    for x in v:
+        total += x
+    return total / len(v)
+
+
+@_inline
+def _vmax(v):
+    """v.max() (v not empty, no NaN), without numba's nditer."""
+    best = v[0]
+    for i in range(1, len(v)):
+        if v[i] > best:
+            best = v[i]
+    return best
+
+
+@_inline
 def _objective(T, X, floor, s):
-    return (1 - s) * T.max() + s * max(X.max(), floor)
+    return (1 - s) * _vmax(T) + s * max(_vmax(X), floor)
 
 
-@_jit
+@_inline
 def _top3(v):
     """Indices of the three largest entries of v (-1 where v has fewer), first occurrences first."""
     a = b = c = -1
@@ -342,16 +362,35 @@ def _top3(v):
     return a, b, c
 
 
-@_jit
-def _max_excluding(v, top, d, r):
-    """The largest v over ranks other than d and r (-inf if none); top: _top3(v)."""
-    for i in top:
-        if i >= 0 and i != d and i != r:
-            return v[i]
-    return -np.inf
+@_inline
+def _max_excluding_each(v, top, d, out, row):
+    """out[row, r] = the largest v over ranks other than d and r (-inf if none), for every rank r; top:
+    _top3(v). No branch over r."""
+    a, b, c = top
+    va = v[a]
+    vb = v[b] if b >= 0 else -np.inf
+    vc = v[c] if c >= 0 else -np.inf
+    a_ok, b_ok, c_ok = a != d, b >= 0 and b != d, c >= 0 and c != d
+    for r in range(len(v)):
+        third = vc if (c_ok and c != r) else -np.inf
+        second = vb if (b_ok and b != r) else third
+        out[row, r] = va if (a_ok and a != r) else second
 
 
-@_jit
+@_inline
+def _first_max(v):
+    """(the largest of v, the first index holding it); v not empty, no NaN. The maximum is found without a
+    branch, so the index search runs once: what a loop of `if v[r] > best` would find."""
+    top = v[0]
+    for i in range(1, len(v)):
+        top = max(top, v[i])
+    i = 0
+    while v[i] != top:
+        i += 1
+    return top, i
+
+
+@_inline
 def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
     """Pairs a donor with `have_d` gives a receiver with `have_r` to bring them towards the mean: the
     receiver's deficit (less its new GEMM call), as far as the donor is above the mean (a receiver's last
@@ -359,14 +398,9 @@ def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
     donor, the donor staying above the mean."""
     excess = max(have_d - mean, 0.0)
     deficit = mean - have_r - overhead
-    if deficit >= min_tokens:
-        return deficit if last else min(deficit, excess)
-    return min((have_d - have_r - overhead) / 2, excess)
-
-
-@_jit
-def _clip(x, lo, hi):
-    return min(max(x, lo), hi)
+    fills = deficit if last else min(deficit, excess)
+    meets = min((have_d - have_r - overhead) / 2, excess)
+    return fills if deficit >= min_tokens else meets                 # both computed: no branch over ranks
 
 
 @_jit
@@ -394,12 +428,12 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
         blocked[j, j // S] = True
     used = np.zeros(g, dtype=np.int64)       # replica slots taken
     sent = np.zeros(g, dtype=np.int64)       # replicas each owner sends
-    scratch = np.empty((6, g))
+    scratch = np.empty((11 + 2 * S, g))
     best_j = _objective(T, X, floor, s)
-    done_j = ((1 - s) * T.mean() + s * max(X.mean(), floor)) * (1 + tol)   # close enough to the bound
+    done_j = ((1 - s) * _mean(T) + s * max(_mean(X), floor)) * (1 + tol)   # close enough to the bound
     best_steps = 0
     n = 0
-    peak_T[0], peak_R[0] = T.max(), X.max()
+    peak_T[0], peak_R[0] = _vmax(T), _vmax(X)
     steps = g * R
     live = best_j > done_j
     done = 0
@@ -425,7 +459,7 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
             best_steps = step + 1
         live = j > done_j
         done = step + 1
-        peak_T[done], peak_R[done] = T.max(), X.max()
+        peak_T[done], peak_R[done] = _vmax(T), _vmax(X)
     for k in range(done + 1, steps + 1):
         peak_T[k], peak_R[k] = peak_T[done], peak_R[done]
     return best_j, best_steps, n, first_exchange
@@ -447,11 +481,11 @@ def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, 
         # one donor for exchanges: the busiest rank of the term (GEMM work or NIC) whose excess weighs more
         d = dT
         if multi:
-            e_t = (1 - s) * (T.max() - T.mean())
-            e_r = s * (max(X.max(), floor) - max(X.mean(), floor))
+            e_t = (1 - s) * (_vmax(T) - _mean(T))
+            e_r = s * (max(_vmax(X), floor) - max(_mean(X), floor))
             d = dT if e_t >= e_r else dX
         ex = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens,
-                            cap, R, copy_cost, j_now, mv[5], scratch)
+                            cap, R, copy_cost, j_now, scratch)
         if ex[8] > 1e-6 * j_now and ex[8] > mv[5]:
             d, a, r, b, ua, ya, ub, yb = int(ex[0]), int(ex[1]), int(ex[2]), int(ex[3]), ex[4], ex[5], ex[6], ex[7]
             n = _apply_pick(picks, step_of, n, step, d, a, r, int(ua), int(ya), T, X, home_r, home_l, blocked, used,
@@ -465,7 +499,7 @@ def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, 
     return n, False
 
 
-@_jit
+@_inline
 def _apply_pick(picks, step_of, n, step, d, sl, rv, a, y, T, X, home_r, home_l, blocked, used, sent, overhead, R, S):
     """A replica of donor d's home slot sl on rank rv taking a pairs, y of them from other nodes."""
     picks[n, 0], picks[n, 1], picks[n, 2], picks[n, 3], picks[n, 4], picks[n, 5] = d, sl, rv, used[rv], a, y
@@ -490,8 +524,9 @@ def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, fl
                cap, R, j_now, scratch):
     """The best move off donor d1 or d2 (-1: none): every (home slot of the donor, receiver r) of the node,
     with the amounts that bring donor and receiver towards the node's means, scored by how much it lowers
-    J and, secondarily, by its size (_move_score). scratch: [6, g]. Returns (donor, slot, receiver,
-    amount, inter-node part, score; score -inf when no move is allowed).
+    J and, secondarily, by its size (_move_score); of equal scores the first in (donor, slot, receiver)
+    order. scratch: [8, g] (or more rows). Returns (donor, slot, receiver, amount, inter-node part, score; score -inf when
+    no move is allowed).
 
     Amounts, towards the node's means. Rule "per kind": pairs from other nodes fill the receiver's X up to
     the mean, as far as the donor is above it; the rest (T less X) likewise, less the receiver's new GEMM
@@ -500,58 +535,56 @@ def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, fl
     their own. In either, a receiver too close to the mean may still take work above it, up to where it
     meets the donor; a receiver's last free slot takes as much as fills it (the donor has free slots of its
     own to be refilled, the receiver would have none). A receiver is never pushed far above the mean: it
-    cannot shed a replica. The better-scoring rule is taken."""
+    cannot shed a replica. The better-scoring rule is taken.
+
+    Every candidate is scored: the loop over receivers has no branch (it vectorises over a node's ranks),
+    and the best is picked after it (tests/planner/test_replica_kernels.py holds the plain version)."""
     g, S = home_r.shape
-    x_mean, t_mean = X.mean(), T.mean()
+    x_mean, t_mean = _mean(X), _mean(T)
     tx_mean = t_mean - x_mean
     best = (-1.0, -1.0, -1.0, 0.0, 0.0, -np.inf)
-    T_other, X_other, y_kind_of, u_kind_of, u_work_of, bound = (scratch[0], scratch[1], scratch[2], scratch[3],
-                                                                 scratch[4], scratch[5])
+    # scratch rows, per receiver: 0 T_other, 1 X_other (the other ranks' peaks), 2-4 the unclipped amounts
+    # (inter-node part per kind, rest per kind, GEMM work), 5-7 the slot's score, amount, inter-node part
+    w = scratch
     for i in range(2):
         d = d1 if i == 0 else d2
         if d < 0 or sent[d] >= cap or (i == 1 and d == d1):
             continue
-        most = 0.0
-        for sl in range(S):
-            most = max(most, float(home_r[d, sl] + home_l[d, sl]))
-        # what depends on the receiver only: the other ranks' peaks, the unclipped amounts and a bound on
-        # the score (the pair's busier rank ends at least at their mean) that skips receivers which
-        # cannot beat the best so far
+        Td, Xd = T[d], X[d]
+        _max_excluding_each(T, topT, d, w, 0)
+        _max_excluding_each(X, topX, d, w, 1)
         for r in range(g):
             last = R - used[r] == 1
-            T_other[r] = _max_excluding(T, topT, d, r)
-            X_other[r] = max(_max_excluding(X, topX, d, r), floor)
-            y_kind_of[r] = max(min(x_mean - X[r], X[d] - x_mean), 0.0)
-            u_kind_of[r] = max(_towards_mean(T[d] - X[d], T[r] - X[r], tx_mean, overhead, min_tokens, last), 0.0)
-            u_work_of[r] = max(_towards_mean(T[d], T[r], t_mean, overhead, min_tokens, last), 0.0)
-            bound[r] = (j_now - (1 - s) * max(T_other[r], (T[d] + T[r]) / 2) - s * max(X_other[r], (X[d] + X[r]) / 2)
-                        + 1e-3 * most + _SLACK * (abs(j_now) + 1))
+            w[1, r] = max(w[1, r], floor)
+            w[2, r] = max(min(x_mean - X[r], Xd - x_mean), 0.0)
+            w[3, r] = max(_towards_mean(Td - Xd, T[r] - X[r], tx_mean, overhead, min_tokens, last), 0.0)
+            w[4, r] = max(_towards_mean(Td, T[r], t_mean, overhead, min_tokens, last), 0.0)
         for sl in range(S):
             hr, hl = float(home_r[d, sl]), float(home_l[d, sl])
             left = hr + hl
+            j = d * S + sl
             for r in range(g):
-                if blocked[d * S + sl, r] or bound[r] <= best[5]:
-                    continue
-                y_kind = np.floor(min(y_kind_of[r], hr))
-                u_kind = y_kind + np.floor(min(u_kind_of[r], hl))
-                u_work = np.floor(min(u_work_of[r], left))
-                if u_kind < min_tokens and u_work < min_tokens:
-                    continue
+                y_kind = np.floor(min(w[2, r], hr))
+                u_kind = y_kind + np.floor(min(w[3, r], hl))
+                u_work = np.floor(min(w[4, r], left))
                 y_work = min(max(y_kind, u_work - hl), min(u_work, hr))
-                score_kind = _move_score(u_kind, y_kind, left, T[d], T[r], X[d], X[r], T_other[r], X_other[r], s,
-                                         overhead, j_now)
-                score_work = _move_score(u_work, y_work, left, T[d], T[r], X[d], X[r], T_other[r], X_other[r], s,
-                                         overhead, j_now)
-                if score_work > score_kind:
-                    u, y, score = u_work, y_work, score_work
-                else:
-                    u, y, score = u_kind, y_kind, score_kind
-                if u >= min_tokens and score > best[5]:
-                    best = (float(d), float(sl), float(r), u, y, score)
+                score_kind = _move_score(u_kind, y_kind, left, Td, T[r], Xd, X[r], w[0, r], w[1, r], s, overhead,
+                                         j_now)
+                score_work = _move_score(u_work, y_work, left, Td, T[r], Xd, X[r], w[0, r], w[1, r], s, overhead,
+                                         j_now)
+                work = score_work > score_kind
+                u = u_work if work else u_kind
+                w[6, r] = u
+                w[7, r] = y_work if work else y_kind
+                score = score_work if work else score_kind
+                w[5, r] = score if (u >= min_tokens and not blocked[j, r]) else -np.inf
+            top, r = _first_max(w[5])
+            if top > best[5]:
+                best = (float(d), float(sl), float(r), w[6, r], w[7, r], top)
     return best
 
 
-@_jit
+@_inline
 def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now):
     """J's drop when a donor gives u pairs (y of them from other nodes) of a home slot holding `left` to a
     receiver, plus 0.001 per pair moved: of moves that lower J about as much, the largest (the donor sheds
@@ -564,60 +597,71 @@ def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now
 
 @_jit
 def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens, cap, R,
-                   copy_cost, j_now, beat, scratch):
+                   copy_cost, j_now, scratch):
     """The best exchange off donor d: its home expert a and another rank r's home expert b trade places for
     the micro-batch, each as a replica that takes all of the other's remaining pairs. Both home copies then
     run no GEMM, so unlike a move no call is added; it costs two copies. For each (a, r) the b whose pairs
-    best even out d and r is taken. Scored like a move, less the copies' exposed cost where the exchange
-    raises the node's busiest copier (copy_cost, in pairs of GEMM work). Only exchanges that score above
-    `beat` (the best move's score) are of interest: receivers that cannot are skipped. scratch: [5, g].
-    Returns (d, a, r, b, amount of a, its inter-node part, amount of b, its inter-node part, score; -inf
-    when none is allowed)."""
+    best even out d and r is taken (of equally close ones, the first). Scored like a move, less the
+    copies' exposed cost where the exchange raises the node's busiest copier (copy_cost, in pairs of GEMM
+    work); of equal scores the first in (a, r) order. As _best_move, every candidate is scored without a
+    branch over receivers. scratch: [11 + 2 S, g]. Returns (d, a, r, b, amount of a, its inter-node part,
+    amount of b, its inter-node part, score; -inf when none is allowed)."""
     g, S = home_r.shape
     best = (-1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -np.inf)
     if sent[d] >= cap or used[d] == R:
         return best
-    copies, T_other, X_other, C_other, bound = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    # scratch rows, per rank r: 0 copies, 1 T_other, 2 X_other, 3 C_other, 4 whether r can take part,
+    # 5 the b closest to the wanted amount, 7 the score, 8 half the gap T[d] - T[r],
+    # 9-10 b's amount and inter-node part; 11 + k: the pairs left at r's slot k where d may take them
+    # (inf where not), 11 + S + k: their inter-node part
+    w = scratch
     for r in range(g):
-        copies[r] = max(used[r], sent[r])
-    topC = _top3(copies)
-    C_max = copies.max()
-    most = 0.0
-    for k in range(g * S):
-        most = max(most, float(home_r[k // S, k % S] + home_l[k // S, k % S]))
+        w[0, r] = max(used[r], sent[r])
+    topC = _top3(w[0])
+    C_max = _vmax(w[0])
+    _max_excluding_each(T, topT, d, w, 1)
+    _max_excluding_each(X, topX, d, w, 2)
+    _max_excluding_each(w[0], topC, d, w, 3)
+    Td, Xd, Cd = T[d], X[d], w[0, d]
     for r in range(g):
-        T_other[r] = _max_excluding(T, topT, d, r)
-        X_other[r] = max(_max_excluding(X, topX, d, r), floor)
-        C_other[r] = _max_excluding(copies, topC, d, r)
-        # the score's bound: d and r end at least at their mean, the copies never lower the busiest copier
-        bound[r] = (j_now - (1 - s) * max(T_other[r], (T[d] + T[r]) / 2) - s * max(X_other[r], (X[d] + X[r]) / 2)
-                    + 1e-3 * most + _SLACK * (abs(j_now) + 1))
+        w[2, r] = max(w[2, r], floor)
+        w[4, r] = 1.0 if (used[r] != R and sent[r] < cap) else 0.0
+        w[8, r] = (Td - T[r]) / 2
+        for k in range(S):
+            left = float(home_r[r, k] + home_l[r, k])
+            w[11 + k, r] = left if (not blocked[r * S + k, d] and left >= min_tokens) else np.inf
+            w[11 + S + k, r] = float(home_r[r, k])
     for a in range(S):
         uA = float(home_r[d, a] + home_l[d, a])
         yA = float(home_r[d, a])
         if uA < min_tokens:
             continue
+        # b on r: d must be able to take it; of those, the one that brings d and r closest together
         for r in range(g):
-            if blocked[d * S + a, r] or used[r] == R or sent[r] >= cap or bound[r] <= max(best[8], beat):
-                continue
-            # b on r: d must be able to take it; of those, the one that brings d and r closest together
-            want = uA - (T[d] - T[r]) / 2
-            b, miss = -1, np.inf
+            want = uA - w[8, r]
+            b, closest, uB, yB = -1.0, np.inf, 0.0, 0.0
             for k in range(S):
-                left = float(home_r[r, k] + home_l[r, k])
-                if blocked[r * S + k, d] or left < min_tokens:
-                    continue
-                if abs(left - want) < miss:
-                    b, miss = k, abs(left - want)
-            if b < 0:
-                continue
-            uB, yB = float(home_r[r, b] + home_l[r, b]), float(home_r[r, b])
-            T_new = max(T[d] - uA + uB, T[r] - uB + uA, T_other[r])
-            X_new = max(X[d] - yA + yB, X[r] - yB + yA, X_other[r])
-            C_new = max(max(copies[d], copies[r]) + 1.0, C_other[r])
-            score = (j_now - (1 - s) * T_new - s * X_new) + 1e-3 * abs(uA - uB) - (1 - s) * copy_cost * (C_new - C_max)
-            if score > best[8]:
-                best = (float(d), float(a), float(r), float(b), uA, yA, uB, yB, score)
+                left = w[11 + k, r]
+                miss = abs(left - want)
+                closer = miss < closest
+                b = k if closer else b
+                closest = miss if closer else closest
+                uB = left if closer else uB
+                yB = w[11 + S + k, r] if closer else yB
+            w[5, r], w[9, r], w[10, r] = b, uB, yB
+        j = d * S + a
+        for r in range(g):
+            uB, yB = w[9, r], w[10, r]
+            T_new = max(Td - uA + uB, T[r] - uB + uA, w[1, r])
+            X_new = max(Xd - yA + yB, X[r] - yB + yA, w[2, r])
+            C_new = max(max(Cd, w[0, r]) + 1.0, w[3, r])
+            score = ((j_now - (1 - s) * T_new - s * X_new) + 1e-3 * abs(uA - uB)
+                     - (1 - s) * copy_cost * (C_new - C_max))
+            ok = w[4, r] > 0 and w[5, r] >= 0 and not blocked[j, r]
+            w[7, r] = score if ok else -np.inf
+        top, r = _first_max(w[7])
+        if top > best[8]:
+            best = (float(d), float(a), float(r), w[5, r], uA, yA, w[9, r], w[10, r], top)
     return best
 
 
