@@ -172,6 +172,11 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     step_of = np.zeros((2, N, max(steps, 1)), dtype=np.int64)
     settled = np.zeros((4, N))                                       # flag, J, busiest T, busiest X
     settled_j, settled_T, settled_R = settled[1], settled[2], settled[3]
+    work = _greedy_work(g, S)
+    chosen = np.zeros(N, dtype=np.int64)
+    keep = np.zeros(N, dtype=np.int64)
+    rem = np.zeros(G, dtype=np.int64)                                # _write_quotas' scratch
+    order = np.zeros(max(steps, 1), dtype=np.int64)                  # _write_replicas' scratch
     for l in range(L):
         _home_nodes(expert_at_home[l], S, node_of_rank, on_node)
         for m in range(M):
@@ -191,7 +196,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 if runs == 2:
                     best_j[1, n], best_steps[1, n], n_picks[1, n], first_exchange = _greedy(
                         home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
-                        multi, True, picks[1, n], step_of[1, n], peak_T[1, n], peak_R[1, n], 0)
+                        multi, True, picks[1, n], step_of[1, n], peak_T[1, n], peak_R[1, n], 0, work)
                     replay = n_picks[1, n] if first_exchange < 0 else first_exchange
                     picks[0, n, :replay] = picks[1, n, :replay]
                 if runs == 2 and first_exchange < 0:
@@ -200,13 +205,10 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 else:
                     best_j[0, n], best_steps[0, n], n_picks[0, n], _ = _greedy(
                         home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
-                        multi, False, picks[0, n], step_of[0, n], peak_T[0, n], peak_R[0, n], replay)
+                        multi, False, picks[0, n], step_of[0, n], peak_T[0, n], peak_R[0, n], replay, work)
             # each node keeps the run that ends lower (ties: moves only)
-            chosen = np.zeros(N, dtype=np.int64)
             for n in range(N):
-                if runs == 2 and best_j[1, n] < best_j[0, n]:
-                    chosen[n] = 1
-            keep = np.empty(N, dtype=np.int64)
+                chosen[n] = 1 if runs == 2 and best_j[1, n] < best_j[0, n] else 0
             for n in range(N):
                 keep[n] = best_steps[chosen[n], n]
             if N > 1:
@@ -219,7 +221,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                               + share * max(peak_R[run, n, keep[n]], floor))
                 _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, node_of_rank, n, S,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
-                                replica_expert[m, l], replica_quota[m, l])
+                                replica_expert[m, l], replica_quota[m, l], order, rem)
             critical_path[m, l] = layer_j
 
 
@@ -404,31 +406,41 @@ def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
 
 
 @_jit
+def _greedy_work(g, S):
+    """The state of one greedy run, allocated once for all of them: pairs left at the home slots from
+    other nodes and from the home node [g, S], T and X [g], blocked [g * S, g], replica slots used and
+    replicas sent [g], and the step kernels' scratch [11 + 2 S, g]."""
+    return (np.zeros((g, S), dtype=np.int64), np.zeros((g, S), dtype=np.int64), np.zeros(g), np.zeros(g),
+            np.zeros((g * S, g), dtype=np.bool_), np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64),
+            np.zeros((11 + 2 * S, g)))
+
+
+@_jit
 def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_cost, multi, exchanges,
-            picks, step_of, peak_T, peak_R, replay):
+            picks, step_of, peak_T, peak_R, replay, work):
     """One problem's greedy run (module docstring). home_r0, home_l0: [g, S] pairs at each home slot from
     other nodes / from the home node. Fills picks [:n, 6] (donor, slot, receiver, replica slot k, amount,
     inter-node part) with step_of [:n] the step of each, peak_T / peak_R [g*R + 1] the busiest rank's T
     and X after each step (constant after the last). The first `replay` steps are the moves already in
-    picks[:replay] (one per step), applied without a search. Returns (lowest J, steps up to it, n, the step
-    of the first exchange or -1)."""
+    picks[:replay] (one per step), applied without a search. work: _greedy_work(g, S), its state. Returns
+    (lowest J, steps up to it, n, the step of the first exchange or -1)."""
     g, S = home_r0.shape
-    home_r = home_r0.copy()
-    home_l = home_l0.copy()
-    T = np.zeros(g)
-    X = np.zeros(g)
+    home_r, home_l, T, X, blocked, used, sent, scratch = work
+    home_r[:] = home_r0
+    home_l[:] = home_l0
+    T[:] = 0.0
+    X[:] = 0.0
     for r in range(g):
         for sl in range(S):
             left = home_r[r, sl] + home_l[r, sl]
             T[r] += left + (overhead if left > 0 else 0.0)
             X[r] += home_r[r, sl]
     # blocked[j, r]: rank r cannot take node-local expert j (it is j's home, holds a copy, or is full)
-    blocked = np.zeros((g * S, g), dtype=np.bool_)
+    blocked[:] = False
     for j in range(g * S):
         blocked[j, j // S] = True
-    used = np.zeros(g, dtype=np.int64)       # replica slots taken
-    sent = np.zeros(g, dtype=np.int64)       # replicas each owner sends
-    scratch = np.empty((11 + 2 * S, g))
+    used[:] = 0                              # replica slots taken
+    sent[:] = 0                              # replicas each owner sends
     best_j = _objective(T, X, floor, s)
     done_j = ((1 - s) * _mean(T) + s * max(_mean(X), floor)) * (1 + tol)   # close enough to the bound
     best_steps = 0
@@ -465,7 +477,7 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
     return best_j, best_steps, n, first_exchange
 
 
-@_jit
+@_inline
 def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap, R, copy_cost,
                  multi, exchanges, picks, step_of, n, step, scratch):
     """One greedy step: the best move, or where it lowers J more the best exchange, applied (picks[n:]).
@@ -519,7 +531,7 @@ def _apply_pick(picks, step_of, n, step, d, sl, rv, a, y, T, X, home_r, home_l, 
     return n + 1
 
 
-@_jit
+@_inline
 def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, floor, s, overhead, min_tokens,
                cap, R, j_now, scratch):
     """The best move off donor d1 or d2 (-1: none): every (home slot of the donor, receiver r) of the node,
@@ -595,7 +607,7 @@ def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now
     return (j_now - (1 - s) * T_new - s * X_new) + 1e-3 * u
 
 
-@_jit
+@_inline
 def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens, cap, R,
                    copy_cost, j_now, scratch):
     """The best exchange off donor d: its home expert a and another rank r's home expert b trade places for
@@ -684,85 +696,93 @@ def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
 
 @_jit
 def _write_replicas(counts, expert_at_home, node_ranks, node_of_rank, n, S, picks, step_of, n_picks, keep,
-                    replica_expert, replica_quota):
+                    replica_expert, replica_quota, order, rem):
     """The picks of node n's kept steps (step < keep) as replicas and quotas. counts [G, E] of the
-    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written."""
+    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written. order
+    [>= n_picks] and rem [G]: scratch."""
     g = node_ranks.shape[1]
     kept = 0
     while kept < n_picks and step_of[kept] < keep:
         kept += 1
-    if kept == 0:
-        return
-    # replicas of one expert together, by holder rank: (node-local expert, receiver)
-    order = np.argsort(picks[:kept, 0] * S * g * g + picks[:kept, 1] * g * g + picks[:kept, 2])
+    # replicas of one expert together, by holder rank: (node-local expert, receiver), each pick's own key
+    for i in range(kept):
+        key = (picks[i, 0] * S + picks[i, 1]) * g + picks[i, 2]
+        at = i
+        while at > 0 and (picks[order[at - 1], 0] * S + picks[order[at - 1], 1]) * g + picks[order[at - 1], 2] > key:
+            order[at] = order[at - 1]
+            at -= 1
+        order[at] = i
     i = 0
     while i < kept:
         j = i
-        first = picks[order[i]]
-        while j < kept and picks[order[j], 0] == first[0] and picks[order[j], 1] == first[1]:
+        d, sl = picks[order[i], 0], picks[order[i], 1]
+        while j < kept and picks[order[j], 0] == d and picks[order[j], 1] == sl:
             j += 1
-        home = node_ranks[n, first[0]]
-        expert = expert_at_home[home * S + first[1]]
-        _write_quotas(counts[:, expert], picks, order[i:j], home, node_ranks, node_of_rank, n, replica_quota)
+        home = node_ranks[n, d]
+        expert = expert_at_home[home * S + sl]
+        _write_quotas(counts, expert, picks, order, i, j, home, node_ranks, n, replica_quota, rem)
         for q in range(i, j):
-            p = picks[order[q]]
-            replica_expert[node_ranks[n, p[2]], p[3]] = expert
+            replica_expert[node_ranks[n, picks[order[q], 2]], picks[order[q], 3]] = expert
         i = j
 
 
 @_jit
-def _write_quotas(src, picks, group, home, node_ranks, node_of_rank, n, replica_quota):
-    """Split one expert's replicas' amounts over the source ranks (module docstring). src: [G] pairs of
-    each source for the expert; group: indices into picks of its replicas, by holder; home: its home rank
-    on node n. Writes replica_quota[holder, k, :] of each."""
-    G = len(src)
+def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n, replica_quota, rem):
+    """Split one expert's replicas' amounts over the source ranks (module docstring). counts [G, E]: the
+    pairs of each source; picks[order[begin:end]]: the expert's replicas, by holder; home: its home rank on
+    node n. Writes replica_quota[holder, k, :] of each. rem [G]: scratch."""
     N, g = node_ranks.shape
-    total = src.sum()
+    total = 0
+    for src in range(len(rem)):
+        rem[src] = counts[src, expert]
+        total += rem[src]
     local_pool = 0
     for i in range(g):
-        local_pool += src[node_ranks[n, i]]
-    rem = src.astype(np.int64)
+        local_pool += counts[node_ranks[n, i], expert]
     amount_sum = 0
     remote_sum = 0
-    for idx in group:
+    for q in range(begin, end):
+        idx = order[q]
         holder = node_ranks[n, picks[idx, 2]]
         a, y = picks[idx, 4], picks[idx, 5]
-        own = min(src[holder], a - y)                                   # its own rank's pairs never leave the GPU
+        own = min(counts[holder, expert], a - y)                        # its own rank's pairs never leave the GPU
         rem[holder] -= own
         amount_sum += a
         remote_sum += y
     home_amount = total - amount_sum
     home_remote = (total - local_pool) - remote_sum
-    rem[home] -= min(src[home], home_amount - home_remote)
-    remote_at = 0
-    local_at = 0
-    for idx in group:
+    rem[home] -= min(counts[home, expert], home_amount - home_remote)
+    # each replica takes the next pairs of the sources laid end to end: cursors (source, pairs taken of it)
+    remote, remote_taken, local, local_taken = 0, 0, 0, 0
+    for q in range(begin, end):
+        idx = order[q]
         holder = node_ranks[n, picks[idx, 2]]
         k, a, y = picks[idx, 3], picks[idx, 4], picks[idx, 5]
-        own = min(src[holder], a - y)
+        own = min(counts[holder, expert], a - y)
         out = replica_quota[holder, k]
-        # inter-node pairs: the other nodes' sources laid end to end in node-block order
-        remote_at = _interval_take(rem, node_ranks, n, False, remote_at, remote_at + y, out)
+        # inter-node pairs: the other nodes' sources in node-block order
+        remote, remote_taken = _take_in_order(rem, node_ranks, n, False, remote, remote_taken, y, out)
         # intra-node pairs beyond its own: the home node's sources in rank order
-        local_at = _interval_take(rem, node_ranks, n, True, local_at, local_at + (a - own - y), out)
+        local, local_taken = _take_in_order(rem, node_ranks, n, True, local, local_taken, a - own - y, out)
         out[holder] += own
 
 
 @_jit
-def _interval_take(pool, node_ranks, n, on_node, begin, end, out):
-    """Northwest-corner rule: lay the sources (node n's ranks if on_node, else the other nodes' in
-    node-block order) end to end; out takes the pairs of each that fall in [begin, end). Returns end."""
+def _take_in_order(pool, node_ranks, n, on_node, at, taken, amount, out):
+    """Northwest-corner rule: the sources (node n's ranks if on_node, else the other nodes' in node-block
+    order) are used up in order; from the cursor (the at-th source, `taken` of its pairs gone) out takes
+    `amount` pairs. Returns the cursor after them."""
     N, g = node_ranks.shape
-    at = 0
-    for m in range(N):
-        if (m == n) != on_node:
-            continue
-        for i in range(g):
-            rank = node_ranks[m, i]
-            lo, hi = max(at, begin), min(at + pool[rank], end)
-            if hi > lo:
-                out[rank] += hi - lo
-            at += pool[rank]
-            if at >= end:
-                return end
-    return end
+    count = g if on_node else (N - 1) * g
+    while amount > 0 and at < count:
+        node = n if on_node else (at // g if at // g < n else at // g + 1)
+        rank = node_ranks[node, at % g]
+        left = pool[rank] - taken
+        if left > amount:
+            out[rank] += amount
+            return at, taken + amount
+        if left > 0:
+            out[rank] += left
+            amount -= left
+        at, taken = at + 1, 0
+    return at, taken
