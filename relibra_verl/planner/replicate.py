@@ -176,6 +176,15 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     chosen = np.zeros(N, dtype=np.int64)
     keep = np.zeros(N, dtype=np.int64)
     rem = np.zeros(G, dtype=np.int64)                                # _write_quotas' scratch
+    # per node n, the sources in the order quotas use them up: its own ranks, then the other nodes' ranks
+    # in node-block order
+    sources = np.zeros((N, G), dtype=np.int64)
+    for n in range(N):
+        at = 0
+        for m in [n] + [k for k in range(N) if k != n]:
+            for i in range(g):
+                sources[n, at] = node_ranks[m, i]
+                at += 1
     order = np.zeros(max(steps, 1), dtype=np.int64)                  # _write_replicas' scratch
     for l in range(L):
         _home_nodes(expert_at_home[l], S, node_of_rank, on_node)
@@ -221,7 +230,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                               + share * max(peak_R[run, n, keep[n]], floor))
                 _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, node_of_rank, n, S,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
-                                replica_expert[m, l], replica_quota[m, l], order, rem)
+                                replica_expert[m, l], replica_quota[m, l], sources[n], order, rem)
             critical_path[m, l] = layer_j
 
 
@@ -426,21 +435,18 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
     (lowest J, steps up to it, n, the step of the first exchange or -1)."""
     g, S = home_r0.shape
     home_r, home_l, T, X, blocked, used, sent, scratch = work
-    home_r[:] = home_r0
-    home_l[:] = home_l0
-    T[:] = 0.0
-    X[:] = 0.0
     for r in range(g):
+        T[r], X[r] = 0.0, 0.0
+        used[r], sent[r] = 0, 0              # replica slots taken, replicas each owner sends
         for sl in range(S):
+            home_r[r, sl], home_l[r, sl] = home_r0[r, sl], home_l0[r, sl]
             left = home_r[r, sl] + home_l[r, sl]
             T[r] += left + (overhead if left > 0 else 0.0)
             X[r] += home_r[r, sl]
     # blocked[j, r]: rank r cannot take node-local expert j (it is j's home, holds a copy, or is full)
-    blocked[:] = False
     for j in range(g * S):
-        blocked[j, j // S] = True
-    used[:] = 0                              # replica slots taken
-    sent[:] = 0                              # replicas each owner sends
+        for r in range(g):
+            blocked[j, r] = r == j // S
     best_j = _objective(T, X, floor, s)
     done_j = ((1 - s) * _mean(T) + s * max(_mean(X), floor)) * (1 + tol)   # close enough to the bound
     best_steps = 0
@@ -696,10 +702,10 @@ def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
 
 @_jit
 def _write_replicas(counts, expert_at_home, node_ranks, node_of_rank, n, S, picks, step_of, n_picks, keep,
-                    replica_expert, replica_quota, order, rem):
+                    replica_expert, replica_quota, sources, order, rem):
     """The picks of node n's kept steps (step < keep) as replicas and quotas. counts [G, E] of the
-    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written. order
-    [>= n_picks] and rem [G]: scratch."""
+    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written. sources [G]:
+    node n's ranks, then the other nodes' in node-block order. order [>= n_picks] and rem [G]: scratch."""
     g = node_ranks.shape[1]
     kept = 0
     while kept < n_picks and step_of[kept] < keep:
@@ -720,17 +726,17 @@ def _write_replicas(counts, expert_at_home, node_ranks, node_of_rank, n, S, pick
             j += 1
         home = node_ranks[n, d]
         expert = expert_at_home[home * S + sl]
-        _write_quotas(counts, expert, picks, order, i, j, home, node_ranks, n, replica_quota, rem)
+        _write_quotas(counts, expert, picks, order, i, j, home, node_ranks, n, replica_quota, sources, rem)
         for q in range(i, j):
             replica_expert[node_ranks[n, picks[order[q], 2]], picks[order[q], 3]] = expert
         i = j
 
 
 @_jit
-def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n, replica_quota, rem):
+def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n, replica_quota, sources, rem):
     """Split one expert's replicas' amounts over the source ranks (module docstring). counts [G, E]: the
     pairs of each source; picks[order[begin:end]]: the expert's replicas, by holder; home: its home rank on
-    node n. Writes replica_quota[holder, k, :] of each. rem [G]: scratch."""
+    node n; sources: as _write_replicas. Writes replica_quota[holder, k, :] of each. rem [G]: scratch."""
     N, g = node_ranks.shape
     total = 0
     for src in range(len(rem)):
@@ -753,7 +759,8 @@ def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n,
     home_remote = (total - local_pool) - remote_sum
     rem[home] -= min(counts[home, expert], home_amount - home_remote)
     # each replica takes the next pairs of the sources laid end to end: cursors (source, pairs taken of it)
-    remote, remote_taken, local, local_taken = 0, 0, 0, 0
+    G = len(rem)
+    remote, remote_taken, local, local_taken = g, 0, 0, 0
     for q in range(begin, end):
         idx = order[q]
         holder = node_ranks[n, picks[idx, 2]]
@@ -761,22 +768,18 @@ def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n,
         own = min(counts[holder, expert], a - y)
         out = replica_quota[holder, k]
         # inter-node pairs: the other nodes' sources in node-block order
-        remote, remote_taken = _take_in_order(rem, node_ranks, n, False, remote, remote_taken, y, out)
+        remote, remote_taken = _take_in_order(rem, sources, G, remote, remote_taken, y, out)
         # intra-node pairs beyond its own: the home node's sources in rank order
-        local, local_taken = _take_in_order(rem, node_ranks, n, True, local, local_taken, a - own - y, out)
+        local, local_taken = _take_in_order(rem, sources, g, local, local_taken, a - own - y, out)
         out[holder] += own
 
 
-@_jit
-def _take_in_order(pool, node_ranks, n, on_node, at, taken, amount, out):
-    """Northwest-corner rule: the sources (node n's ranks if on_node, else the other nodes' in node-block
-    order) are used up in order; from the cursor (the at-th source, `taken` of its pairs gone) out takes
-    `amount` pairs. Returns the cursor after them."""
-    N, g = node_ranks.shape
-    count = g if on_node else (N - 1) * g
-    while amount > 0 and at < count:
-        node = n if on_node else (at // g if at // g < n else at // g + 1)
-        rank = node_ranks[node, at % g]
+@_inline
+def _take_in_order(pool, sources, end, at, taken, amount, out):
+    """Northwest-corner rule: the sources up to sources[end - 1] are used up in order; from the cursor (the
+    at-th source, `taken` of its pairs gone) out takes `amount` pairs. Returns the cursor after them."""
+    while amount > 0 and at < end:
+        rank = sources[at]
         left = pool[rank] - taken
         if left > amount:
             out[rank] += amount
