@@ -389,14 +389,14 @@ def _max_excluding_each(v, top, d, out, row):
 
 
 @_inline
-def _first_max(v):
-    """(the largest of v, the first index holding it); v not empty, no NaN. The maximum is found without a
-    branch, so the index search runs once: what a loop of `if v[r] > best` would find."""
-    top = v[0]
-    for i in range(1, len(v)):
-        top = max(top, v[i])
+def _first_max(v, row):
+    """(the largest of v[row], the first index holding it); no NaN. The maximum is found without a branch,
+    so the index search runs once: what a loop of `if v[row, r] > best` would find."""
+    top = v[row, 0]
+    for i in range(1, v.shape[1]):
+        top = max(top, v[row, i])
     i = 0
-    while v[i] != top:
+    while v[row, i] != top:
         i += 1
     return top, i
 
@@ -596,7 +596,7 @@ def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, fl
                 w[7, r] = y_work if work else y_kind
                 score = score_work if work else score_kind
                 w[5, r] = score if (u >= min_tokens and not blocked[j, r]) else -np.inf
-            top, r = _first_max(w[5])
+            top, r = _first_max(w, 5)
             if top > best[5]:
                 best = (float(d), float(sl), float(r), w[6, r], w[7, r], top)
     return best
@@ -677,7 +677,7 @@ def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, flo
                      - (1 - s) * copy_cost * (C_new - C_max))
             ok = w[4, r] > 0 and w[5, r] >= 0 and not blocked[j, r]
             w[7, r] = score if ok else -np.inf
-        top, r = _first_max(w[7])
+        top, r = _first_max(w, 7)
         if top > best[8]:
             best = (float(d), float(a), float(r), w[5, r], uA, yA, w[9, r], w[10, r], top)
     return best
