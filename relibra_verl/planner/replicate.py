@@ -228,7 +228,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], g)
                 layer_j = max(layer_j, (1 - share) * (peak_T[run, n, keep[n]] + copy_cost * copies)
                               + share * max(peak_R[run, n, keep[n]], floor))
-                _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, node_of_rank, n, S,
+                _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, n, S,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
                                 replica_expert[m, l], replica_quota[m, l], sources[n], order, rem)
             critical_path[m, l] = layer_j
@@ -701,7 +701,7 @@ def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
 
 
 @_jit
-def _write_replicas(counts, expert_at_home, node_ranks, node_of_rank, n, S, picks, step_of, n_picks, keep,
+def _write_replicas(counts, expert_at_home, node_ranks, n, S, picks, step_of, n_picks, keep,
                     replica_expert, replica_quota, sources, order, rem):
     """The picks of node n's kept steps (step < keep) as replicas and quotas. counts [G, E] of the
     (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written. sources [G]:
