@@ -38,8 +38,8 @@ import numpy as np
 from relibra_verl.planner.types import Topology
 
 _jit = numba.njit(nogil=True, cache=True)
-# a score bound's margin for rounding (relative): a bound is used only to skip candidates that cannot win
-_SLACK = 1e-9
+# small helpers of the greedy step, inlined into their callers (a call passing arrays costs reference counts)
+_inline = numba.njit(nogil=True, cache=True, inline="always")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +172,20 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     step_of = np.zeros((2, N, max(steps, 1)), dtype=np.int64)
     settled = np.zeros((4, N))                                       # flag, J, busiest T, busiest X
     settled_j, settled_T, settled_R = settled[1], settled[2], settled[3]
+    work = _greedy_work(g, S)
+    chosen = np.zeros(N, dtype=np.int64)
+    keep = np.zeros(N, dtype=np.int64)
+    rem = np.zeros(G, dtype=np.int64)                                # _write_quotas' scratch
+    # per node n, the sources in the order quotas use them up: its own ranks, then the other nodes' ranks
+    # in node-block order
+    sources = np.zeros((N, G), dtype=np.int64)
+    for n in range(N):
+        at = 0
+        for m in [n] + [k for k in range(N) if k != n]:
+            for i in range(g):
+                sources[n, at] = node_ranks[m, i]
+                at += 1
+    order = np.zeros(max(steps, 1), dtype=np.int64)                  # _write_replicas' scratch
     for l in range(L):
         _home_nodes(expert_at_home[l], S, node_of_rank, on_node)
         for m in range(M):
@@ -191,7 +205,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 if runs == 2:
                     best_j[1, n], best_steps[1, n], n_picks[1, n], first_exchange = _greedy(
                         home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
-                        multi, True, picks[1, n], step_of[1, n], peak_T[1, n], peak_R[1, n], 0)
+                        multi, True, picks[1, n], step_of[1, n], peak_T[1, n], peak_R[1, n], 0, work)
                     replay = n_picks[1, n] if first_exchange < 0 else first_exchange
                     picks[0, n, :replay] = picks[1, n, :replay]
                 if runs == 2 and first_exchange < 0:
@@ -200,13 +214,10 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 else:
                     best_j[0, n], best_steps[0, n], n_picks[0, n], _ = _greedy(
                         home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
-                        multi, False, picks[0, n], step_of[0, n], peak_T[0, n], peak_R[0, n], replay)
+                        multi, False, picks[0, n], step_of[0, n], peak_T[0, n], peak_R[0, n], replay, work)
             # each node keeps the run that ends lower (ties: moves only)
-            chosen = np.zeros(N, dtype=np.int64)
             for n in range(N):
-                if runs == 2 and best_j[1, n] < best_j[0, n]:
-                    chosen[n] = 1
-            keep = np.empty(N, dtype=np.int64)
+                chosen[n] = 1 if runs == 2 and best_j[1, n] < best_j[0, n] else 0
             for n in range(N):
                 keep[n] = best_steps[chosen[n], n]
             if N > 1:
@@ -217,9 +228,9 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], g)
                 layer_j = max(layer_j, (1 - share) * (peak_T[run, n, keep[n]] + copy_cost * copies)
                               + share * max(peak_R[run, n, keep[n]], floor))
-                _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, node_of_rank, n, S,
+                _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, n, S,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
-                                replica_expert[m, l], replica_quota[m, l])
+                                replica_expert[m, l], replica_quota[m, l], sources[n], order, rem)
             critical_path[m, l] = layer_j
 
 
@@ -274,7 +285,7 @@ def _busiest_copier(picks, step_of, n_picks, keep, g):
         if step_of[i] < keep:
             sends[picks[i, 0]] += 1
             receives[picks[i, 2]] += 1
-    return float(max(sends.max(), receives.max()))
+    return float(max(_vmax(sends), _vmax(receives)))
 
 
 @_jit
@@ -323,12 +334,32 @@ def _slot_loads(counts, expert_at_home, on_node, node_ranks, node_of_rank, S, no
     return float(floor)
 
 
-@_jit
+@_inline
+def _mean(v):
+    """v.mean() as numba computes it (a sum in index order, over the length), without its nditer, which
+    costs more than the sum on a node's few ranks."""
+    total = 0.0
+    for x in v:
+        total += x
+    return total / len(v)
+
+
+@_inline
+def _vmax(v):
+    """v.max() (v not empty, no NaN), without numba's nditer."""
+    best = v[0]
+    for i in range(1, len(v)):
+        if v[i] > best:
+            best = v[i]
+    return best
+
+
+@_inline
 def _objective(T, X, floor, s):
-    return (1 - s) * T.max() + s * max(X.max(), floor)
+    return (1 - s) * _vmax(T) + s * max(_vmax(X), floor)
 
 
-@_jit
+@_inline
 def _top3(v):
     """Indices of the three largest entries of v (-1 where v has fewer), first occurrences first."""
     a = b = c = -1
@@ -342,16 +373,35 @@ def _top3(v):
     return a, b, c
 
 
-@_jit
-def _max_excluding(v, top, d, r):
-    """The largest v over ranks other than d and r (-inf if none); top: _top3(v)."""
-    for i in top:
-        if i >= 0 and i != d and i != r:
-            return v[i]
-    return -np.inf
+@_inline
+def _max_excluding_each(v, top, d, out, row):
+    """out[row, r] = the largest v over ranks other than d and r (-inf if none), for every rank r; top:
+    _top3(v). No branch over r."""
+    a, b, c = top
+    va = v[a]
+    vb = v[b] if b >= 0 else -np.inf
+    vc = v[c] if c >= 0 else -np.inf
+    a_ok, b_ok, c_ok = a != d, b >= 0 and b != d, c >= 0 and c != d
+    for r in range(len(v)):
+        third = vc if (c_ok and c != r) else -np.inf
+        second = vb if (b_ok and b != r) else third
+        out[row, r] = va if (a_ok and a != r) else second
 
 
-@_jit
+@_inline
+def _first_max(v, row):
+    """(the largest of v[row], the first index holding it); no NaN. The maximum is found without a branch,
+    so the index search runs once: what a loop of `if v[row, r] > best` would find."""
+    top = v[row, 0]
+    for i in range(1, v.shape[1]):
+        top = max(top, v[row, i])
+    i = 0
+    while v[row, i] != top:
+        i += 1
+    return top, i
+
+
+@_inline
 def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
     """Pairs a donor with `have_d` gives a receiver with `have_r` to bring them towards the mean: the
     receiver's deficit (less its new GEMM call), as far as the donor is above the mean (a receiver's last
@@ -359,47 +409,49 @@ def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
     donor, the donor staying above the mean."""
     excess = max(have_d - mean, 0.0)
     deficit = mean - have_r - overhead
-    if deficit >= min_tokens:
-        return deficit if last else min(deficit, excess)
-    return min((have_d - have_r - overhead) / 2, excess)
+    fills = deficit if last else min(deficit, excess)
+    meets = min((have_d - have_r - overhead) / 2, excess)
+    return fills if deficit >= min_tokens else meets                 # both computed: no branch over ranks
 
 
 @_jit
-def _clip(x, lo, hi):
-    return min(max(x, lo), hi)
+def _greedy_work(g, S):
+    """The state of one greedy run, allocated once for all of them: pairs left at the home slots from
+    other nodes and from the home node [g, S], T and X [g], blocked [g * S, g], replica slots used and
+    replicas sent [g], and the step kernels' scratch [11 + 2 S, g]."""
+    return (np.zeros((g, S), dtype=np.int64), np.zeros((g, S), dtype=np.int64), np.zeros(g), np.zeros(g),
+            np.zeros((g * S, g), dtype=np.bool_), np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64),
+            np.zeros((11 + 2 * S, g)))
 
 
 @_jit
 def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_cost, multi, exchanges,
-            picks, step_of, peak_T, peak_R, replay):
+            picks, step_of, peak_T, peak_R, replay, work):
     """One problem's greedy run (module docstring). home_r0, home_l0: [g, S] pairs at each home slot from
     other nodes / from the home node. Fills picks [:n, 6] (donor, slot, receiver, replica slot k, amount,
     inter-node part) with step_of [:n] the step of each, peak_T / peak_R [g*R + 1] the busiest rank's T
     and X after each step (constant after the last). The first `replay` steps are the moves already in
-    picks[:replay] (one per step), applied without a search. Returns (lowest J, steps up to it, n, the step
-    of the first exchange or -1)."""
+    picks[:replay] (one per step), applied without a search. work: _greedy_work(g, S), its state. Returns
+    (lowest J, steps up to it, n, the step of the first exchange or -1)."""
     g, S = home_r0.shape
-    home_r = home_r0.copy()
-    home_l = home_l0.copy()
-    T = np.zeros(g)
-    X = np.zeros(g)
+    home_r, home_l, T, X, blocked, used, sent, scratch = work
     for r in range(g):
+        T[r], X[r] = 0.0, 0.0
+        used[r], sent[r] = 0, 0              # replica slots taken, replicas each owner sends
         for sl in range(S):
+            home_r[r, sl], home_l[r, sl] = home_r0[r, sl], home_l0[r, sl]
             left = home_r[r, sl] + home_l[r, sl]
             T[r] += left + (overhead if left > 0 else 0.0)
             X[r] += home_r[r, sl]
     # blocked[j, r]: rank r cannot take node-local expert j (it is j's home, holds a copy, or is full)
-    blocked = np.zeros((g * S, g), dtype=np.bool_)
     for j in range(g * S):
-        blocked[j, j // S] = True
-    used = np.zeros(g, dtype=np.int64)       # replica slots taken
-    sent = np.zeros(g, dtype=np.int64)       # replicas each owner sends
-    scratch = np.empty((6, g))
+        for r in range(g):
+            blocked[j, r] = r == j // S
     best_j = _objective(T, X, floor, s)
-    done_j = ((1 - s) * T.mean() + s * max(X.mean(), floor)) * (1 + tol)   # close enough to the bound
+    done_j = ((1 - s) * _mean(T) + s * max(_mean(X), floor)) * (1 + tol)   # close enough to the bound
     best_steps = 0
     n = 0
-    peak_T[0], peak_R[0] = T.max(), X.max()
+    peak_T[0], peak_R[0] = _vmax(T), _vmax(X)
     steps = g * R
     live = best_j > done_j
     done = 0
@@ -425,13 +477,13 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
             best_steps = step + 1
         live = j > done_j
         done = step + 1
-        peak_T[done], peak_R[done] = T.max(), X.max()
+        peak_T[done], peak_R[done] = _vmax(T), _vmax(X)
     for k in range(done + 1, steps + 1):
         peak_T[k], peak_R[k] = peak_T[done], peak_R[done]
     return best_j, best_steps, n, first_exchange
 
 
-@_jit
+@_inline
 def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap, R, copy_cost,
                  multi, exchanges, picks, step_of, n, step, scratch):
     """One greedy step: the best move, or where it lowers J more the best exchange, applied (picks[n:]).
@@ -447,11 +499,11 @@ def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, 
         # one donor for exchanges: the busiest rank of the term (GEMM work or NIC) whose excess weighs more
         d = dT
         if multi:
-            e_t = (1 - s) * (T.max() - T.mean())
-            e_r = s * (max(X.max(), floor) - max(X.mean(), floor))
+            e_t = (1 - s) * (_vmax(T) - _mean(T))
+            e_r = s * (max(_vmax(X), floor) - max(_mean(X), floor))
             d = dT if e_t >= e_r else dX
         ex = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens,
-                            cap, R, copy_cost, j_now, mv[5], scratch)
+                            cap, R, copy_cost, j_now, scratch)
         if ex[8] > 1e-6 * j_now and ex[8] > mv[5]:
             d, a, r, b, ua, ya, ub, yb = int(ex[0]), int(ex[1]), int(ex[2]), int(ex[3]), ex[4], ex[5], ex[6], ex[7]
             n = _apply_pick(picks, step_of, n, step, d, a, r, int(ua), int(ya), T, X, home_r, home_l, blocked, used,
@@ -465,7 +517,7 @@ def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, 
     return n, False
 
 
-@_jit
+@_inline
 def _apply_pick(picks, step_of, n, step, d, sl, rv, a, y, T, X, home_r, home_l, blocked, used, sent, overhead, R, S):
     """A replica of donor d's home slot sl on rank rv taking a pairs, y of them from other nodes."""
     picks[n, 0], picks[n, 1], picks[n, 2], picks[n, 3], picks[n, 4], picks[n, 5] = d, sl, rv, used[rv], a, y
@@ -485,13 +537,14 @@ def _apply_pick(picks, step_of, n, step, d, sl, rv, a, y, T, X, home_r, home_l, 
     return n + 1
 
 
-@_jit
+@_inline
 def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, floor, s, overhead, min_tokens,
                cap, R, j_now, scratch):
     """The best move off donor d1 or d2 (-1: none): every (home slot of the donor, receiver r) of the node,
     with the amounts that bring donor and receiver towards the node's means, scored by how much it lowers
-    J and, secondarily, by its size (_move_score). scratch: [6, g]. Returns (donor, slot, receiver,
-    amount, inter-node part, score; score -inf when no move is allowed).
+    J and, secondarily, by its size (_move_score); of equal scores the first in (donor, slot, receiver)
+    order. scratch: [8, g] (or more rows). Returns (donor, slot, receiver, amount, inter-node part, score; score -inf when
+    no move is allowed).
 
     Amounts, towards the node's means. Rule "per kind": pairs from other nodes fill the receiver's X up to
     the mean, as far as the donor is above it; the rest (T less X) likewise, less the receiver's new GEMM
@@ -500,58 +553,56 @@ def _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, d1, d2, fl
     their own. In either, a receiver too close to the mean may still take work above it, up to where it
     meets the donor; a receiver's last free slot takes as much as fills it (the donor has free slots of its
     own to be refilled, the receiver would have none). A receiver is never pushed far above the mean: it
-    cannot shed a replica. The better-scoring rule is taken."""
+    cannot shed a replica. The better-scoring rule is taken.
+
+    Every candidate is scored: the loop over receivers has no branch (it vectorises over a node's ranks),
+    and the best is picked after it (tests/planner/test_replica_kernels.py holds the plain version)."""
     g, S = home_r.shape
-    x_mean, t_mean = X.mean(), T.mean()
+    x_mean, t_mean = _mean(X), _mean(T)
     tx_mean = t_mean - x_mean
     best = (-1.0, -1.0, -1.0, 0.0, 0.0, -np.inf)
-    T_other, X_other, y_kind_of, u_kind_of, u_work_of, bound = (scratch[0], scratch[1], scratch[2], scratch[3],
-                                                                 scratch[4], scratch[5])
+    # scratch rows, per receiver: 0 T_other, 1 X_other (the other ranks' peaks), 2-4 the unclipped amounts
+    # (inter-node part per kind, rest per kind, GEMM work), 5-7 the slot's score, amount, inter-node part
+    w = scratch
     for i in range(2):
         d = d1 if i == 0 else d2
         if d < 0 or sent[d] >= cap or (i == 1 and d == d1):
             continue
-        most = 0.0
-        for sl in range(S):
-            most = max(most, float(home_r[d, sl] + home_l[d, sl]))
-        # what depends on the receiver only: the other ranks' peaks, the unclipped amounts and a bound on
-        # the score (the pair's busier rank ends at least at their mean) that skips receivers which
-        # cannot beat the best so far
+        Td, Xd = T[d], X[d]
+        _max_excluding_each(T, topT, d, w, 0)
+        _max_excluding_each(X, topX, d, w, 1)
         for r in range(g):
             last = R - used[r] == 1
-            T_other[r] = _max_excluding(T, topT, d, r)
-            X_other[r] = max(_max_excluding(X, topX, d, r), floor)
-            y_kind_of[r] = max(min(x_mean - X[r], X[d] - x_mean), 0.0)
-            u_kind_of[r] = max(_towards_mean(T[d] - X[d], T[r] - X[r], tx_mean, overhead, min_tokens, last), 0.0)
-            u_work_of[r] = max(_towards_mean(T[d], T[r], t_mean, overhead, min_tokens, last), 0.0)
-            bound[r] = (j_now - (1 - s) * max(T_other[r], (T[d] + T[r]) / 2) - s * max(X_other[r], (X[d] + X[r]) / 2)
-                        + 1e-3 * most + _SLACK * (abs(j_now) + 1))
+            w[1, r] = max(w[1, r], floor)
+            w[2, r] = max(min(x_mean - X[r], Xd - x_mean), 0.0)
+            w[3, r] = max(_towards_mean(Td - Xd, T[r] - X[r], tx_mean, overhead, min_tokens, last), 0.0)
+            w[4, r] = max(_towards_mean(Td, T[r], t_mean, overhead, min_tokens, last), 0.0)
         for sl in range(S):
             hr, hl = float(home_r[d, sl]), float(home_l[d, sl])
             left = hr + hl
+            j = d * S + sl
             for r in range(g):
-                if blocked[d * S + sl, r] or bound[r] <= best[5]:
-                    continue
-                y_kind = np.floor(min(y_kind_of[r], hr))
-                u_kind = y_kind + np.floor(min(u_kind_of[r], hl))
-                u_work = np.floor(min(u_work_of[r], left))
-                if u_kind < min_tokens and u_work < min_tokens:
-                    continue
+                y_kind = np.floor(min(w[2, r], hr))
+                u_kind = y_kind + np.floor(min(w[3, r], hl))
+                u_work = np.floor(min(w[4, r], left))
                 y_work = min(max(y_kind, u_work - hl), min(u_work, hr))
-                score_kind = _move_score(u_kind, y_kind, left, T[d], T[r], X[d], X[r], T_other[r], X_other[r], s,
-                                         overhead, j_now)
-                score_work = _move_score(u_work, y_work, left, T[d], T[r], X[d], X[r], T_other[r], X_other[r], s,
-                                         overhead, j_now)
-                if score_work > score_kind:
-                    u, y, score = u_work, y_work, score_work
-                else:
-                    u, y, score = u_kind, y_kind, score_kind
-                if u >= min_tokens and score > best[5]:
-                    best = (float(d), float(sl), float(r), u, y, score)
+                score_kind = _move_score(u_kind, y_kind, left, Td, T[r], Xd, X[r], w[0, r], w[1, r], s, overhead,
+                                         j_now)
+                score_work = _move_score(u_work, y_work, left, Td, T[r], Xd, X[r], w[0, r], w[1, r], s, overhead,
+                                         j_now)
+                work = score_work > score_kind
+                u = u_work if work else u_kind
+                w[6, r] = u
+                w[7, r] = y_work if work else y_kind
+                score = score_work if work else score_kind
+                w[5, r] = score if (u >= min_tokens and not blocked[j, r]) else -np.inf
+            top, r = _first_max(w, 5)
+            if top > best[5]:
+                best = (float(d), float(sl), float(r), w[6, r], w[7, r], top)
     return best
 
 
-@_jit
+@_inline
 def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now):
     """J's drop when a donor gives u pairs (y of them from other nodes) of a home slot holding `left` to a
     receiver, plus 0.001 per pair moved: of moves that lower J about as much, the largest (the donor sheds
@@ -562,62 +613,73 @@ def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now
     return (j_now - (1 - s) * T_new - s * X_new) + 1e-3 * u
 
 
-@_jit
+@_inline
 def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens, cap, R,
-                   copy_cost, j_now, beat, scratch):
+                   copy_cost, j_now, scratch):
     """The best exchange off donor d: its home expert a and another rank r's home expert b trade places for
     the micro-batch, each as a replica that takes all of the other's remaining pairs. Both home copies then
     run no GEMM, so unlike a move no call is added; it costs two copies. For each (a, r) the b whose pairs
-    best even out d and r is taken. Scored like a move, less the copies' exposed cost where the exchange
-    raises the node's busiest copier (copy_cost, in pairs of GEMM work). Only exchanges that score above
-    `beat` (the best move's score) are of interest: receivers that cannot are skipped. scratch: [5, g].
-    Returns (d, a, r, b, amount of a, its inter-node part, amount of b, its inter-node part, score; -inf
-    when none is allowed)."""
+    best even out d and r is taken (of equally close ones, the first). Scored like a move, less the
+    copies' exposed cost where the exchange raises the node's busiest copier (copy_cost, in pairs of GEMM
+    work); of equal scores the first in (a, r) order. As _best_move, every candidate is scored without a
+    branch over receivers. scratch: [11 + 2 S, g]. Returns (d, a, r, b, amount of a, its inter-node part,
+    amount of b, its inter-node part, score; -inf when none is allowed)."""
     g, S = home_r.shape
     best = (-1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -np.inf)
     if sent[d] >= cap or used[d] == R:
         return best
-    copies, T_other, X_other, C_other, bound = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    # scratch rows, per rank r: 0 copies, 1 T_other, 2 X_other, 3 C_other, 4 whether r can take part,
+    # 5 the b closest to the wanted amount, 7 the score, 8 half the gap T[d] - T[r],
+    # 9-10 b's amount and inter-node part; 11 + k: the pairs left at r's slot k where d may take them
+    # (inf where not), 11 + S + k: their inter-node part
+    w = scratch
     for r in range(g):
-        copies[r] = max(used[r], sent[r])
-    topC = _top3(copies)
-    C_max = copies.max()
-    most = 0.0
-    for k in range(g * S):
-        most = max(most, float(home_r[k // S, k % S] + home_l[k // S, k % S]))
+        w[0, r] = max(used[r], sent[r])
+    topC = _top3(w[0])
+    C_max = _vmax(w[0])
+    _max_excluding_each(T, topT, d, w, 1)
+    _max_excluding_each(X, topX, d, w, 2)
+    _max_excluding_each(w[0], topC, d, w, 3)
+    Td, Xd, Cd = T[d], X[d], w[0, d]
     for r in range(g):
-        T_other[r] = _max_excluding(T, topT, d, r)
-        X_other[r] = max(_max_excluding(X, topX, d, r), floor)
-        C_other[r] = _max_excluding(copies, topC, d, r)
-        # the score's bound: d and r end at least at their mean, the copies never lower the busiest copier
-        bound[r] = (j_now - (1 - s) * max(T_other[r], (T[d] + T[r]) / 2) - s * max(X_other[r], (X[d] + X[r]) / 2)
-                    + 1e-3 * most + _SLACK * (abs(j_now) + 1))
+        w[2, r] = max(w[2, r], floor)
+        w[4, r] = 1.0 if (used[r] != R and sent[r] < cap) else 0.0
+        w[8, r] = (Td - T[r]) / 2
+        for k in range(S):
+            left = float(home_r[r, k] + home_l[r, k])
+            w[11 + k, r] = left if (not blocked[r * S + k, d] and left >= min_tokens) else np.inf
+            w[11 + S + k, r] = float(home_r[r, k])
     for a in range(S):
         uA = float(home_r[d, a] + home_l[d, a])
         yA = float(home_r[d, a])
         if uA < min_tokens:
             continue
+        # b on r: d must be able to take it; of those, the one that brings d and r closest together
         for r in range(g):
-            if blocked[d * S + a, r] or used[r] == R or sent[r] >= cap or bound[r] <= max(best[8], beat):
-                continue
-            # b on r: d must be able to take it; of those, the one that brings d and r closest together
-            want = uA - (T[d] - T[r]) / 2
-            b, miss = -1, np.inf
+            want = uA - w[8, r]
+            b, closest, uB, yB = -1.0, np.inf, 0.0, 0.0
             for k in range(S):
-                left = float(home_r[r, k] + home_l[r, k])
-                if blocked[r * S + k, d] or left < min_tokens:
-                    continue
-                if abs(left - want) < miss:
-                    b, miss = k, abs(left - want)
-            if b < 0:
-                continue
-            uB, yB = float(home_r[r, b] + home_l[r, b]), float(home_r[r, b])
-            T_new = max(T[d] - uA + uB, T[r] - uB + uA, T_other[r])
-            X_new = max(X[d] - yA + yB, X[r] - yB + yA, X_other[r])
-            C_new = max(max(copies[d], copies[r]) + 1.0, C_other[r])
-            score = (j_now - (1 - s) * T_new - s * X_new) + 1e-3 * abs(uA - uB) - (1 - s) * copy_cost * (C_new - C_max)
-            if score > best[8]:
-                best = (float(d), float(a), float(r), float(b), uA, yA, uB, yB, score)
+                left = w[11 + k, r]
+                miss = abs(left - want)
+                closer = miss < closest
+                b = k if closer else b
+                closest = miss if closer else closest
+                uB = left if closer else uB
+                yB = w[11 + S + k, r] if closer else yB
+            w[5, r], w[9, r], w[10, r] = b, uB, yB
+        j = d * S + a
+        for r in range(g):
+            uB, yB = w[9, r], w[10, r]
+            T_new = max(Td - uA + uB, T[r] - uB + uA, w[1, r])
+            X_new = max(Xd - yA + yB, X[r] - yB + yA, w[2, r])
+            C_new = max(max(Cd, w[0, r]) + 1.0, w[3, r])
+            score = ((j_now - (1 - s) * T_new - s * X_new) + 1e-3 * abs(uA - uB)
+                     - (1 - s) * copy_cost * (C_new - C_max))
+            ok = w[4, r] > 0 and w[5, r] >= 0 and not blocked[j, r]
+            w[7, r] = score if ok else -np.inf
+        top, r = _first_max(w, 7)
+        if top > best[8]:
+            best = (float(d), float(a), float(r), w[5, r], uA, yA, w[9, r], w[10, r], top)
     return best
 
 
@@ -639,86 +701,91 @@ def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
 
 
 @_jit
-def _write_replicas(counts, expert_at_home, node_ranks, node_of_rank, n, S, picks, step_of, n_picks, keep,
-                    replica_expert, replica_quota):
+def _write_replicas(counts, expert_at_home, node_ranks, n, S, picks, step_of, n_picks, keep,
+                    replica_expert, replica_quota, sources, order, rem):
     """The picks of node n's kept steps (step < keep) as replicas and quotas. counts [G, E] of the
-    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written."""
+    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written. sources [G]:
+    node n's ranks, then the other nodes' in node-block order. order [>= n_picks] and rem [G]: scratch."""
     g = node_ranks.shape[1]
     kept = 0
     while kept < n_picks and step_of[kept] < keep:
         kept += 1
-    if kept == 0:
-        return
-    # replicas of one expert together, by holder rank: (node-local expert, receiver)
-    order = np.argsort(picks[:kept, 0] * S * g * g + picks[:kept, 1] * g * g + picks[:kept, 2])
+    # replicas of one expert together, by holder rank: (node-local expert, receiver), each pick's own key
+    for i in range(kept):
+        key = (picks[i, 0] * S + picks[i, 1]) * g + picks[i, 2]
+        at = i
+        while at > 0 and (picks[order[at - 1], 0] * S + picks[order[at - 1], 1]) * g + picks[order[at - 1], 2] > key:
+            order[at] = order[at - 1]
+            at -= 1
+        order[at] = i
     i = 0
     while i < kept:
         j = i
-        first = picks[order[i]]
-        while j < kept and picks[order[j], 0] == first[0] and picks[order[j], 1] == first[1]:
+        d, sl = picks[order[i], 0], picks[order[i], 1]
+        while j < kept and picks[order[j], 0] == d and picks[order[j], 1] == sl:
             j += 1
-        home = node_ranks[n, first[0]]
-        expert = expert_at_home[home * S + first[1]]
-        _write_quotas(counts[:, expert], picks, order[i:j], home, node_ranks, node_of_rank, n, replica_quota)
+        home = node_ranks[n, d]
+        expert = expert_at_home[home * S + sl]
+        _write_quotas(counts, expert, picks, order, i, j, home, node_ranks, n, replica_quota, sources, rem)
         for q in range(i, j):
-            p = picks[order[q]]
-            replica_expert[node_ranks[n, p[2]], p[3]] = expert
+            replica_expert[node_ranks[n, picks[order[q], 2]], picks[order[q], 3]] = expert
         i = j
 
 
 @_jit
-def _write_quotas(src, picks, group, home, node_ranks, node_of_rank, n, replica_quota):
-    """Split one expert's replicas' amounts over the source ranks (module docstring). src: [G] pairs of
-    each source for the expert; group: indices into picks of its replicas, by holder; home: its home rank
-    on node n. Writes replica_quota[holder, k, :] of each."""
-    G = len(src)
+def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n, replica_quota, sources, rem):
+    """Split one expert's replicas' amounts over the source ranks (module docstring). counts [G, E]: the
+    pairs of each source; picks[order[begin:end]]: the expert's replicas, by holder; home: its home rank on
+    node n; sources: as _write_replicas. Writes replica_quota[holder, k, :] of each. rem [G]: scratch."""
     N, g = node_ranks.shape
-    total = src.sum()
+    total = 0
+    for src in range(len(rem)):
+        rem[src] = counts[src, expert]
+        total += rem[src]
     local_pool = 0
     for i in range(g):
-        local_pool += src[node_ranks[n, i]]
-    rem = src.astype(np.int64)
+        local_pool += counts[node_ranks[n, i], expert]
     amount_sum = 0
     remote_sum = 0
-    for idx in group:
+    for q in range(begin, end):
+        idx = order[q]
         holder = node_ranks[n, picks[idx, 2]]
         a, y = picks[idx, 4], picks[idx, 5]
-        own = min(src[holder], a - y)                                   # its own rank's pairs never leave the GPU
+        own = min(counts[holder, expert], a - y)                        # its own rank's pairs never leave the GPU
         rem[holder] -= own
         amount_sum += a
         remote_sum += y
     home_amount = total - amount_sum
     home_remote = (total - local_pool) - remote_sum
-    rem[home] -= min(src[home], home_amount - home_remote)
-    remote_at = 0
-    local_at = 0
-    for idx in group:
+    rem[home] -= min(counts[home, expert], home_amount - home_remote)
+    # each replica takes the next pairs of the sources laid end to end: cursors (source, pairs taken of it)
+    G = len(rem)
+    remote, remote_taken, local, local_taken = g, 0, 0, 0
+    for q in range(begin, end):
+        idx = order[q]
         holder = node_ranks[n, picks[idx, 2]]
         k, a, y = picks[idx, 3], picks[idx, 4], picks[idx, 5]
-        own = min(src[holder], a - y)
+        own = min(counts[holder, expert], a - y)
         out = replica_quota[holder, k]
-        # inter-node pairs: the other nodes' sources laid end to end in node-block order
-        remote_at = _interval_take(rem, node_ranks, n, False, remote_at, remote_at + y, out)
+        # inter-node pairs: the other nodes' sources in node-block order
+        remote, remote_taken = _take_in_order(rem, sources, G, remote, remote_taken, y, out)
         # intra-node pairs beyond its own: the home node's sources in rank order
-        local_at = _interval_take(rem, node_ranks, n, True, local_at, local_at + (a - own - y), out)
+        local, local_taken = _take_in_order(rem, sources, g, local, local_taken, a - own - y, out)
         out[holder] += own
 
 
-@_jit
-def _interval_take(pool, node_ranks, n, on_node, begin, end, out):
-    """Northwest-corner rule: lay the sources (node n's ranks if on_node, else the other nodes' in
-    node-block order) end to end; out takes the pairs of each that fall in [begin, end). Returns end."""
-    N, g = node_ranks.shape
-    at = 0
-    for m in range(N):
-        if (m == n) != on_node:
-            continue
-        for i in range(g):
-            rank = node_ranks[m, i]
-            lo, hi = max(at, begin), min(at + pool[rank], end)
-            if hi > lo:
-                out[rank] += hi - lo
-            at += pool[rank]
-            if at >= end:
-                return end
-    return end
+@_inline
+def _take_in_order(pool, sources, end, at, taken, amount, out):
+    """Northwest-corner rule: the sources up to sources[end - 1] are used up in order; from the cursor (the
+    at-th source, `taken` of its pairs gone) out takes `amount` pairs. Returns the cursor after them."""
+    while amount > 0 and at < end:
+        rank = sources[at]
+        left = pool[rank] - taken
+        if left > amount:
+            out[rank] += amount
+            return at, taken + amount
+        if left > 0:
+            out[rank] += left
+            amount -= left
+        at, taken = at + 1, 0
+    return at, taken
