@@ -48,7 +48,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import multiprocessing
+import os
 import socket
+import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -100,6 +102,55 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     return _planner_pool
 
 
+class _SharedCounts:
+    """A mini-batch's counts handed to the planning process through a file in shared memory (/dev/shm):
+    the training process copies them there with numpy, which releases the GIL, where pickling them would
+    hold it (about 16 ms for a Qwen3-30B-A3B mini-batch's 25 MB on a CPU core, in the training thread's way).
+    int32 where the counts fit (they are pair counts), which also halves the copy."""
+
+    def __init__(self, counts: np.ndarray):
+        self.shape = tuple(counts.shape)
+        self.dtype = "int32" if counts.size == 0 or counts.max() < 2**31 else "int64"
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, self.path = tempfile.mkstemp(prefix="relibra-counts-", dir=shm)
+        os.close(fd)
+        if counts.size:
+            out = np.memmap(self.path, dtype=self.dtype, mode="w+", shape=self.shape)
+            np.copyto(out, counts, casting="unsafe")
+            del out
+
+    def read(self) -> np.ndarray:
+        if not np.prod(self.shape):
+            return np.zeros(self.shape, dtype=self.dtype)
+        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape))
+
+    def remove(self, _future=None) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _submit(fn, counts: np.ndarray, *args, pool=None) -> Future:
+    """fn(counts, *args) in the planning pool (None: _planner()): in a process, the counts through shared
+    memory (_SharedCounts), removed when the job is done; in a thread, as they are."""
+    pool = _planner() if pool is None else pool
+    if isinstance(pool, ThreadPoolExecutor):
+        return pool.submit(fn, counts, *args)
+    shared = _SharedCounts(counts)
+    try:
+        job = pool.submit(_with_shared_counts, fn, shared, *args)
+    except BaseException:
+        shared.remove()
+        raise
+    job.add_done_callback(shared.remove)
+    return job
+
+
+def _with_shared_counts(fn, shared: _SharedCounts, *args):
+    return fn(shared.read(), *args)
+
+
 def _plan_rest(counts: np.ndarray, topo: Topology, placement: np.ndarray, replication: ReplicationConfig):
     """The background part of a mini-batch's replicas: micro-batches 1.. (their plan, its wall time in ms)."""
     return _timed(plan_relibra, counts[1:], topo, placement, mode="replicate", replication=replication)
@@ -120,7 +171,7 @@ def _warm_up() -> None:
     about 2 s from numba's disk cache): started when relibra attaches, so that the placement planned before
     the first log-prob pass does not wait for the compiler. numba compiles per argument type and array
     layout, so this plans what the trainer plans: two nodes, counts as the all-gather leaves them (int64,
-    not contiguous), the default configurations and the time-aware ones (float costs, NIC share), with and
+    not contiguous) and as _SharedCounts hands them over (int32, read-only), the default configurations and the time-aware ones (float costs, NIC share), with and
     without the driver's expert-node hint."""
     from relibra_verl.planner import ExpertShape, load_profile
 
@@ -133,10 +184,13 @@ def _warm_up() -> None:
     hint = np.tile(np.arange(E, dtype=np.int64) % topo.num_nodes, (L, 1))
     timed = planner_configs(ExpertShape(2048, 768), load_profile("h100-ib400"), topo.num_nodes,
                             topo.ranks_per_node, reorder_inter_node_share=0.8)
+    shared = np.ascontiguousarray(counts, dtype=np.int32)                 # as _SharedCounts hands them over:
+    shared.setflags(write=False)                                           # int32, read-only
     for replication, reorder in ((ReplicationConfig(), ReorderConfig()), timed):
-        for preferred_node in (None, hint):
-            _plan_next_placement(counts, topo, placement, replication, reorder, preferred_node)
-        _plan_rest(counts, topo, placement, replication)
+        for c in (counts, shared):
+            for preferred_node in (None, hint):
+                _plan_next_placement(c, topo, placement, replication, reorder, preferred_node)
+            _plan_rest(c, topo, placement, replication)
 
 
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
@@ -157,8 +211,8 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
         return (time.perf_counter() - t0) * 1e6 / loop_iters
 
     def beside(pool) -> list[float]:
-        jobs = [pool.submit(_plan_rest, counts, topo, placement, replication),
-                pool.submit(_plan_next_placement, counts, topo, placement, replication, reorder)]
+        jobs = [_submit(_plan_rest, counts, topo, placement, replication, pool=pool),
+                _submit(_plan_next_placement, counts, topo, placement, replication, reorder, pool=pool)]
         out = [loop_us()]
         while not jobs[-1].done():
             out.append(loop_us())
@@ -168,7 +222,7 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
 
     placement = np.tile(np.arange(topo.E, dtype=np.int64), (counts.shape[1], 1))
     process = _planner()
-    process.submit(_plan_rest, counts[:2], topo, placement, replication).result()   # started, kernels loaded
+    _submit(_plan_rest, counts[:2], topo, placement, replication, pool=process).result()   # started, kernels loaded
     alone, in_process, in_thread = [], [], []
     with ThreadPoolExecutor(max_workers=1) as thread:
         thread.submit(_plan_rest, counts[:2], topo, placement, replication).result()
@@ -428,7 +482,7 @@ class RelibraTrainer:
             # before its forward, the others' in the background beside it (installed at micro-batch 1)
             plan = plan_relibra(counts[:1], self.topo, placement, mode="replicate", replication=replication)
             if M > 1:
-                self._rest_future = _planner().submit(_plan_rest, counts, self.topo, placement, replication)
+                self._rest_future = _submit(_plan_rest, counts, self.topo, placement, replication)
         else:
             plan = _static_plan(self.topo, placement, M)
         if (self.cfg.reorders and not self._forward_only and self._reorder_due()
@@ -438,9 +492,8 @@ class RelibraTrainer:
             # every rank plans the same placement from the same gathered counts; a PlanError surfaces on
             # every rank alike when the placement is collected after the optimizer step
             self._next_placement = None
-            self._next_future = _planner().submit(_plan_next_placement, counts, self.topo, placement,
-                                                  self.replication, self.reorder,
-                                                  self._preferred_nodes(counts.shape[1]))
+            self._next_future = _submit(_plan_next_placement, counts, self.topo, placement,
+                                        self.replication, self.reorder, self._preferred_nodes(counts.shape[1]))
         plan_ms = ((time.perf_counter() - t0) * 1e3 - self._metrics.get("relibra/placement_ms", 0.0)
                    - self._metrics.get("relibra/placement_plan_ms", 0.0))
         rb.set_plan(self.runtime, plan)
@@ -489,8 +542,8 @@ class RelibraTrainer:
         replication, reorder = ((self.replication_fwd, self.reorder_fwd) if self.role == "ref"
                                 else (self.replication, self.reorder))
         # in the planning process, where the planner is compiled (warmed up at attach)
-        job = _planner().submit(_plan_next_placement, counts, self.topo, current, replication, reorder,
-                                self._preferred_nodes(counts.shape[1]))
+        job = _submit(_plan_next_placement, counts, self.topo, current, replication, reorder,
+                      self._preferred_nodes(counts.shape[1]))
         placement, ms = _timed(job.result)
         self._metrics["relibra/placement_plan_ms"] = ms
         if self.role == "actor":

@@ -3,8 +3,12 @@ time-aware, two-node batch in the trainer's layout (and with the driver's hint) 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 CHECK = r"""
 import json
@@ -34,6 +38,12 @@ replication, reorder_cfg = planner_configs(ExpertShape(4096, 1536), load_profile
 tr._plan_next_placement(counts, topo, placement, replication, reorder_cfg, hint)
 tr._plan_next_placement(counts, topo, placement, replication, reorder_cfg)
 tr._plan_rest(counts, topo, placement, replication)
+shared = tr._SharedCounts(counts)                      # what the planning process plans on
+try:
+    tr._plan_next_placement(shared.read(), topo, placement, replication, reorder_cfg, hint)
+    tr._plan_rest(shared.read(), topo, placement, replication)
+finally:
+    shared.remove()
 after = signatures()
 print(json.dumps({"compiled": sum(before.values()),
                   "new": {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}}))
@@ -46,3 +56,36 @@ def test_warm_up_leaves_nothing_to_compile_for_the_first_plan():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["compiled"] > 0                       # the warm-up did compile (or load) the planner's loops
     assert result["new"] == {}, f"compiled after the warm-up: {result['new']}"
+
+
+def _echo(counts):
+    return np.array(counts), counts.dtype.name, counts.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_counts_reach_the_planning_process_through_shared_memory_and_are_removed(big):
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from relibra_verl.integration import trainer as tr
+
+    rng = np.random.default_rng(2)
+    gathered = rng.integers(0, 2**40 if big else 500, size=(4, 3, 2, 9))
+    counts = gathered[..., :8].transpose(1, 2, 0, 3)                   # [M, L, G, E], not contiguous
+    made = []
+    real = tr._SharedCounts.__init__
+
+    def spy(self, c):
+        real(self, c)
+        made.append(self.path)
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        tr._SharedCounts.__init__ = spy
+        try:
+            job = tr._submit(_echo, counts, pool=pool)
+            got, dtype, contiguous = job.result()
+        finally:
+            tr._SharedCounts.__init__ = real
+    np.testing.assert_array_equal(got, counts)
+    assert dtype == ("int64" if big else "int32") and contiguous
+    assert len(made) == 1 and not os.path.exists(made[0])              # removed once the job is done
