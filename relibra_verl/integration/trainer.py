@@ -102,6 +102,16 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     return _planner_pool
 
 
+def _planning_layout(counts: np.ndarray) -> np.ndarray:
+    """Counts as every plan of the trainer takes them: C-contiguous, int32 where they fit (pair counts),
+    read-only. numba compiles per array type and layout: one layout, compiled once by the planning
+    process's warm-up (_warm_up) and loaded from numba's disk cache by the training process."""
+    dtype = np.int32 if counts.size == 0 or counts.max() < 2**31 else np.int64
+    out = np.array(counts, dtype=dtype, order="C")
+    out.setflags(write=False)
+    return out
+
+
 class _SharedCounts:
     """A mini-batch's counts handed to the planning process through a file in shared memory (/dev/shm):
     the training process copies them there with numpy, which releases the GIL, where pickling them would
@@ -121,8 +131,8 @@ class _SharedCounts:
 
     def read(self) -> np.ndarray:
         if not np.prod(self.shape):
-            return np.zeros(self.shape, dtype=self.dtype)
-        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape))
+            return _planning_layout(np.zeros(self.shape, dtype=self.dtype))
+        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape))   # _planning_layout
 
     def remove(self, _future=None) -> None:
         try:
@@ -133,10 +143,10 @@ class _SharedCounts:
 
 def _submit(fn, counts: np.ndarray, *args, pool=None) -> Future:
     """fn(counts, *args) in the planning pool (None: _planner()): in a process, the counts through shared
-    memory (_SharedCounts), removed when the job is done; in a thread, as they are."""
+    memory (_SharedCounts), removed when the job is done; in a thread, a copy in _planning_layout."""
     pool = _planner() if pool is None else pool
     if isinstance(pool, ThreadPoolExecutor):
-        return pool.submit(fn, counts, *args)
+        return pool.submit(fn, _planning_layout(counts), *args)
     shared = _SharedCounts(counts)
     try:
         job = pool.submit(_with_shared_counts, fn, shared, *args)
@@ -170,27 +180,23 @@ def _warm_up() -> None:
     """Compile the planner's loops in the planning process (numba; tens of seconds cold on a busy host,
     about 2 s from numba's disk cache): started when relibra attaches, so that the placement planned before
     the first log-prob pass does not wait for the compiler. numba compiles per argument type and array
-    layout, so this plans what the trainer plans: two nodes, counts as the all-gather leaves them (int64,
-    not contiguous) and as _SharedCounts hands them over (int32, read-only), the default configurations and the time-aware ones (float costs, NIC share), with and
-    without the driver's expert-node hint."""
+    layout, so this plans what the trainer plans: two nodes, counts in _planning_layout, the default
+    configurations and the time-aware ones (float costs, NIC share), with and without the driver's hint."""
     from relibra_verl.planner import ExpertShape, load_profile
 
     topo = Topology(num_experts=8, ep_size=4, gpus_per_node=2, replica_slots=2)
     M, L, G, E = 2, 2, topo.G, topo.E
     rng = np.random.default_rng(0)
     gathered = rng.integers(0, 40, size=(G, M, L, E + 1)) * (np.arange(E + 1) < 3)
-    counts = gathered[..., :E].transpose(1, 2, 0, 3)                        # [M, L, G, E], a view
+    counts = _planning_layout(gathered[..., :E].transpose(1, 2, 0, 3))      # [M, L, G, E]
     placement = np.tile(np.arange(E, dtype=np.int64), (L, 1))
     hint = np.tile(np.arange(E, dtype=np.int64) % topo.num_nodes, (L, 1))
     timed = planner_configs(ExpertShape(2048, 768), load_profile("h100-ib400"), topo.num_nodes,
                             topo.ranks_per_node, reorder_inter_node_share=0.8)
-    shared = np.ascontiguousarray(counts, dtype=np.int32)                 # as _SharedCounts hands them over:
-    shared.setflags(write=False)                                           # int32, read-only
     for replication, reorder in ((ReplicationConfig(), ReorderConfig()), timed):
-        for c in (counts, shared):
-            for preferred_node in (None, hint):
-                _plan_next_placement(c, topo, placement, replication, reorder, preferred_node)
-            _plan_rest(c, topo, placement, replication)
+        for preferred_node in (None, hint):
+            _plan_next_placement(counts, topo, placement, replication, reorder, preferred_node)
+        _plan_rest(counts, topo, placement, replication)
 
 
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
@@ -480,7 +486,8 @@ class RelibraTrainer:
         if self.cfg.replicates:
             # this mini-batch's replicas, on the placement the layers hold now: the first micro-batch's
             # before its forward, the others' in the background beside it (installed at micro-batch 1)
-            plan = plan_relibra(counts[:1], self.topo, placement, mode="replicate", replication=replication)
+            plan = plan_relibra(_planning_layout(counts[:1]), self.topo, placement, mode="replicate",
+                                replication=replication)
             if M > 1:
                 self._rest_future = _submit(_plan_rest, counts, self.topo, placement, replication)
         else:

@@ -25,6 +25,7 @@ import numba
 import numpy as np
 
 from relibra_verl.planner import reorder_kernels
+from relibra_verl.planner.reorder_kernels import _dot
 from relibra_verl.planner.types import PlanError, Topology, identity_placement, invert_placement
 
 _jit = numba.njit(nogil=True, cache=True)
@@ -98,14 +99,6 @@ def _pack_vectors(weight: np.ndarray, num_bins: int, prev_bin: np.ndarray | None
     bin_of_item = np.empty((P, n), dtype=np.int64)
     _pack(np.ascontiguousarray(weight, dtype=np.float64), order, num_bins, prev, stickiness, sticky, bin_of_item)
     return bin_of_item
-
-
-@_jit
-def _dot(a, b):
-    out = 0.0
-    for i in range(len(a)):
-        out += a[i] * b[i]
-    return out
 
 
 @_jit

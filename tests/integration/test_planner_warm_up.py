@@ -1,5 +1,6 @@
-"""The trainer's planner warm-up compiles what the trainer's first real plan needs: after it, planning a
-time-aware, two-node batch in the trainer's layout (and with the driver's hint) compiles nothing new."""
+"""The trainer's planner warm-up compiles what the trainer's first real plans need: after it, planning a
+time-aware, two-node batch in the trainer's layouts (and with the driver's hint) compiles nothing new; the
+counts reach the planning process through shared memory."""
 from __future__ import annotations
 
 import json
@@ -35,12 +36,13 @@ placement = np.tile(np.arange(topo.E, dtype=np.int64), (4, 1))
 hint = np.tile(np.arange(topo.E, dtype=np.int64) // (topo.E // 2), (4, 1))
 replication, reorder_cfg = planner_configs(ExpertShape(4096, 1536), load_profile("h100-ib400"), 2, 4,
                                            reorder_inter_node_share=0.85)
-tr._plan_next_placement(counts, topo, placement, replication, reorder_cfg, hint)
-tr._plan_next_placement(counts, topo, placement, replication, reorder_cfg)
-tr._plan_rest(counts, topo, placement, replication)
-shared = tr._SharedCounts(counts)                      # what the planning process plans on
+# the training process plans the first micro-batch on _planning_layout, the planning process the rest on
+# what _SharedCounts hands over
+tr._plan_rest(tr._planning_layout(counts[:2]), topo, placement, replication)
+shared = tr._SharedCounts(counts)
 try:
     tr._plan_next_placement(shared.read(), topo, placement, replication, reorder_cfg, hint)
+    tr._plan_next_placement(shared.read(), topo, placement, replication, reorder_cfg)
     tr._plan_rest(shared.read(), topo, placement, replication)
 finally:
     shared.remove()
