@@ -243,11 +243,9 @@ def _num_experts(trainer) -> int | None:
 
 def sequence_usage(routes: np.ndarray) -> np.ndarray:
     """One sequence's routes [T, L_all, K] (valid tokens only) -> its pairs per layer and expert [L_all, max id + 1]."""
-    routes = np.asarray(routes)
-    if routes.ndim != 3:
-        raise ValueError(f"routed_experts of a sequence must be [tokens, layers, top-k], got shape {routes.shape}")
     from relibra_verl.planner.locality import count_routed_pairs
-    return count_routed_pairs(routes)
+
+    return count_routed_pairs(routes)               # checks the shape and the ids (PlanError, a ValueError)
 
 
 def usage_from_sequences(rows: list, num_nodes: int, num_experts: int | None = None) -> np.ndarray:

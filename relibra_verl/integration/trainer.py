@@ -102,12 +102,16 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     return _planner_pool
 
 
+def _planning_dtype(counts: np.ndarray) -> type:
+    """int32 where the counts (pair counts) fit, else int64."""
+    return np.int32 if counts.size == 0 or counts.max() < 2**31 else np.int64
+
+
 def _planning_layout(counts: np.ndarray) -> np.ndarray:
     """Counts as every plan of the trainer takes them: C-contiguous, int32 where they fit (pair counts),
     read-only. numba compiles per array type and layout: one layout, compiled once by the planning
     process's warm-up (_warm_up) and loaded from numba's disk cache by the training process."""
-    dtype = np.int32 if counts.size == 0 or counts.max() < 2**31 else np.int64
-    out = np.array(counts, dtype=dtype, order="C")
+    out = np.array(counts, dtype=_planning_dtype(counts), order="C")
     out.setflags(write=False)
     return out
 
@@ -120,7 +124,7 @@ class _SharedCounts:
 
     def __init__(self, counts: np.ndarray):
         self.shape = tuple(counts.shape)
-        self.dtype = "int32" if counts.size == 0 or counts.max() < 2**31 else "int64"
+        self.dtype = np.dtype(_planning_dtype(counts)).name
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, self.path = tempfile.mkstemp(prefix="relibra-counts-", dir=shm)
         os.close(fd)
