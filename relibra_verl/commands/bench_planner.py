@@ -150,9 +150,12 @@ def run(args) -> int:
         print(f"  training_loop_alone_us  {report['training_loop_alone_us']:9.2f}   (per iteration of small torch ops)")
         print(f"  training_loop_beside_us {report['training_loop_beside_us']:9.2f}   (while the trainer's background "
               f"planning runs: {report['planner']})")
-        print(f"  training_thread_slowdown {report['training_thread_slowdown']:8.3f}")
+        q1, q3 = report["slowdown_quartiles"]
+        print(f"  training_thread_slowdown {report['training_thread_slowdown']:8.3f}   (median of "
+              f"{len(report['slowdown_rounds'])} paired rounds; quartiles {q1:.3f}-{q3:.3f})")
+        q1, q3 = report["thread_slowdown_quartiles"]
         print(f"  the same planning in a thread of this process: {report['training_loop_beside_thread_us']:.2f} us, "
-              f"slowdown {report['thread_slowdown']:.3f}")
+              f"slowdown {report['thread_slowdown']:.3f} (quartiles {q1:.3f}-{q3:.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

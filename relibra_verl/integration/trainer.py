@@ -204,7 +204,7 @@ def _warm_up() -> None:
 
 
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
-                                   reorder: ReorderConfig, rounds: int = 9, loop_iters: int = 2000) -> dict:
+                                   reorder: ReorderConfig, rounds: int = 25, loop_iters: int = 2000) -> dict:
     """How much the trainer's background planning slows the training thread: a launch-bound loop of small
     torch ops (what a GPU training thread does between kernel launches) timed alone, while _planner() plans
     a mini-batch as on_micro_batches submits it (the later micro-batches' replicas, then the next
@@ -245,6 +245,8 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
                 ratios.append(float(np.median(beside(pool))) / base)
     a, p, t = float(np.median(alone)), float(np.median(in_process)), float(np.median(in_thread))
     return {"training_loop_alone_us": a, "training_loop_beside_us": a * p, "training_thread_slowdown": p,
+            "slowdown_quartiles": [float(q) for q in np.percentile(in_process, [25, 75])],
+            "thread_slowdown_quartiles": [float(q) for q in np.percentile(in_thread, [25, 75])],
             "planner": "a separate process, as the trainer plans", "slowdown_rounds": in_process,
             "training_loop_beside_thread_us": a * t, "thread_slowdown": t, "thread_slowdown_rounds": in_thread}
 

@@ -19,6 +19,14 @@ its unreplicated J; and a node that does not set its layer's time keeps only the
 the layer's busiest rank and NIC (_shortest_equal_prefix): its other replicas would cost copies and GEMM
 calls for nothing.
 
+Only the nodes that set the layer's time can change it, so the work goes there (_plan_layers): every node
+gets the moves-only run, nodes with the highest bounds first, and a run ends once its node is under the
+busiest rank and NIC of the nodes before it (or under the layer's bounds); then the nodes with the layer's
+highest J, busiest rank and busiest NIC get their run in full if it was cut short, and their exchange run
+(which takes the moves-only run's recorded best moves until its first exchange), until the nodes on top have
+had both. plan_replicas(..., _thorough=True) gives every node both runs in full: the reference
+(tests/planner/test_replica_lazy.py).
+
 Quotas (_write_quotas): every copy takes its inter-node pairs from the other nodes' sources in rank order
 (which source does not change any NIC's load), and its intra-node pairs from its own rank first (they
 never leave the GPU), then from the home node's sources in rank order; the home keeps the rest.
@@ -74,14 +82,15 @@ class ReplicationConfig:
 
 def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
                   config: ReplicationConfig = ReplicationConfig(),
-                  layers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  layers: np.ndarray | None = None, _thorough: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replicas and quotas for every (micro-batch, layer), inside each node.
 
     counts: [M, L', G, E] integer pairs; layers: [L] the layers of counts to plan (None: all, L = L');
     expert_at_home: [L, E] their placement. Returns replica_expert [M, L, G, R] (-1 empty), replica_quota
     [M, L, G, R, G_src] and critical_path [M, L]: the planner's J of the layer's slowest node after
     replication, with its busiest copier's copies at copy_cost_pairs each in GEMM work (what plan_relibra
-    weighs against a placement's migration).
+    weighs against a placement's migration). _thorough: every node gets both runs in full, no run stops
+    early (the reference the tests hold the planner to).
     """
     M, _, G, E = counts.shape
     layers = np.arange(counts.shape[1]) if layers is None else np.asarray(layers, dtype=np.int64)
@@ -100,7 +109,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
                  np.asarray(topo.node_of_rank, dtype=np.int64), S, R if replicate else 0, cap,
                  max(1, int(config.min_replica_tokens)), float(config.replica_overhead_pairs), share,
                  float(config.tolerance), float(config.copy_cost_pairs), share > 0 or N > 1,
-                 replica_expert, replica_quota, critical_path)
+                 replica_expert, replica_quota, critical_path, _thorough)
     return replica_expert, replica_quota, critical_path
 
 
@@ -150,7 +159,7 @@ def _lower_bounds(counts, layers, expert_at_home, node_ranks, node_of_rank, S, o
 
 @_jit
 def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R, cap, min_tokens, overhead, share, tol,
-                 copy_cost, multi, replica_expert, replica_quota, critical_path):
+                 copy_cost, multi, replica_expert, replica_quota, critical_path, thorough=False):
     """Every (micro-batch, layer): its nodes' problems, their greedy runs, the layer's shortest prefixes,
     then the kept replicas and their quotas written into replica_expert / replica_quota (see plan_replicas).
     counts [M, :, G, E] is read at layers [L]; critical_path [M, L] receives each layer's J (max over its
@@ -170,10 +179,15 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     best_j = np.zeros((2, N))
     best_steps = np.zeros((2, N), dtype=np.int64)
     step_of = np.zeros((2, N, max(steps, 1)), dtype=np.int64)
-    settled = np.zeros((4, N))                                       # flag, J, busiest T, busiest X
+    move_score = np.zeros((2, N, steps + 1))                         # each step's best move's score
+    searched = np.zeros(N, dtype=np.int64)                           # steps the moves-only run searched
+    settled = np.zeros((5, N))                                       # flag, J, busiest T, busiest X, bound
     settled_j, settled_T, settled_R = settled[1], settled[2], settled[3]
     work = _greedy_work(g, S)
     chosen = np.zeros(N, dtype=np.int64)
+    both = np.zeros(N, dtype=np.bool_)                               # the node has had both runs
+    cut = np.zeros(N, dtype=np.bool_)                                # its moves run stopped under others' peaks
+    node_order = np.zeros(N, dtype=np.int64)
     keep = np.zeros(N, dtype=np.int64)
     rem = np.zeros(G, dtype=np.int64)                                # _write_quotas' scratch
     # per node n, the sources in the order quotas use them up: its own ranks, then the other nodes' ranks
@@ -193,31 +207,50 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                                 node_sum, home_r, home_l)
             floor = floor if N > 1 else 0.0
             runs = 2 if overhead > 0 and steps > 0 else 1
-            skip = _settled_nodes(home_r, home_l, floor, share, overhead, settled)
-            for n in range(N):
+            skip, T_lb, R_lb = _settled_nodes(home_r, home_l, floor, share, overhead, settled)
+            if N == 1 or thorough:
+                skip, T_lb, R_lb = False, -np.inf, -np.inf
+            # moves only, nodes by their bounds, highest first: the node likeliest to set the layer's time
+            # runs first, and a later node stops once under the busiest rank and NIC of those before it
+            # (steps _shortest_equal_prefix would cut)
+            _order_by_bound(settled[4], node_order)
+            stop_T, stop_X = T_lb, R_lb
+            for n in node_order:
+                chosen[n], both[n], cut[n] = 0, runs == 1, False
                 if skip and settled[0, n] > 0:
-                    for run in range(runs):
-                        best_j[run, n], best_steps[run, n], n_picks[run, n] = settled_j[n], 0, 0
-                        peak_T[run, n], peak_R[run, n] = settled_T[n], settled_R[n]
+                    best_j[0, n], best_steps[0, n], n_picks[0, n] = settled_j[n], 0, 0
+                    peak_T[0, n], peak_R[0, n] = settled_T[n], settled_R[n]
+                    both[n] = True
                     continue
-                # the moves-only run is the exchange run's until its first exchange: replayed, not searched
-                replay, first_exchange = 0, 0
-                if runs == 2:
-                    best_j[1, n], best_steps[1, n], n_picks[1, n], first_exchange = _greedy(
-                        home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
-                        multi, True, picks[1, n], step_of[1, n], peak_T[1, n], peak_R[1, n], 0, work)
-                    replay = n_picks[1, n] if first_exchange < 0 else first_exchange
-                    picks[0, n, :replay] = picks[1, n, :replay]
-                if runs == 2 and first_exchange < 0:
-                    best_j[0, n], best_steps[0, n], n_picks[0, n] = best_j[1, n], best_steps[1, n], n_picks[1, n]
-                    step_of[0, n], peak_T[0, n], peak_R[0, n] = step_of[1, n], peak_T[1, n], peak_R[1, n]
-                else:
-                    best_j[0, n], best_steps[0, n], n_picks[0, n], _ = _greedy(
-                        home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost,
-                        multi, False, picks[0, n], step_of[0, n], peak_T[0, n], peak_R[0, n], replay, work)
-            # each node keeps the run that ends lower (ties: moves only)
-            for n in range(N):
-                chosen[n] = 1 if runs == 2 and best_j[1, n] < best_j[0, n] else 0
+                best_j[0, n], best_steps[0, n], n_picks[0, n], stopped, searched[n] = _greedy(
+                    home_r[n], home_l[n], floor, share, overhead, min_tokens, cap, R, tol, copy_cost, multi, False,
+                    picks[0, n], step_of[0, n], peak_T[0, n], peak_R[0, n], work, stop_T, stop_X, move_score[0, n],
+                    picks[1, n], move_score[1, n], 0)
+                cut[n] = stopped and (stop_T > T_lb or stop_X > R_lb)
+                if not thorough:
+                    stop_T = max(stop_T, peak_T[0, n, best_steps[0, n]])
+                    stop_X = max(stop_X, peak_R[0, n, best_steps[0, n]])
+            # then the nodes that set the layer's time, its highest J, busiest rank and busiest NIC, get what
+            # they may lack, until they have it all: a run not cut short by other nodes' peaks (an exchange
+            # run may have lowered them since), and the exchange run. Every other node is at or below them.
+            while True:
+                top = _pending_node(best_j, peak_T, peak_R, best_steps, chosen, cut, both, thorough)
+                if top < 0:
+                    break
+                if cut[top]:
+                    best_j[0, top], best_steps[0, top], n_picks[0, top], _, searched[top] = _greedy(
+                        home_r[top], home_l[top], floor, share, overhead, min_tokens, cap, R, tol, copy_cost, multi,
+                        False, picks[0, top], step_of[0, top], peak_T[0, top], peak_R[0, top], work, T_lb, R_lb,
+                        move_score[0, top], picks[1, top], move_score[1, top], 0)
+                    cut[top] = False                                  # (no exchange run yet: it needs cut off)
+                    continue
+                # the moves-only run's steps up to the first exchange are not searched again (_greedy)
+                best_j[1, top], best_steps[1, top], n_picks[1, top], _, _ = _greedy(
+                    home_r[top], home_l[top], floor, share, overhead, min_tokens, cap, R, tol, copy_cost, multi,
+                    True, picks[1, top], step_of[1, top], peak_T[1, top], peak_R[1, top], work, T_lb, R_lb,
+                    move_score[1, top], picks[0, top], move_score[0, top], searched[top])
+                both[top] = True
+                chosen[top] = 1 if best_j[1, top] < best_j[0, top] else 0    # ties: moves only
             for n in range(N):
                 keep[n] = best_steps[chosen[n], n]
             if N > 1:
@@ -243,12 +276,10 @@ def _settled_nodes(home_r, home_l, floor, s, overhead, settled):
     whatever step its greedy could end on (a step it keeps has J at most its J at the start, J0, which
     bounds the step's busiest T by (J0 - s F) / (1 - s) and its busiest X by (J0 - (1 - s) mean T) / s).
     Such a node keeps no replica (_shortest_equal_prefix) and leaves the layer's maxima as they are;
-    settled[1:4, n] = its J0, busiest T and busiest X. Returns whether any node is settled (only with
-    0 < s < 1: several nodes)."""
+    settled[1:5, n] = its J0, busiest T, busiest X and bound (J with every rank at the node's means).
+    Returns (whether any node is settled (only with 0 < s < 1: several nodes), T_lb, R_lb)."""
     N, g, S = home_r.shape
     settled[0] = 0.0
-    if not 0.0 < s < 1.0:
-        return False
     T_lb, R_lb = -np.inf, floor
     for n in range(N):
         t_sum, x_sum, t_max, x_max = 0.0, 0.0, -np.inf, -np.inf
@@ -265,6 +296,10 @@ def _settled_nodes(home_r, home_l, floor, s, overhead, settled):
         settled[2, n], settled[3, n] = t_max, x_max
         T_lb, R_lb = max(T_lb, t_sum / g), max(R_lb, x_sum / g)
         settled[0, n] = t_sum / g                                     # the node's mean T, for below
+        settled[4, n] = (1 - s) * t_sum / g + s * max(x_sum / g, floor)
+    if not 0.0 < s < 1.0:
+        settled[0] = 0.0
+        return False, T_lb, R_lb
     margin = 1.0 - 1e-9                                               # rounding of J: strictly below
     any_settled = False
     for n in range(N):
@@ -273,7 +308,43 @@ def _settled_nodes(home_r, home_l, floor, s, overhead, settled):
               and (j0 - s * floor) / (1 - s) <= T_lb * margin and (j0 - (1 - s) * t_mean) / s <= R_lb * margin)
         settled[0, n] = 1.0 if ok else 0.0
         any_settled |= ok
-    return any_settled
+    return any_settled, T_lb, R_lb
+
+
+@_jit
+def _pending_node(best_j, peak_T, peak_R, best_steps, chosen, cut, both, thorough):
+    """The next node of a (micro-batch, layer) to run again, or -1: of the nodes with the highest J, the
+    busiest rank and the busiest NIC (at their chosen runs' lowest J; the first of equals), the first whose
+    moves run was cut short or that lacks its exchange run; with thorough, any node lacking its exchange
+    run. best_j [2, N], peak_T / peak_R [2, N, steps + 1], best_steps / chosen / cut / both [N]."""
+    N = len(chosen)
+    top_j, top_t, top_x = 0, 0, 0
+    for n in range(1, N):
+        if best_j[chosen[n], n] > best_j[chosen[top_j], top_j]:
+            top_j = n
+        if peak_T[chosen[n], n, best_steps[chosen[n], n]] > peak_T[chosen[top_t], top_t, best_steps[chosen[top_t], top_t]]:
+            top_t = n
+        if peak_R[chosen[n], n, best_steps[chosen[n], n]] > peak_R[chosen[top_x], top_x, best_steps[chosen[top_x], top_x]]:
+            top_x = n
+    for n in (top_j, top_t, top_x):
+        if cut[n] or not both[n]:
+            return n
+    if thorough:
+        for n in range(N):
+            if not both[n]:
+                return n
+    return -1
+
+
+@_jit
+def _order_by_bound(bound, order):
+    """order [N] <- the nodes by bound [N], highest first (ties: lower index first)."""
+    for i in range(len(bound)):
+        at = i
+        while at > 0 and bound[order[at - 1]] < bound[i]:
+            order[at] = order[at - 1]
+            at -= 1
+        order[at] = i
 
 
 @_jit
@@ -426,13 +497,17 @@ def _greedy_work(g, S):
 
 @_jit
 def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_cost, multi, exchanges,
-            picks, step_of, peak_T, peak_R, replay, work):
+            picks, step_of, peak_T, peak_R, work, stop_T, stop_X, move_score, track_picks, track_score, track_len):
     """One problem's greedy run (module docstring). home_r0, home_l0: [g, S] pairs at each home slot from
     other nodes / from the home node. Fills picks [:n, 6] (donor, slot, receiver, replica slot k, amount,
     inter-node part) with step_of [:n] the step of each, peak_T / peak_R [g*R + 1] the busiest rank's T
-    and X after each step (constant after the last). The first `replay` steps are the moves already in
-    picks[:replay] (one per step), applied without a search. work: _greedy_work(g, S), its state. Returns
-    (lowest J, steps up to it, n, the step of the first exchange or -1)."""
+    and X after each step (constant after the last). work: _greedy_work(g, S), its state. A run whose
+    busiest rank and NIC get to or under stop_T and stop_X (the layer's bounds, _settled_nodes) ends there:
+    _shortest_equal_prefix would cut its later steps. move_score [g*R + 1] receives each step's best move's
+    score. An exchange run follows a moves-only run of the same problem (its picks track_picks, one per step,
+    and move_score track_score over track_len searches): until its first exchange it is in the same state,
+    so it takes that run's best move instead of searching again. Returns (lowest J, steps up to it, n,
+    whether it ended under stop_T and stop_X, steps searched)."""
     g, S = home_r0.shape
     home_r, home_l, T, X, blocked, used, sent, scratch = work
     for r in range(g):
@@ -453,24 +528,23 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
     n = 0
     peak_T[0], peak_R[0] = _vmax(T), _vmax(X)
     steps = g * R
-    live = best_j > done_j
+    live = best_j > done_j and not (peak_T[0] <= stop_T and peak_R[0] <= stop_X)
     done = 0
-    first_exchange = -1
+    stopped = not live and peak_T[0] <= stop_T and peak_R[0] <= stop_X
+    searched = 0
     for step in range(steps):
         if not live:
             break
-        if step < replay:
-            p = picks[step]
-            n = _apply_pick(picks, step_of, n, step, p[0], p[1], p[2], p[4], p[5], T, X, home_r, home_l, blocked,
-                            used, sent, overhead, R, S)
-        else:
-            n_before = n
-            n, ex_step = _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap,
-                                      R, copy_cost, multi, exchanges, picks, step_of, n, step, scratch)
-            if ex_step and first_exchange < 0:
-                first_exchange = step
-            if n == n_before:
-                break
+        n_before = n
+        known = step < track_len and n == step                        # no exchange yet: one pick per step
+        p = track_picks[step if known else 0]
+        n, move_score[step] = _search_step(
+            T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap, R, copy_cost, multi,
+            exchanges, picks, step_of, n, step, scratch, known,
+            (float(p[0]), float(p[1]), float(p[2]), float(p[4]), float(p[5]), track_score[step if known else 0]))
+        searched = step + 1
+        if n == n_before:
+            break
         j = _objective(T, X, floor, s)
         if j < best_j - 1e-9:
             best_j = j
@@ -478,23 +552,30 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
         live = j > done_j
         done = step + 1
         peak_T[done], peak_R[done] = _vmax(T), _vmax(X)
+        if peak_T[done] <= stop_T and peak_R[done] <= stop_X:
+            best_j, best_steps, stopped = j, done, True
+            break
     for k in range(done + 1, steps + 1):
         peak_T[k], peak_R[k] = peak_T[done], peak_R[done]
-    return best_j, best_steps, n, first_exchange
+    return best_j, best_steps, n, stopped, searched
 
 
 @_inline
 def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap, R, copy_cost,
-                 multi, exchanges, picks, step_of, n, step, scratch):
+                 multi, exchanges, picks, step_of, n, step, scratch, known, known_move):
     """One greedy step: the best move, or where it lowers J more the best exchange, applied (picks[n:]).
-    Returns (the new n, whether the step was an exchange); n unchanged when nothing lowers J."""
+    With `known`, known_move is the best move (as _best_move returns it), found by a run in this state.
+    Returns (the new n, unchanged when nothing lowers J; the best move's score)."""
     S = home_r.shape[1]
     j_now = _objective(T, X, floor, s)
     topT, topX = _top3(T), _top3(X)
     # only a move off a busiest rank lowers J: the rank with the most GEMM work or the most inter-node pairs
     dT, dX = topT[0], topX[0]
-    mv = _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, dT, dX if multi else -1, floor, s,
-                    overhead, min_tokens, cap, R, j_now, scratch)
+    if known:
+        mv = known_move
+    else:
+        mv = _best_move(T, X, topT, topX, home_r, home_l, blocked, used, sent, dT, dX if multi else -1, floor, s,
+                        overhead, min_tokens, cap, R, j_now, scratch)
     if exchanges:
         # one donor for exchanges: the busiest rank of the term (GEMM work or NIC) whose excess weighs more
         d = dT
@@ -510,11 +591,11 @@ def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, 
                             sent, overhead, R, S)
             n = _apply_pick(picks, step_of, n, step, r, b, d, int(ub), int(yb), T, X, home_r, home_l, blocked, used,
                             sent, overhead, R, S)
-            return n, True
+            return n, mv[5]
     if mv[5] > 1e-6 * j_now:
         n = _apply_pick(picks, step_of, n, step, int(mv[0]), int(mv[1]), int(mv[2]), int(mv[3]), int(mv[4]),
                         T, X, home_r, home_l, blocked, used, sent, overhead, R, S)
-    return n, False
+    return n, mv[5]
 
 
 @_inline

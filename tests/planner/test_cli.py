@@ -109,4 +109,6 @@ def test_bench_planner_contention_times_the_training_loop_beside_the_trainers_pl
     assert r["training_loop_alone_us"] > 0 and r["training_loop_beside_us"] > 0 and r["training_loop_beside_thread_us"] > 0
     assert r["training_thread_slowdown"] == pytest.approx(r["training_loop_beside_us"] / r["training_loop_alone_us"])
     assert len(r["slowdown_rounds"]) == len(r["thread_slowdown_rounds"]) > 1
+    q1, q3 = r["slowdown_quartiles"]
+    assert min(r["slowdown_rounds"]) <= q1 <= r["training_thread_slowdown"] <= q3 <= max(r["slowdown_rounds"])
     assert "separate process" in r["planner"] and "training_thread_slowdown" in p.stdout
