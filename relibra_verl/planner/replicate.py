@@ -242,7 +242,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                         home_r[top], home_l[top], floor, share, overhead, min_tokens, cap, R, tol, copy_cost, multi,
                         False, picks[0, top], step_of[0, top], peak_T[0, top], peak_R[0, top], work, T_lb, R_lb,
                         move_score[0, top], picks[1, top], move_score[1, top], 0)
-                    cut[top] = False                                  # (no exchange run yet: it needs cut off)
+                    cut[top] = False                 # its exchange run, if it needs one, comes after this
                     continue
                 # the moves-only run's steps up to the first exchange are not searched again (_greedy)
                 best_j[1, top], best_steps[1, top], n_picks[1, top], _, _ = _greedy(
@@ -502,8 +502,8 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
     other nodes / from the home node. Fills picks [:n, 6] (donor, slot, receiver, replica slot k, amount,
     inter-node part) with step_of [:n] the step of each, peak_T / peak_R [g*R + 1] the busiest rank's T
     and X after each step (constant after the last). work: _greedy_work(g, S), its state. A run whose
-    busiest rank and NIC get to or under stop_T and stop_X (the layer's bounds, _settled_nodes) ends there:
-    _shortest_equal_prefix would cut its later steps. move_score [g*R + 1] receives each step's best move's
+    busiest rank and NIC get to or under stop_T and stop_X (the layer's bounds, _settled_nodes, or the peaks
+    of the nodes planned before it) ends there: _shortest_equal_prefix would cut its later steps. move_score [g*R + 1] receives each step's best move's
     score. An exchange run follows a moves-only run of the same problem (its picks track_picks, one per step,
     and move_score track_score over track_len searches): until its first exchange it is in the same state,
     so it takes that run's best move instead of searching again. Returns (lowest J, steps up to it, n,
