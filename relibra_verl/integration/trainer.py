@@ -62,8 +62,9 @@ from relibra_verl.integration import runtime_bridge as rb
 from relibra_verl.integration.data_placement import HINT_KEY
 from relibra_verl.integration.microbatch import ParallelStateError, micro_batch_loads
 from relibra_verl.integration.routes import RoutesError, moe_layers_of
-from relibra_verl.planner import (BatchPlan, ReorderConfig, ReplicationConfig, Topology, plan_outcome, plan_relibra,
-                                  planner_configs)
+from relibra_verl.planner import (BatchPlan, PlanError, ReorderConfig, ReplicationConfig, Topology, plan_outcome,
+                                  plan_relibra, planner_configs)
+from relibra_verl.planner.types import check_node_of_expert
 
 logger = logging.getLogger("relibra_verl")
 
@@ -575,18 +576,18 @@ class RelibraTrainer:
         said once and counted in relibra/node_hint_ignored)."""
         if self._node_hint is None:
             return None
-        hint, topo = np.asarray(self._node_hint), self.topo
-        N = topo.num_nodes
+        topo = self.topo
         # the driver numbers nodes r // gpus_per_node over the EP ranks
         if not np.array_equal(np.asarray(topo.node_of_rank), np.arange(topo.G) // topo.ranks_per_node):
             reason = "the EP ranks' hosts are not in rank order, so the driver's node numbers do not apply"
-        elif hint.shape != (L, topo.E):
-            reason = f"its shape {hint.shape} is not [{L} MoE layers, {topo.E} experts]"
-        elif hint.min(initial=0) < 0 or (np.bincount(hint.reshape(-1).astype(np.int64), minlength=N) != L * topo.E // N).any():
-            reason = f"it does not put {topo.E // N} experts on each of {N} nodes in every layer"
         else:
-            self._metrics["relibra/node_hint_ignored"] = 0.0
-            return hint.astype(np.int64)
+            try:
+                hint = check_node_of_expert(self._node_hint, L, topo.E, topo.num_nodes, "the hint")
+            except PlanError as exc:
+                reason = str(exc)
+            else:
+                self._metrics["relibra/node_hint_ignored"] = 0.0
+                return hint
         rb._warn_once(f"hint:{reason}", f"the driver's expert-node hint is ignored: {reason}")
         self._metrics["relibra/node_hint_ignored"] = 1.0
         return None

@@ -36,7 +36,7 @@ import time
 import numba
 import numpy as np
 
-from relibra_verl.planner.types import PlanError, invert_placement
+from relibra_verl.planner.types import PlanError, check_node_of_expert, invert_placement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +185,7 @@ def plan_locality(usage: np.ndarray, seq_lens: np.ndarray, node_of_rank: np.ndar
     mbs = [np.flatnonzero(minibatch == b) for b in np.unique(minibatch)]
     if prev_node_of_expert is None:
         prev_node_of_expert = np.repeat(np.arange(N), E // N)[None].repeat(L, 0)
-    prev_node_of_expert = np.asarray(prev_node_of_expert, dtype=np.int64)
-    if prev_node_of_expert.shape != (L, E) or (np.bincount(prev_node_of_expert.reshape(-1), minlength=N) != L * E // N).any():
-        raise PlanError(f"prev_node_of_expert must be [{L}, {E}] with {E // N} experts per node in every layer")
+    prev_node_of_expert = check_node_of_expert(prev_node_of_expert, L, E, N, "prev_node_of_expert")
 
     flat = usage.reshape(S, L * E).astype(np.float64)
     total = float(flat.sum())
@@ -369,7 +367,6 @@ def _assign_experts(traffic: np.ndarray, prev: np.ndarray, config: LocalityConfi
         count[rows, n] += 1
         load[rows, n] += w[:, 0]
     return out
-
 
 
 def count_routed_pairs(routes: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from relibra_verl.planner import reorder_kernels
 from relibra_verl.planner.reorder_kernels import _dot
-from relibra_verl.planner.types import PlanError, Topology, identity_placement, invert_placement
+from relibra_verl.planner.types import Topology, check_node_of_expert, identity_placement, invert_placement
 
 _jit = numba.njit(nogil=True, cache=True)
 
@@ -197,9 +197,7 @@ def _plan_placement(counts, topo, prev, config, total, preferred_node, compiled)
     # 1. experts -> nodes
     prev_node = rank_node[prev_rank]                                     # [L, E]
     if preferred_node is not None:
-        prev_node = np.asarray(preferred_node, dtype=np.int64)
-        if prev_node.shape != (L, E) or (np.bincount(prev_node.reshape(-1), minlength=N) != L * E // N).any():
-            raise PlanError(f"preferred_node must be [{L}, {E}] with {E // N} experts on each of {N} nodes per layer")
+        prev_node = check_node_of_expert(preferred_node, L, E, N, "preferred_node")
         # leaving it costs at least one pair per expert: ties in balance go to the preferred node
         config = dataclasses.replace(config, move_cost_pairs=max(config.move_cost_pairs, _PREFERRED_MOVE_PAIRS))
     if N > 1:

@@ -96,6 +96,25 @@ def identity_placement(topo: Topology, num_layers: int) -> np.ndarray:
     return np.tile(np.arange(topo.E, dtype=np.int64), (num_layers, 1))
 
 
+def check_node_of_expert(node_of_expert, num_layers: int, num_experts: int, num_nodes: int,
+                         name: str = "node_of_expert") -> np.ndarray:
+    """An expert -> node assignment [L, E] as int64, or PlanError naming what is wrong: its shape, a node id
+    outside [0, N), or a layer that does not put E / N experts on each node."""
+    out = np.asarray(node_of_expert)
+    L, E, N = num_layers, num_experts, num_nodes
+    if out.shape != (L, E):
+        raise PlanError(f"{name}'s shape {out.shape} is not [{L} MoE layers, {E} experts]")
+    if out.dtype.kind not in "iu":
+        raise PlanError(f"{name} must hold integer node ids, got dtype {out.dtype}")
+    out = out.astype(np.int64)
+    if out.size and (out.min() < 0 or out.max() >= N):
+        raise PlanError(f"{name} holds node ids outside [0, {N})")
+    per_node = (out[:, :, None] == np.arange(N)).sum(1)                  # [L, N]
+    if (per_node != E // N).any():
+        raise PlanError(f"{name} does not put {E // N} experts on each of {N} nodes in every layer")
+    return out
+
+
 def invert_placement(expert_at_home: np.ndarray) -> np.ndarray:
     """[L, E] expert of each home slot -> [L, E] home slot of each expert."""
     L, E = expert_at_home.shape

@@ -80,7 +80,10 @@ def test_the_placement_before_the_logprob_pass_follows_the_hint(monkeypatch):
 
 
 @pytest.mark.parametrize("bad, said", [(np.zeros((L, E - 2), np.int64), "is not [2 MoE layers, 16 experts]"),
-                                       (np.zeros((L, E), np.int64), "does not put 8 experts on each of 2 nodes")])
+                                       (np.full((L, E), 2, np.int64), "holds node ids outside [0, 2)"),
+                                       # 8 experts per node over both layers, but all on one node in each
+                                       (np.repeat([[0], [1]], E, axis=1),
+                                        "does not put 8 experts on each of 2 nodes in every layer")])
 def test_a_hint_that_does_not_fit_is_ignored_said_and_counted(monkeypatch, caplog, bad, said):
     without = _logprob_pass(_trainer(monkeypatch), None)
     st = _trainer(monkeypatch)

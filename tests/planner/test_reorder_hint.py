@@ -97,3 +97,8 @@ def test_bad_hints_are_named():
         plan_placement(counts, TOPO, None, preferred_node=np.zeros((2, 15), np.int64))
     with pytest.raises(PlanError, match="8 experts on each of 2 nodes"):
         plan_placement(counts, TOPO, None, preferred_node=np.zeros((2, 16), np.int64))
+    # eight experts per node over the batch, but not in either layer
+    with pytest.raises(PlanError, match="8 experts on each of 2 nodes in every layer"):
+        plan_placement(counts, TOPO, None, preferred_node=np.repeat([[0], [1]], 16, axis=1))
+    with pytest.raises(PlanError, match=r"node ids outside \[0, 2\)"):
+        plan_placement(counts, TOPO, None, preferred_node=np.tile(np.repeat([0, 2], 8), (2, 1)))
