@@ -186,7 +186,7 @@ def summarize(out_root: str, runs: dict, steps: int, tol: dict, wall: dict) -> t
         # trainer); on one node it keeps verl's placement, so only that it ran is checked here
         planned = [m.get("relibra/data_placement_ms") for m in on["driver"]]
         checks["data_placement_planned_every_step"] = planned
-        if len(planned) != steps or any(p is None for p in planned):
+        if len(planned) != steps or any(p is None or not math.isfinite(p) for p in planned):
             failures.append(f"relibra_on: the driver's data placement did not plan every step "
                             f"(relibra/data_placement_ms {planned}; see the log for its reason)")
         routes = on["_probe"].get("routes", [])

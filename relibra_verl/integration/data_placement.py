@@ -10,9 +10,10 @@ where the agent loop put every sample's `routed_experts`, [P + R, L_all, K] unpa
 routes are read from TransferQueue, `routed_experts` only, a chunk of sequences at a time (what verl's own
 rollout MoE metrics read). The replacement runs verl's own balancing first (so its partition, its
 mini-batches and its `global_seqlen/*` metrics are verl's), then lets relibra_verl.planner.locality move
-sequences between the ranks of each mini-batch so that their routed pairs stay on their node: every mini-batch keeps its sequences (only which rank of it holds one changes,
-which verl's loss normalisation over the global token count does not see), every rank its count, the
-busiest rank its workload within tolerance. `global_seqlen/balanced_*` then describe the placement used;
+sequences between the ranks of each mini-batch so that their routed pairs stay on their node: every
+mini-batch keeps its sequences (only which rank of it holds one changes, which verl's loss normalisation
+over the global token count does not see), every rank its count, the busiest rank its workload within
+tolerance. `global_seqlen/balanced_*` then describe the placement used;
 `relibra/inter_node_fraction`, `relibra/inter_node_fraction_verl`, `relibra/data_placement_fell_back`
 and `relibra/data_placement_ms` are added.
 

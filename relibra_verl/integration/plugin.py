@@ -11,8 +11,8 @@ Importing this module calls `register()`. It checks the versions (verl 0.9.1, me
 else: nothing is patched, native path, one warning), then patches verl modules as they are imported (an
 import hook, so `import verl` stays light and no GPU module is imported early): the Megatron engine, the
 actor worker, the PPO driver's config check and batch balancing (legacy and V1 trainers) and the vLLM
-server's launch arguments. It logs one line saying what was patched. Set RELIBRA_VERL_DISABLE=1 to load nothing, RELIBRA_VERL_SKIP_VERSION_CHECK=1 to
-patch other versions at your own risk.
+server's launch arguments. It logs one line saying what was patched. Set RELIBRA_VERL_DISABLE=1 to load
+nothing, RELIBRA_VERL_SKIP_VERSION_CHECK=1 to patch other versions at your own risk.
 
 `python -m relibra_verl.integration.plugin --config-dir` prints the folder of the Hydra config
 (relibra_megatron_trainer.yaml) for `main_ppo --config-path`.

@@ -156,6 +156,8 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, para
     delta = np.empty(M)
     proj_a = np.empty(per)
     proj_b = np.empty(per)
+    by_a = np.empty(per, dtype=np.int64)
+    by_b = np.empty(per, dtype=np.int64)
     sq = np.empty(n)
     cost_space = np.empty((num_bins, M))
     # cost work space; the inter-node terms: pairs from each source rank to each item, each rank's pairs,
@@ -187,8 +189,8 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, para
             cand[:] = packed
             _match_one(cand, prev[p], num_bins, overlap, mapping, row_free, col_free, row_best)
             _members_of(cand, num_bins, members)
-            _swap_one(w, use_gram, gram, members, iters, False, cst, prev[p], node_load, delta, proj_a, proj_b, sq,
-                      step_of, 0.0, out[p])
+            _swap_one(w, use_gram, gram, members, iters, False, cst, prev[p], node_load, delta, proj_a, proj_b, by_a,
+                      by_b, sq, step_of, 0.0, out[p])
             continue
         has_prev = True
         for i in range(n):
@@ -213,8 +215,8 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, para
                 best = c
                 out[p] = cand
         _members_of(out[p], num_bins, members)
-        _swap_one(w, use_gram, gram, members, iters, True, cst, prev[p], node_load, delta, proj_a, proj_b, sq,
-                  step_of, best, out[p])
+        _swap_one(w, use_gram, gram, members, iters, True, cst, prev[p], node_load, delta, proj_a, proj_b, by_a, by_b,
+                  sq, step_of, best, out[p])
 
 
 @_jit
@@ -455,15 +457,14 @@ def _sort_order(x, sign, order):
 
 
 @_jit
-def _swap_one(w, use_gram, gram, members, iters, with_cost, cst, prev, node_load, delta, proj_a, proj_b, sq, step_of,
-              best, bin_of):
-    by_a = np.empty(len(proj_a), dtype=np.int64)
-    by_b = np.empty(len(proj_b), dtype=np.int64)
+def _swap_one(w, use_gram, gram, members, iters, with_cost, cst, prev, node_load, delta, proj_a, proj_b, by_a, by_b,
+              sq, step_of, best, bin_of):
     """reorder._swap for one problem: up to `iters` swaps, each between the two bins whose per-micro-batch
     loads differ most, the one that lowers the sum of squared deviations from the mean most. members
     [N, per] each bin's items (changed in place). with_cost: bin_of [n] holds the assignment the swaps
     start from, of cost `best`, and ends with the cheapest step (the earliest on ties); else it ends with the
-    last step. use_gram: gram [n, n] holds the items' dot products."""
+    last step. use_gram: gram [n, n] holds the items' dot products. node_load, delta, proj_a / proj_b and
+    by_a / by_b (their orders), sq, step_of: work space."""
     n, M = w.shape
     N, per = members.shape
     total = 0.0

@@ -38,7 +38,6 @@ per-call overhead, which was most of the numpy version's time.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numba
 import numpy as np
@@ -159,7 +158,7 @@ def _lower_bounds(counts, layers, expert_at_home, node_ranks, node_of_rank, S, o
 
 @_jit
 def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R, cap, min_tokens, overhead, share, tol,
-                 copy_cost, multi, replica_expert, replica_quota, critical_path, thorough=False):
+                 copy_cost, multi, replica_expert, replica_quota, critical_path, thorough):
     """Every (micro-batch, layer): its nodes' problems, their greedy runs, the layer's shortest prefixes,
     then the kept replicas and their quotas written into replica_expert / replica_quota (see plan_replicas).
     counts [M, :, G, E] is read at layers [L]; critical_path [M, L] receives each layer's J (max over its
@@ -503,10 +502,11 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
     inter-node part) with step_of [:n] the step of each, peak_T / peak_R [g*R + 1] the busiest rank's T
     and X after each step (constant after the last). work: _greedy_work(g, S), its state. A run whose
     busiest rank and NIC get to or under stop_T and stop_X (the layer's bounds, _settled_nodes, or the peaks
-    of the nodes planned before it) ends there: _shortest_equal_prefix would cut its later steps. move_score [g*R + 1] receives each step's best move's
-    score. An exchange run follows a moves-only run of the same problem (its picks track_picks, one per step,
-    and move_score track_score over track_len searches): until its first exchange it is in the same state,
-    so it takes that run's best move instead of searching again. Returns (lowest J, steps up to it, n,
+    of the nodes planned before it) ends there: _shortest_equal_prefix would cut its later steps.
+    move_score [g*R + 1] receives each step's best move's score. An exchange run follows a moves-only run
+    of the same problem (its picks track_picks, one per step, and move_score track_score over track_len
+    searches): until its first exchange it is in the same state, so it takes that run's best move instead
+    of searching again. Returns (lowest J, steps up to it, n,
     whether it ended under stop_T and stop_X, steps searched)."""
     g, S = home_r0.shape
     home_r, home_l, T, X, blocked, used, sent, scratch = work

@@ -1,7 +1,5 @@
 """The reorder's compiled kernels (planner/reorder_kernels.py) against its numpy reference (reorder.py's
 _cheapest_assignment and the steps around it): the same placements, bit for bit, on integer loads."""
-import dataclasses
-
 import numpy as np
 import pytest
 
