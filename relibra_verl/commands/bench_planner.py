@@ -2,9 +2,9 @@
 
 The loads are skewed like real routing (a per-layer Zipf popularity, hottest expert several times the
 mean, per-rank noise) so the replication loop does the work it does in training; the figures are the
-planner's wall time on one CPU core (set OMP_NUM_THREADS=1 to pin it): the whole batch as simulate plans it
-(placement and replicas), and the first micro-batch's replicas, which the verl trainer plans on the
-critical path. `--scale deepseek-v3` times DeepSeek-V3's shape on 32 nodes (EP 256, 64 micro-batches) and
+planner's wall time on one CPU core (set OMP_NUM_THREADS=1 to pin it), on the loads in the layout the verl
+trainer plans (planning_layout): the whole batch as simulate plans it (placement and replicas), and the
+first micro-batch's replicas, which the verl trainer plans on the critical path. `--scale deepseek-v3` times DeepSeek-V3's shape on 32 nodes (EP 256, 64 micro-batches) and
 reports the process's peak memory. `--contention` times a launch-bound torch loop (what a GPU training
 thread does between kernel launches) alone and while the verl trainer's background planning runs beside
 it, in one run, and reports their ratio, training_thread_slowdown.
@@ -21,7 +21,7 @@ import numpy as np
 from relibra_verl.config import RelibraConfig
 from relibra_verl.errors import UsageError
 from relibra_verl.planner import Topology, load_profile, plan_relibra, planner_configs
-from relibra_verl.planner.types import PlanError
+from relibra_verl.planner.types import PlanError, planning_layout
 from relibra_verl.sim.presets import get_preset
 
 # (MoE layers, routed experts, top-k), from ../shared/reference/facts.md "Model shapes"
@@ -110,7 +110,8 @@ def run(args) -> int:
     if not 0.0 <= args.inter_node_share < 1.0:
         raise UsageError(f"--inter-node-share must be in [0, 1), got {args.inter_node_share}")
     draw = synthetic_counts_large if args.scale else synthetic_counts
-    counts = draw(L, E, K, args.ep, args.micro_batches, args.tokens_per_rank)
+    # in the layout the verl trainer plans them in (int32, read-only): what its planning process runs
+    counts = planning_layout(draw(L, E, K, args.ep, args.micro_batches, args.tokens_per_rank))
     # what the verl trainer plans with: planner_configs for the preset's expert shape
     profile = None if args.profile == "none" else load_profile(args.profile)
     replication, reorder = planner_configs(get_preset(args.preset), profile, topo.num_nodes, topo.ranks_per_node,

@@ -64,7 +64,7 @@ from relibra_verl.integration.microbatch import ParallelStateError, micro_batch_
 from relibra_verl.integration.routes import RoutesError, moe_layers_of
 from relibra_verl.planner import (BatchPlan, PlanError, ReorderConfig, ReplicationConfig, Topology, plan_outcome,
                                   plan_relibra, planner_configs)
-from relibra_verl.planner.types import check_node_of_expert
+from relibra_verl.planner.types import check_node_of_expert, planning_dtype, planning_layout
 
 logger = logging.getLogger("relibra_verl")
 
@@ -103,20 +103,6 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     return _planner_pool
 
 
-def _planning_dtype(counts: np.ndarray) -> type:
-    """int32 where the counts (pair counts) fit, else int64."""
-    return np.int32 if counts.size == 0 or counts.max() < 2**31 else np.int64
-
-
-def _planning_layout(counts: np.ndarray) -> np.ndarray:
-    """Counts as every plan of the trainer takes them: C-contiguous, int32 where they fit (pair counts),
-    read-only. numba compiles per array type and layout: one layout, compiled once by the planning
-    process's warm-up (_warm_up) and loaded from numba's disk cache by the training process."""
-    out = np.array(counts, dtype=_planning_dtype(counts), order="C")
-    out.setflags(write=False)
-    return out
-
-
 class _SharedCounts:
     """A mini-batch's counts handed to the planning process through a file in shared memory (/dev/shm):
     the training process copies them there with numpy, which releases the GIL, where pickling them would
@@ -125,7 +111,7 @@ class _SharedCounts:
 
     def __init__(self, counts: np.ndarray):
         self.shape = tuple(counts.shape)
-        self.dtype = np.dtype(_planning_dtype(counts)).name
+        self.dtype = np.dtype(planning_dtype(counts)).name
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, self.path = tempfile.mkstemp(prefix="relibra-counts-", dir=shm)
         os.close(fd)
@@ -136,8 +122,8 @@ class _SharedCounts:
 
     def read(self) -> np.ndarray:
         if not np.prod(self.shape):
-            return _planning_layout(np.zeros(self.shape, dtype=self.dtype))
-        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape))   # _planning_layout
+            return planning_layout(np.zeros(self.shape, dtype=self.dtype))
+        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape))   # planning_layout
 
     def remove(self, _future=None) -> None:
         try:
@@ -148,10 +134,10 @@ class _SharedCounts:
 
 def _submit(fn, counts: np.ndarray, *args, pool=None) -> Future:
     """fn(counts, *args) in the planning pool (None: _planner()): in a process, the counts through shared
-    memory (_SharedCounts), removed when the job is done; in a thread, a copy in _planning_layout."""
+    memory (_SharedCounts), removed when the job is done; in a thread, a copy in planning_layout."""
     pool = _planner() if pool is None else pool
     if isinstance(pool, ThreadPoolExecutor):
-        return pool.submit(fn, _planning_layout(counts), *args)
+        return pool.submit(fn, planning_layout(counts), *args)
     shared = _SharedCounts(counts)
     try:
         job = pool.submit(_with_shared_counts, fn, shared, *args)
@@ -185,7 +171,7 @@ def _warm_up() -> None:
     """Compile the planner's loops in the planning process (numba; tens of seconds cold on a busy host,
     about 2 s from numba's disk cache): started when relibra attaches, so that the placement planned before
     the first log-prob pass does not wait for the compiler. numba compiles per argument type and array
-    layout, so this plans what the trainer plans: two nodes, counts in _planning_layout, the default
+    layout, so this plans what the trainer plans: two nodes, counts in planning_layout, the default
     configurations and the time-aware ones (float costs, NIC share), with and without the driver's hint."""
     from relibra_verl.planner import ExpertShape, load_profile
 
@@ -193,7 +179,7 @@ def _warm_up() -> None:
     M, L, G, E = 2, 2, topo.G, topo.E
     rng = np.random.default_rng(0)
     gathered = rng.integers(0, 40, size=(G, M, L, E + 1)) * (np.arange(E + 1) < 3)
-    counts = _planning_layout(gathered[..., :E].transpose(1, 2, 0, 3))      # [M, L, G, E]
+    counts = planning_layout(gathered[..., :E].transpose(1, 2, 0, 3))      # [M, L, G, E]
     placement = np.tile(np.arange(E, dtype=np.int64), (L, 1))
     hint = np.tile(np.arange(E, dtype=np.int64) % topo.num_nodes, (L, 1))
     timed = planner_configs(ExpertShape(2048, 768), load_profile("h100-ib400"), topo.num_nodes,
@@ -493,7 +479,7 @@ class RelibraTrainer:
         if self.cfg.replicates:
             # this mini-batch's replicas, on the placement the layers hold now: the first micro-batch's
             # before its forward, the others' in the background beside it (installed at micro-batch 1)
-            plan = plan_relibra(_planning_layout(counts[:1]), self.topo, placement, mode="replicate",
+            plan = plan_relibra(planning_layout(counts[:1]), self.topo, placement, mode="replicate",
                                 replication=replication)
             if M > 1:
                 self._rest_future = _submit(_plan_rest, counts, self.topo, placement, replication)

@@ -260,7 +260,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], g)
                 layer_j = max(layer_j, (1 - share) * (peak_T[run, n, keep[n]] + copy_cost * copies)
                               + share * max(peak_R[run, n, keep[n]], floor))
-                _write_replicas(counts[m, layers[l]], expert_at_home[l], node_ranks, n, S,
+                _write_replicas(counts[m, layers[l]], node_sum, expert_at_home[l], node_ranks, n, S,
                                 picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
                                 replica_expert[m, l], replica_quota[m, l], sources[n], order, rem)
             critical_path[m, l] = layer_j
@@ -409,8 +409,8 @@ def _mean(v):
     """v.mean() as numba computes it (a sum in index order, over the length), without its nditer, which
     costs more than the sum on a node's few ranks."""
     total = 0.0
-    for x in v:
-        total += x
+    for i in range(len(v)):
+        total += v[i]
     return total / len(v)
 
 
@@ -488,10 +488,10 @@ def _towards_mean(have_d, have_r, mean, overhead, min_tokens, last):
 def _greedy_work(g, S):
     """The state of one greedy run, allocated once for all of them: pairs left at the home slots from
     other nodes and from the home node [g, S], T and X [g], blocked [g * S, g], replica slots used and
-    replicas sent [g], and the step kernels' scratch [11 + 2 S, g]."""
+    replicas sent [g], and the step kernels' work space: copies [g] and scratch [15 + 2 S, g]."""
     return (np.zeros((g, S), dtype=np.int64), np.zeros((g, S), dtype=np.int64), np.zeros(g), np.zeros(g),
             np.zeros((g * S, g), dtype=np.bool_), np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64),
-            np.zeros((11 + 2 * S, g)))
+            np.zeros(g), np.zeros((15 + 2 * S, g)))
 
 
 @_jit
@@ -509,7 +509,7 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
     of searching again. Returns (lowest J, steps up to it, n,
     whether it ended under stop_T and stop_X, steps searched)."""
     g, S = home_r0.shape
-    home_r, home_l, T, X, blocked, used, sent, scratch = work
+    home_r, home_l, T, X, blocked, used, sent, copies, scratch = work
     for r in range(g):
         T[r], X[r] = 0.0, 0.0
         used[r], sent[r] = 0, 0              # replica slots taken, replicas each owner sends
@@ -537,11 +537,12 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
             break
         n_before = n
         known = step < track_len and n == step                        # no exchange yet: one pick per step
-        p = track_picks[step if known else 0]
-        n, move_score[step] = _search_step(
+        at = step if known else 0                                     # (indexed in place: a row view costs
+        n, move_score[step] = _search_step(                            # reference counts every step)
             T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap, R, copy_cost, multi,
-            exchanges, picks, step_of, n, step, scratch, known,
-            (float(p[0]), float(p[1]), float(p[2]), float(p[4]), float(p[5]), track_score[step if known else 0]))
+            exchanges, picks, step_of, n, step, copies, scratch, known,
+            (float(track_picks[at, 0]), float(track_picks[at, 1]), float(track_picks[at, 2]),
+             float(track_picks[at, 4]), float(track_picks[at, 5]), track_score[at]))
         searched = step + 1
         if n == n_before:
             break
@@ -562,7 +563,7 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
 
 @_inline
 def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, min_tokens, cap, R, copy_cost,
-                 multi, exchanges, picks, step_of, n, step, scratch, known, known_move):
+                 multi, exchanges, picks, step_of, n, step, copies, scratch, known, known_move):
     """One greedy step: the best move, or where it lowers J more the best exchange, applied (picks[n:]).
     With `known`, known_move is the best move (as _best_move returns it), found by a run in this state.
     Returns (the new n, unchanged when nothing lowers J; the best move's score)."""
@@ -583,9 +584,11 @@ def _search_step(T, X, home_r, home_l, blocked, used, sent, floor, s, overhead, 
             e_t = (1 - s) * (_vmax(T) - _mean(T))
             e_r = s * (max(_vmax(X), floor) - max(_mean(X), floor))
             d = dT if e_t >= e_r else dX
-        ex = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens,
-                            cap, R, copy_cost, j_now, scratch)
-        if ex[8] > 1e-6 * j_now and ex[8] > mv[5]:
+        # an exchange is taken where it scores above the best move and above rounding
+        at_least = max(mv[5], 1e-6 * j_now)
+        ex = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies, d, floor, s,
+                            min_tokens, cap, R, copy_cost, j_now, at_least, scratch)
+        if ex[8] > at_least:
             d, a, r, b, ua, ya, ub, yb = int(ex[0]), int(ex[1]), int(ex[2]), int(ex[3]), ex[4], ex[5], ex[6], ex[7]
             n = _apply_pick(picks, step_of, n, step, d, a, r, int(ua), int(ya), T, X, home_r, home_l, blocked, used,
                             sent, overhead, R, S)
@@ -695,59 +698,86 @@ def _move_score(u, y, left, Td, Tr, Xd, Xr, T_other, X_other, s, overhead, j_now
 
 
 @_inline
-def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens, cap, R,
-                   copy_cost, j_now, scratch):
+def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies, d, floor, s, min_tokens, cap,
+                   R, copy_cost, j_now, at_least, scratch):
     """The best exchange off donor d: its home expert a and another rank r's home expert b trade places for
     the micro-batch, each as a replica that takes all of the other's remaining pairs. Both home copies then
     run no GEMM, so unlike a move no call is added; it costs two copies. For each (a, r) the b whose pairs
     best even out d and r is taken (of equally close ones, the first). Scored like a move, less the
     copies' exposed cost where the exchange raises the node's busiest copier (copy_cost, in pairs of GEMM
     work); of equal scores the first in (a, r) order. As _best_move, every candidate is scored without a
-    branch over receivers. scratch: [11 + 2 S, g]. Returns (d, a, r, b, amount of a, its inter-node part,
-    amount of b, its inter-node part, score; -inf when none is allowed)."""
+    branch over receivers.
+
+    Only an exchange scoring above at_least is sought (the greedy takes one only if it beats the best move):
+    an expert a is skipped where a bound of its score, with any b of r's allowed slots, is not above at_least
+    or the best so far (most are: the bound is O(g), the search O(g S)). So the result is the best exchange
+    where that scores above at_least, and otherwise one scoring at most at_least. copies [g] and scratch
+    [15 + 2 S, g]: work space. Returns (d, a, r, b, amount of a, its inter-node part, amount of b, its
+    inter-node part, score; -inf when none is allowed or sought)."""
     g, S = home_r.shape
     best = (-1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -np.inf)
     if sent[d] >= cap or used[d] == R:
         return best
     # scratch rows, per rank r: 0 copies, 1 T_other, 2 X_other, 3 C_other, 4 whether r can take part,
-    # 5 the b closest to the wanted amount, 7 the score, 8 half the gap T[d] - T[r],
-    # 9-10 b's amount and inter-node part; 11 + k: the pairs left at r's slot k where d may take them
-    # (inf where not), 11 + S + k: their inter-node part
+    # 5 the b closest to the wanted amount, 6 how far its pairs are from it, 7 the score, 8 half the gap
+    # T[d] - T[r], 9-10 b's amount and inter-node part, 11-14 the least and most pairs of r's allowed slots
+    # and of their inter-node parts (for the bound); 15 + k: the pairs left at r's slot k where d may take
+    # them (inf where not), 15 + S + k: their inter-node part
     w = scratch
     for r in range(g):
-        w[0, r] = max(used[r], sent[r])
-    topC = _top3(w[0])
-    C_max = _vmax(w[0])
+        copies[r] = max(used[r], sent[r])
+        w[0, r] = copies[r]
+    topC = _top3(copies)
+    C_max = _vmax(copies)
     _max_excluding_each(T, topT, d, w, 1)
     _max_excluding_each(X, topX, d, w, 2)
-    _max_excluding_each(w[0], topC, d, w, 3)
+    _max_excluding_each(copies, topC, d, w, 3)
     Td, Xd, Cd = T[d], X[d], w[0, d]
     for r in range(g):
         w[2, r] = max(w[2, r], floor)
         w[4, r] = 1.0 if (used[r] != R and sent[r] < cap) else 0.0
         w[8, r] = (Td - T[r]) / 2
+        w[11, r], w[12, r], w[13, r], w[14, r] = np.inf, -np.inf, np.inf, -np.inf
         for k in range(S):
             left = float(home_r[r, k] + home_l[r, k])
-            w[11 + k, r] = left if (not blocked[r * S + k, d] and left >= min_tokens) else np.inf
-            w[11 + S + k, r] = float(home_r[r, k])
+            allowed = not blocked[r * S + k, d] and left >= min_tokens
+            w[15 + k, r] = left if allowed else np.inf
+            w[15 + S + k, r] = float(home_r[r, k])
+            w[11, r] = min(w[11, r], left) if allowed else w[11, r]
+            w[12, r] = max(w[12, r], left) if allowed else w[12, r]
+            w[13, r] = min(w[13, r], float(home_r[r, k])) if allowed else w[13, r]
+            w[14, r] = max(w[14, r], float(home_r[r, k])) if allowed else w[14, r]
     for a in range(S):
         uA = float(home_r[d, a] + home_l[d, a])
         yA = float(home_r[d, a])
         if uA < min_tokens:
             continue
-        # b on r: d must be able to take it; of those, the one that brings d and r closest together
+        # the bound: T_new and X_new at least as with b's pairs at the ends of r's range, the tie-break term
+        # at most as there, the copies' term as it is. A margin for rounding: skip only where clearly below.
+        bound = -np.inf
         for r in range(g):
-            want = uA - w[8, r]
-            b, closest, uB, yB = -1.0, np.inf, 0.0, 0.0
-            for k in range(S):
-                left = w[11 + k, r]
-                miss = abs(left - want)
-                closer = miss < closest
-                b = k if closer else b
-                closest = miss if closer else closest
-                uB = left if closer else uB
-                yB = w[11 + S + k, r] if closer else yB
-            w[5, r], w[9, r], w[10, r] = b, uB, yB
+            T_low = max(Td - uA + w[11, r], T[r] - w[12, r] + uA, w[1, r])
+            X_low = max(Xd - yA + w[13, r], X[r] - w[14, r] + yA, w[2, r])
+            C_new = max(max(Cd, w[0, r]) + 1.0, w[3, r])
+            b_score = ((j_now - (1 - s) * T_low - s * X_low) + 1e-3 * max(abs(uA - w[11, r]), abs(uA - w[12, r]))
+                       - (1 - s) * copy_cost * (C_new - C_max))
+            ok = w[4, r] > 0 and w[12, r] >= 0
+            bound = max(bound, b_score if ok else -np.inf)
+        if bound < max(at_least, best[8]) - 1e-9 * abs(j_now):
+            continue
+        # b on r: d must be able to take it; of those, the one that brings d and r closest together (the
+        # slots in order, each over all ranks at once: the loop over ranks vectorises)
+        for r in range(g):
+            w[5, r], w[6, r], w[9, r], w[10, r] = -1.0, np.inf, 0.0, 0.0
+        for k in range(S):
+            for r in range(g):
+                left = w[15 + k, r]
+                miss = abs(left - (uA - w[8, r]))
+                closer = miss < w[6, r]
+                w[5, r] = k if closer else w[5, r]
+                w[6, r] = miss if closer else w[6, r]
+                w[9, r] = left if closer else w[9, r]
+                w[10, r] = w[15 + S + k, r] if closer else w[10, r]
         j = d * S + a
         for r in range(g):
             uB, yB = w[9, r], w[10, r]
@@ -782,10 +812,11 @@ def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
 
 
 @_jit
-def _write_replicas(counts, expert_at_home, node_ranks, n, S, picks, step_of, n_picks, keep,
+def _write_replicas(counts, node_sum, expert_at_home, node_ranks, n, S, picks, step_of, n_picks, keep,
                     replica_expert, replica_quota, sources, order, rem):
     """The picks of node n's kept steps (step < keep) as replicas and quotas. counts [G, E] of the
-    (micro-batch, layer); replica_expert [G, R] and replica_quota [G, R, G] of it are written. sources [G]:
+    (micro-batch, layer), node_sum [N, E] its sums per node (_slot_loads); replica_expert [G, R] and
+    replica_quota [G, R, G] of it are written. sources [G]:
     node n's ranks, then the other nodes' in node-block order. order [>= n_picks] and rem [G]: scratch."""
     g = node_ranks.shape[1]
     kept = 0
@@ -807,25 +838,28 @@ def _write_replicas(counts, expert_at_home, node_ranks, n, S, picks, step_of, n_
             j += 1
         home = node_ranks[n, d]
         expert = expert_at_home[home * S + sl]
-        _write_quotas(counts, expert, picks, order, i, j, home, node_ranks, n, replica_quota, sources, rem)
+        _write_quotas(counts, node_sum, expert, picks, order, i, j, home, node_ranks, n, replica_quota, sources,
+                      rem)
         for q in range(i, j):
             replica_expert[node_ranks[n, picks[order[q], 2]], picks[order[q], 3]] = expert
         i = j
 
 
-@_jit
-def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n, replica_quota, sources, rem):
+@_inline
+def _write_quotas(counts, node_sum, expert, picks, order, begin, end, home, node_ranks, n, replica_quota, sources,
+                  rem):
     """Split one expert's replicas' amounts over the source ranks (module docstring). counts [G, E]: the
-    pairs of each source; picks[order[begin:end]]: the expert's replicas, by holder; home: its home rank on
-    node n; sources: as _write_replicas. Writes replica_quota[holder, k, :] of each. rem [G]: scratch."""
+    pairs of each source, node_sum [N, E] their sums per node (_slot_loads); picks[order[begin:end]]: the
+    expert's replicas, by holder; home: its home rank on node n; sources: as _write_replicas. Writes
+    replica_quota[holder, k, :] of each. rem [G]: scratch, the pairs left at node n's sources (the other
+    nodes' sources lose none before the replicas take theirs: they are read from counts)."""
     N, g = node_ranks.shape
     total = 0
-    for src in range(len(rem)):
-        rem[src] = counts[src, expert]
-        total += rem[src]
-    local_pool = 0
+    for k in range(N):
+        total += node_sum[k, expert]
+    local_pool = node_sum[n, expert]
     for i in range(g):
-        local_pool += counts[node_ranks[n, i], expert]
+        rem[node_ranks[n, i]] = counts[node_ranks[n, i], expert]
     amount_sum = 0
     remote_sum = 0
     for q in range(begin, end):
@@ -840,33 +874,36 @@ def _write_quotas(counts, expert, picks, order, begin, end, home, node_ranks, n,
     home_remote = (total - local_pool) - remote_sum
     rem[home] -= min(counts[home, expert], home_amount - home_remote)
     # each replica takes the next pairs of the sources laid end to end: cursors (source, pairs taken of it)
-    G = len(rem)
+    G = len(sources)
     remote, remote_taken, local, local_taken = g, 0, 0, 0
     for q in range(begin, end):
         idx = order[q]
         holder = node_ranks[n, picks[idx, 2]]
         k, a, y = picks[idx, 3], picks[idx, 4], picks[idx, 5]
         own = min(counts[holder, expert], a - y)
-        out = replica_quota[holder, k]
         # inter-node pairs: the other nodes' sources in node-block order
-        remote, remote_taken = _take_in_order(rem, sources, G, remote, remote_taken, y, out)
+        remote, remote_taken = _take_in_order(counts, expert, rem, False, sources, G, remote, remote_taken, y,
+                                              replica_quota, holder, k)
         # intra-node pairs beyond its own: the home node's sources in rank order
-        local, local_taken = _take_in_order(rem, sources, g, local, local_taken, a - own - y, out)
-        out[holder] += own
+        local, local_taken = _take_in_order(counts, expert, rem, True, sources, g, local, local_taken,
+                                            a - own - y, replica_quota, holder, k)
+        replica_quota[holder, k, holder] += own
 
 
 @_inline
-def _take_in_order(pool, sources, end, at, taken, amount, out):
+def _take_in_order(counts, expert, rem, home_node, sources, end, at, taken, amount, replica_quota, holder, k):
     """Northwest-corner rule: the sources up to sources[end - 1] are used up in order; from the cursor (the
-    at-th source, `taken` of its pairs gone) out takes `amount` pairs. Returns the cursor after them."""
+    at-th source, `taken` of its pairs gone) replica_quota[holder, k] takes `amount` pairs. A source holds
+    rem[source] pairs on the home node, counts[source, expert] on the others. Returns the cursor after
+    them. (Indexed in place, not through row views: a view costs reference counts.)"""
     while amount > 0 and at < end:
         rank = sources[at]
-        left = pool[rank] - taken
+        left = (rem[rank] if home_node else counts[rank, expert]) - taken
         if left > amount:
-            out[rank] += amount
+            replica_quota[holder, k, rank] += amount
             return at, taken + amount
         if left > 0:
-            out[rank] += left
+            replica_quota[holder, k, rank] += left
             amount -= left
         at, taken = at + 1, 0
     return at, taken

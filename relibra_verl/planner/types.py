@@ -198,3 +198,18 @@ class BatchPlan:
         for a in (self.expert_at_home, self.replica_expert, self.replica_quota):
             h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
         return h.hexdigest()
+
+
+def planning_dtype(counts: np.ndarray) -> type:
+    """int32 where the counts (pair counts) fit, else int64."""
+    return np.int32 if counts.size == 0 or counts.max() < 2**31 else np.int64
+
+
+def planning_layout(counts: np.ndarray) -> np.ndarray:
+    """Counts [M, L, G, E] as the verl trainer plans them: C-contiguous, int32 where they fit (pair counts:
+    half the memory the compiled kernels stream), read-only. numba compiles per array type and layout: one
+    layout, compiled once by the trainer's planning process's warm-up and loaded from numba's disk cache by
+    the training process."""
+    out = np.array(counts, dtype=planning_dtype(counts), order="C")
+    out.setflags(write=False)
+    return out

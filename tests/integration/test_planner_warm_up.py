@@ -36,9 +36,9 @@ placement = np.tile(np.arange(topo.E, dtype=np.int64), (4, 1))
 hint = np.tile(np.arange(topo.E, dtype=np.int64) // (topo.E // 2), (4, 1))
 replication, reorder_cfg = planner_configs(ExpertShape(4096, 1536), load_profile("h100-ib400"), 2, 4,
                                            reorder_inter_node_share=0.85)
-# the training process plans the first micro-batch on _planning_layout, the planning process the rest on
+# the training process plans the first micro-batch on planning_layout, the planning process the rest on
 # what _SharedCounts hands over
-tr._plan_rest(tr._planning_layout(counts[:2]), topo, placement, replication)
+tr._plan_rest(tr.planning_layout(counts[:2]), topo, placement, replication)
 shared = tr._SharedCounts(counts)
 try:
     tr._plan_next_placement(shared.read(), topo, placement, replication, reorder_cfg, hint)

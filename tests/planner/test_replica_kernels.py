@@ -123,8 +123,9 @@ def _random_state(rng, g, S, R):
 @pytest.mark.parametrize("g, S, R", [(8, 4, 2), (4, 2, 1), (3, 3, 3), (8, 1, 2), (16, 2, 2)])
 def test_step_kernels_match_the_plain_rules_bit_for_bit(g, S, R):
     rng = np.random.default_rng(g * 100 + S * 10 + R)
-    scratch = np.zeros((11 + 2 * S, g))
-    checked = exchanges = 0
+    scratch = np.zeros((15 + 2 * S, g))
+    copies = np.zeros(g)
+    checked = exchanges = above = below = 0
     for trial in range(300):
         T, X, home_r, home_l, blocked, used, sent = _random_state(rng, g, S, R)
         s = float(rng.choice([0.0, 0.5, 0.9]))
@@ -142,17 +143,31 @@ def test_step_kernels_match_the_plain_rules_bit_for_bit(g, S, R):
                                    cap, R, j_now)
         assert got == want, (trial, got, want)
         d = int(rng.choice([topT[0], topX[0], int(rng.integers(g))]))
-        got = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens, cap, R,
-                             copy_cost, j_now, scratch)
         want = reference_best_exchange(T, X, home_r, home_l, blocked, used, sent, d, floor, s, min_tokens, cap, R,
                                        copy_cost, j_now)
-        # the greedy uses an exchange only where it lowers J more than the best move: there both must agree;
-        # below that, which of the unused candidates comes back does not matter, only that none beats it
+        # every exchange sought (at_least -inf): the best, bit for bit; the greedy uses an exchange only where
+        # it lowers J more than the best move: there both must agree; below that, which of the unused
+        # candidates comes back does not matter, only that none beats it
+        got = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies, d, floor, s, min_tokens,
+                             cap, R, copy_cost, j_now, -math.inf, scratch)
         if max(got[8], want[8]) > -math.inf:
             assert got == want, (trial, got, want)
             exchanges += 1
+        # only exchanges above at_least sought (the greedy's: above its best move), at_least drawn around the
+        # best exchange's score so that both sides of it are checked
+        if want[8] > -math.inf:
+            at_least = want[8] + float(rng.choice([-50.0, -1.0, -1e-6, 0.0, 1.0]))
+            got = _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies, d, floor, s,
+                                 min_tokens, cap, R, copy_cost, j_now, at_least, scratch)
+            if want[8] > at_least:
+                assert got == want, (trial, at_least, got, want)
+                above += 1
+            else:
+                assert got[8] <= at_least, (trial, at_least, got, want)
+                below += 1
         checked += 1
     assert checked == 300 and exchanges > 20                           # the exchange path was exercised
+    assert above > 10 and below > 10                                    # both sides of at_least
 
 
 def _quotas_by_the_rule(src, holders, amounts, remote, home, node_ranks, n):
