@@ -45,6 +45,9 @@ import numpy as np
 from relibra_verl.planner.types import Topology
 
 _jit = numba.njit(nogil=True, cache=True)
+# kernels that allocate nothing: without numba's reference counting (NRT), whose atomic count updates on every
+# array passed, unpacked or viewed took about a tenth of the planner's time
+_jit_no_nrt = numba.njit(nogil=True, cache=True, _nrt=False)
 # small helpers of the greedy step, inlined into their callers (a call passing arrays costs reference counts)
 _inline = numba.njit(nogil=True, cache=True, inline="always")
 
@@ -189,6 +192,8 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
     node_order = np.zeros(N, dtype=np.int64)
     keep = np.zeros(N, dtype=np.int64)
     rem = np.zeros(G, dtype=np.int64)                                # _write_quotas' scratch
+    sends = np.zeros(g, dtype=np.int64)                              # _busiest_copier's
+    receives = np.zeros(g, dtype=np.int64)
     # per node n, the sources in the order quotas use them up: its own ranks, then the other nodes' ranks
     # in node-block order
     sources = np.zeros((N, G), dtype=np.int64)
@@ -257,7 +262,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
             layer_j = 0.0
             for n in range(N):
                 run = chosen[n]
-                copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], g)
+                copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], sends, receives)
                 layer_j = max(layer_j, (1 - share) * (peak_T[run, n, keep[n]] + copy_cost * copies)
                               + share * max(peak_R[run, n, keep[n]], floor))
                 _write_replicas(counts[m, layers[l]], node_sum, expert_at_home[l], node_ranks, n, S,
@@ -266,7 +271,7 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
             critical_path[m, l] = layer_j
 
 
-@_jit
+@_jit_no_nrt
 def _settled_nodes(home_r, home_l, floor, s, overhead, settled):
     """The nodes of one (micro-batch, layer) whose greedy runs cannot change the plan, found before running
     them: settled[0, n] = 1 where node n's busiest rank and NIC already sit below what the layer's time will
@@ -310,7 +315,7 @@ def _settled_nodes(home_r, home_l, floor, s, overhead, settled):
     return any_settled, T_lb, R_lb
 
 
-@_jit
+@_jit_no_nrt
 def _pending_node(best_j, peak_T, peak_R, best_steps, chosen, cut, both, thorough):
     """The next node of a (micro-batch, layer) to run again, or -1: of the nodes with the highest J, the
     busiest rank and the busiest NIC (at their chosen runs' lowest J; the first of equals), the first whose
@@ -335,7 +340,7 @@ def _pending_node(best_j, peak_T, peak_R, best_steps, chosen, cut, both, thoroug
     return -1
 
 
-@_jit
+@_jit_no_nrt
 def _order_by_bound(bound, order):
     """order [N] <- the nodes by bound [N], highest first (ties: lower index first)."""
     for i in range(len(bound)):
@@ -346,11 +351,12 @@ def _order_by_bound(bound, order):
         order[at] = i
 
 
-@_jit
-def _busiest_copier(picks, step_of, n_picks, keep, g):
-    """The most replica copies any rank of a node sends or receives in the kept steps (step < keep)."""
-    sends = np.zeros(g, dtype=np.int64)
-    receives = np.zeros(g, dtype=np.int64)
+@_jit_no_nrt
+def _busiest_copier(picks, step_of, n_picks, keep, sends, receives):
+    """The most replica copies any rank of a node sends or receives in the kept steps (step < keep).
+    sends, receives: [g] scratch."""
+    sends[:] = 0
+    receives[:] = 0
     for i in range(n_picks):
         if step_of[i] < keep:
             sends[picks[i, 0]] += 1
@@ -358,7 +364,7 @@ def _busiest_copier(picks, step_of, n_picks, keep, g):
     return float(max(_vmax(sends), _vmax(receives)))
 
 
-@_jit
+@_jit_no_nrt
 def _home_nodes(expert_at_home, S, node_of_rank, on_node):
     """One layer's placement expert_at_home [E] -> on_node [N, E]: 1 where the expert's home is on the node."""
     on_node[:] = 0
@@ -366,7 +372,7 @@ def _home_nodes(expert_at_home, S, node_of_rank, on_node):
         on_node[node_of_rank[slot // S], expert_at_home[slot]] = 1
 
 
-@_jit
+@_jit_no_nrt
 def _slot_loads(counts, expert_at_home, on_node, node_ranks, node_of_rank, S, node_sum, home_r, home_l):
     """One (micro-batch, layer): counts [G, E] -> pairs left at each home slot of every node, from other
     nodes home_r [N, g, S] and from the home node home_l [N, g, S]. on_node: [N, E] of the layer
@@ -494,7 +500,7 @@ def _greedy_work(g, S):
             np.zeros(g), np.zeros((15 + 2 * S, g)))
 
 
-@_jit
+@_jit_no_nrt
 def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_cost, multi, exchanges,
             picks, step_of, peak_T, peak_R, work, stop_T, stop_X, move_score, track_picks, track_score, track_len):
     """One problem's greedy run (module docstring). home_r0, home_l0: [g, S] pairs at each home slot from
@@ -794,7 +800,7 @@ def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies
     return best
 
 
-@_jit
+@_jit_no_nrt
 def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
     """Fewer steps for the nodes that do not set their layer's time: each node's shortest prefix of its
     chosen run's steps whose busiest rank and NIC stay within the layer's maxima (over its nodes, at their
@@ -811,7 +817,7 @@ def _shortest_equal_prefix(peak_T, peak_R, chosen, keep, floor):
                 break
 
 
-@_jit
+@_jit_no_nrt
 def _write_replicas(counts, node_sum, expert_at_home, node_ranks, n, S, picks, step_of, n_picks, keep,
                     replica_expert, replica_quota, sources, order, rem):
     """The picks of node n's kept steps (step < keep) as replicas and quotas. counts [G, E] of the
