@@ -15,6 +15,9 @@ import numba
 import numpy as np
 
 _jit = numba.njit(nogil=True, cache=True)
+# kernels that allocate nothing: without numba's reference counting, whose atomic updates on every array
+# passed or viewed cost more than their work on small problems
+_jit_no_nrt = numba.njit(nogil=True, cache=True, _nrt=False)
 # for dot products of integer-valued vectors only: exact in any summation order, so reassociation is safe
 _jit_int = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 
@@ -23,7 +26,7 @@ NODE_COST = 0   # (g ranks per node, move cost, G EP ranks, share of the busiest
 RANK_COST = 1   # (move cost inside the node, arrival cost from another node, -, -)
 
 
-@_jit
+@_jit_no_nrt
 def _dot(a, b):
     out = 0.0
     for i in range(len(a)):
@@ -219,7 +222,7 @@ def assign_bins(load, num_bins, prev, levels, sticky, with_cost, cost_kind, para
                   sq, step_of, best, out[p])
 
 
-@_jit
+@_jit_no_nrt
 def _source_loads(counts, l, by_source, tokens):
     """Layer l of counts [M, L, G, E] -> by_source [E, G, M] (pairs from each source rank to each expert)
     and tokens [G, M] (pairs of each source rank)."""
@@ -233,7 +236,7 @@ def _source_loads(counts, l, by_source, tokens):
                 tokens[r, m] += x
 
 
-@_jit
+@_jit_no_nrt
 def _pack_one(w, order, num_bins, per, prev, stickiness, sticky, price, use_gram, gram, bin_dot, bin_load, bin_items,
               score, first, packed, step_best, step_score, step_score_prev):
     """reorder._pack for one problem: items heaviest first, each into the bin (with room) whose load it
@@ -297,7 +300,7 @@ def _pack_one(w, order, num_bins, per, prev, stickiness, sticky, price, use_gram
     return True
 
 
-@_jit
+@_jit_no_nrt
 def _match_one(label, old, num_labels, overlap, mapping, row_free, col_free, row_best):
     """reorder._match_labels for one problem, in place: rename label [n] so it agrees with old [n] (-1: no
     preference) on as many items as possible; greedily the largest overlap of a free label pair first, the
@@ -326,7 +329,7 @@ def _match_one(label, old, num_labels, overlap, mapping, row_free, col_free, row
         label[i] = mapping[label[i]]
 
 
-@_jit
+@_jit_no_nrt
 def _first_largest(overlap, a, col_free):
     """The first free column of row a with the largest overlap (-1 when none is free)."""
     best = -1
@@ -346,7 +349,7 @@ def _members_of(bin_of, num_bins, members):
         fill[b] += 1
 
 
-@_jit
+@_jit_no_nrt
 def _cost(w, bin_of, prev, cst, bin_load):
     """The cost of one assignment bin_of [n] (see assign_bins), in pairs; bin_load [num_bins, M] is work space."""
     n, M = w.shape
@@ -358,7 +361,7 @@ def _cost(w, bin_of, prev, cst, bin_load):
     return _cost_of_loads(bin_load, bin_of, prev, cst)
 
 
-@_jit
+@_jit_no_nrt
 def _cost_of_loads(bin_load, bin_of, prev, cst, kept_ready=False):
     """_cost, given the assignment's bin loads bin_load [num_bins, M]. cst: (cost kind, its parameters, work
     space: moved_in [num_bins], arrived_in [num_bins], by_source [n, G, M], tokens [G, M], node_ranks [N, g],
@@ -398,7 +401,7 @@ def _cost_of_loads(bin_load, bin_of, prev, cst, kept_ready=False):
     return busy + migration
 
 
-@_jit
+@_jit_no_nrt
 def _kept_pairs(node_of, by_source, node_ranks, kept):
     """kept [N, g, M]: the pairs of each node's source ranks whose expert is on their node, under node_of [E]."""
     g = node_ranks.shape[1]
@@ -412,7 +415,7 @@ def _kept_pairs(node_of, by_source, node_ranks, kept):
                 kept[n, j, m] += by_source[e, r, m]
 
 
-@_jit
+@_jit_no_nrt
 def _busiest_nic(node_load, tokens, node_ranks, kept):
     """Summed over micro-batches, g x the busiest InfiniBand NIC's pairs: the most any source rank sends to
     other nodes (times g), or any node receives from them (exact: integer loads). node_load [N, M], kept
@@ -432,7 +435,7 @@ def _busiest_nic(node_load, tokens, node_ranks, kept):
     return total
 
 
-@_jit
+@_jit_no_nrt
 def _swap_kept_pairs(a, h, b, k, by_source, node_ranks, kept):
     """kept after item a moves from node h to node k and item b from k to h (exact: integer loads)."""
     g = node_ranks.shape[1]
@@ -444,7 +447,7 @@ def _swap_kept_pairs(a, h, b, k, by_source, node_ranks, kept):
             kept[k, j, m] += by_source[a, rk, m] - by_source[b, rk, m]
 
 
-@_jit
+@_jit_no_nrt
 def _sort_order(x, sign, order):
     """order: the indices of x by increasing sign * x (insertion sort: x is short)."""
     for i in range(len(x)):
@@ -456,7 +459,7 @@ def _sort_order(x, sign, order):
         order[j] = i
 
 
-@_jit
+@_jit_no_nrt
 def _swap_one(w, use_gram, gram, members, iters, with_cost, cst, prev, node_load, delta, proj_a, proj_b, by_a, by_b,
               sq, step_of, best, bin_of):
     """reorder._swap for one problem: up to `iters` swaps, each between the two bins whose per-micro-batch
@@ -533,7 +536,8 @@ def _swap_one(w, use_gram, gram, members, iters, with_cost, cst, prev, node_load
             c = _cost_of_loads(node_load, step_of, prev, cst, inter)
             if c < best:
                 best = c
-                bin_of[:] = step_of
+                for i in range(len(bin_of)):                      # (a slice copy would need the NRT)
+                    bin_of[i] = step_of[i]
     if not with_cost:
         for x in range(N):
             for i in range(per):
