@@ -242,10 +242,12 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 if top < 0:
                     break
                 if cut[top]:
+                    # its steps so far are taken as recorded, not searched again: the stop rule ends a run, it
+                    # does not change its steps (the run reads its own records before rewriting them as equal)
                     best_j[0, top], best_steps[0, top], n_picks[0, top], _, searched[top] = _greedy(
                         home_r[top], home_l[top], floor, share, overhead, min_tokens, cap, R, tol, copy_cost, multi,
                         False, picks[0, top], step_of[0, top], peak_T[0, top], peak_R[0, top], work, T_lb, R_lb,
-                        move_score[0, top], picks[1, top], move_score[1, top], 0)
+                        move_score[0, top], picks[0, top], move_score[0, top], searched[top])
                     cut[top] = False                 # its exchange run, if it needs one, comes after this
                     continue
                 # the moves-only run's steps up to the first exchange are not searched again (_greedy)
