@@ -514,8 +514,8 @@ def _greedy(home_r0, home_l0, floor, s, overhead, min_tokens, cap, R, tol, copy_
     move_score [g*R + 1] receives each step's best move's score. An exchange run follows a moves-only run
     of the same problem (its picks track_picks, one per step, and move_score track_score over track_len
     searches): until its first exchange it is in the same state, so it takes that run's best move instead
-    of searching again. Returns (lowest J, steps up to it, n,
-    whether it ended under stop_T and stop_X, steps searched)."""
+    of searching again; a moves-only run cut short and run again tracks its own records the same way.
+    Returns (lowest J, steps up to it, n, whether it ended under stop_T and stop_X, steps searched)."""
     g, S = home_r0.shape
     home_r, home_l, T, X, blocked, used, sent, copies, scratch = work
     for r in range(g):
