@@ -4,10 +4,11 @@ The loads are skewed like real routing (a per-layer Zipf popularity, hottest exp
 mean, per-rank noise) so the replication loop does the work it does in training; the figures are the
 planner's wall time on one CPU core (set OMP_NUM_THREADS=1 to pin it), on the loads in the layout the verl
 trainer plans (planning_layout): the whole batch as simulate plans it (placement and replicas), and the
-first micro-batch's replicas, which the verl trainer plans on the critical path. `--scale deepseek-v3` times DeepSeek-V3's shape on 32 nodes (EP 256, 64 micro-batches) and
-reports the process's peak memory. `--contention` times a launch-bound torch loop (what a GPU training
-thread does between kernel launches) alone and while the verl trainer's background planning runs beside
-it, in one run, and reports their ratio, training_thread_slowdown.
+first micro-batch's replicas, which the verl trainer plans on the critical path. `--scale deepseek-v3`
+times DeepSeek-V3's shape on 32 nodes (EP 256, 64 micro-batches) and reports the process's peak memory.
+`--contention` times a launch-bound torch loop (what a GPU training thread does between kernel launches)
+alone and while the verl trainer's background planning runs beside it, in one run, and reports their
+ratio, training_thread_slowdown.
 """
 from __future__ import annotations
 

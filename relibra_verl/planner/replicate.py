@@ -726,21 +726,21 @@ def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies
     best = (-1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -np.inf)
     if sent[d] >= cap or used[d] == R:
         return best
-    # scratch rows, per rank r: 0 copies, 1 T_other, 2 X_other, 3 C_other, 4 whether r can take part,
-    # 5 the b closest to the wanted amount, 6 how far its pairs are from it, 7 the score, 8 half the gap
+    # copies [g]: the replicas each rank sends or receives, whichever is more; scratch rows, per rank r:
+    # 1 T_other, 2 X_other, 3 C_other (the most copies of ranks other than d and r), 4 whether r can take
+    # part, 5 the b closest to the wanted amount, 6 how far its pairs are from it, 7 the score, 8 half the gap
     # T[d] - T[r], 9-10 b's amount and inter-node part, 11-14 the least and most pairs of r's allowed slots
     # and of their inter-node parts (for the bound); 15 + k: the pairs left at r's slot k where d may take
     # them (inf where not), 15 + S + k: their inter-node part
     w = scratch
     for r in range(g):
         copies[r] = max(used[r], sent[r])
-        w[0, r] = copies[r]
     topC = _top3(copies)
     C_max = _vmax(copies)
     _max_excluding_each(T, topT, d, w, 1)
     _max_excluding_each(X, topX, d, w, 2)
     _max_excluding_each(copies, topC, d, w, 3)
-    Td, Xd, Cd = T[d], X[d], w[0, d]
+    Td, Xd, Cd = T[d], X[d], copies[d]
     for r in range(g):
         w[2, r] = max(w[2, r], floor)
         w[4, r] = 1.0 if (used[r] != R and sent[r] < cap) else 0.0
@@ -766,7 +766,7 @@ def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies
         for r in range(g):
             T_low = max(Td - uA + w[11, r], T[r] - w[12, r] + uA, w[1, r])
             X_low = max(Xd - yA + w[13, r], X[r] - w[14, r] + yA, w[2, r])
-            C_new = max(max(Cd, w[0, r]) + 1.0, w[3, r])
+            C_new = max(max(Cd, copies[r]) + 1.0, w[3, r])
             b_score = ((j_now - (1 - s) * T_low - s * X_low) + 1e-3 * max(abs(uA - w[11, r]), abs(uA - w[12, r]))
                        - (1 - s) * copy_cost * (C_new - C_max))
             ok = w[4, r] > 0 and w[12, r] >= 0
@@ -791,7 +791,7 @@ def _best_exchange(T, X, topT, topX, home_r, home_l, blocked, used, sent, copies
             uB, yB = w[9, r], w[10, r]
             T_new = max(Td - uA + uB, T[r] - uB + uA, w[1, r])
             X_new = max(Xd - yA + yB, X[r] - yB + yA, w[2, r])
-            C_new = max(max(Cd, w[0, r]) + 1.0, w[3, r])
+            C_new = max(max(Cd, copies[r]) + 1.0, w[3, r])
             score = ((j_now - (1 - s) * T_new - s * X_new) + 1e-3 * abs(uA - uB)
                      - (1 - s) * copy_cost * (C_new - C_max))
             ok = w[4, r] > 0 and w[5, r] >= 0 and not blocked[j, r]
