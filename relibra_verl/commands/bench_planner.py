@@ -8,7 +8,8 @@ first micro-batch's replicas, which the verl trainer plans on the critical path.
 times DeepSeek-V3's shape on 32 nodes (EP 256, 64 micro-batches) and reports the process's peak memory.
 `--contention` times a launch-bound torch loop (what a GPU training thread does between kernel launches)
 alone and while the verl trainer's background planning runs beside it, in one run, and reports their
-ratio, training_thread_slowdown.
+ratio, training_thread_slowdown; beside it the control busy_process_slowdown, the same loop beside a process
+that computes as long and plans nothing (what a busy core costs this one on the machine at hand).
 """
 from __future__ import annotations
 
@@ -155,6 +156,9 @@ def run(args) -> int:
         q1, q3 = report["slowdown_quartiles"]
         print(f"  training_thread_slowdown {report['training_thread_slowdown']:8.3f}   (median of "
               f"{len(report['slowdown_rounds'])} paired rounds; quartiles {q1:.3f}-{q3:.3f})")
+        q1, q3 = report["busy_process_slowdown_quartiles"]
+        print(f"  busy_process_slowdown   {report['busy_process_slowdown']:9.3f}   (control: a process computing as long, "
+              f"planning nothing; quartiles {q1:.3f}-{q3:.3f})")
         q1, q3 = report["thread_slowdown_quartiles"]
         print(f"  the same planning in a thread of this process: {report['training_loop_beside_thread_us']:.2f} us, "
               f"slowdown {report['thread_slowdown']:.3f} (quartiles {q1:.3f}-{q3:.3f})")

@@ -46,11 +46,13 @@ dispatch, a warning is logged once and `relibra/fallbacks` counts the micro-batc
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import multiprocessing
 import os
 import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -103,27 +105,33 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     return _planner_pool
 
 
-class _SharedCounts:
-    """A mini-batch's counts handed to the planning process through a file in shared memory (/dev/shm):
-    the training process copies them there with numpy, which releases the GIL, where pickling them would
-    hold it (about 16 ms for a Qwen3-30B-A3B mini-batch's 25 MB on a CPU core, in the training thread's way).
-    int32 where the counts fit (they are pair counts), which also halves the copy."""
+class _SharedArray:
+    """An array handed between the training process and the planning process through a file in shared
+    memory (/dev/shm): written with numpy (which releases the GIL) on one side, mapped on the other. Pickled,
+    the training process would hold the GIL for it: about 16 ms to pickle a Qwen3-30B-A3B mini-batch's 25 MB
+    of counts on a CPU core, and for a plan coming back, the executor's result thread reads the pipe and
+    unpickles it in many short turns of the GIL beside the training thread (bench-planner --contention).
+    dtype: what to store (counts go as int32 where they fit: they are pair counts, and it halves the copy)."""
 
-    def __init__(self, counts: np.ndarray):
-        self.shape = tuple(counts.shape)
-        self.dtype = np.dtype(planning_dtype(counts)).name
+    def __init__(self, array: np.ndarray, dtype=None):
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype if dtype is None else dtype).name
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="relibra-counts-", dir=shm)
+        fd, self.path = tempfile.mkstemp(prefix="relibra-", dir=shm)
         os.close(fd)
-        if counts.size:
+        if array.size:
             out = np.memmap(self.path, dtype=self.dtype, mode="w+", shape=self.shape)
-            np.copyto(out, counts, casting="unsafe")
+            np.copyto(out, array, casting="unsafe")
             del out
 
-    def read(self) -> np.ndarray:
+    def read(self, writeable: bool = False) -> np.ndarray:
+        """The array, mapped (no copy): read-only, or writeable with copy-on-write pages (private: a write
+        never reaches the file)."""
         if not np.prod(self.shape):
-            return planning_layout(np.zeros(self.shape, dtype=self.dtype))
-        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape))   # planning_layout
+            out = np.zeros(self.shape, dtype=self.dtype)
+            out.flags.writeable = writeable
+            return out
+        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="c" if writeable else "r", shape=self.shape))
 
     def remove(self, _future=None) -> None:
         try:
@@ -132,24 +140,90 @@ class _SharedCounts:
             pass
 
 
-def _submit(fn, counts: np.ndarray, *args, pool=None) -> Future:
-    """fn(counts, *args) in the planning pool (None: _planner()): in a process, the counts through shared
-    memory (_SharedCounts), removed when the job is done; in a thread, a copy in planning_layout."""
+# a planning job's result arrays at least this large come back through shared memory (a plan's quotas)
+_SHARED_RESULT_BYTES = 1 << 16
+
+
+def _share(value, min_bytes: int):
+    """A planning job's result with its arrays of at least min_bytes (in tuples and dataclasses such as
+    BatchPlan) put in shared memory (_SharedArray); undone by _unshare in the training process."""
+    if isinstance(value, np.ndarray) and value.nbytes >= min_bytes:
+        return _SharedArray(value)
+    if isinstance(value, tuple):
+        return tuple(_share(v, min_bytes) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _share(getattr(value, f.name), min_bytes)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def _unshare(value):
+    """_share undone: each shared array mapped (writeable, copy-on-write) and its file removed."""
+    if isinstance(value, _SharedArray):
+        try:
+            return value.read(writeable=True)
+        finally:
+            value.remove()
+    if isinstance(value, tuple):
+        return tuple(_unshare(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _unshare(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+class _PlanningJob:
+    """A job of the planning process: its result with the shared arrays mapped back (_unshare), as soon as
+    it arrives (in the executor's result thread: a few system calls, no copy), so that no file outlives a
+    job whose result nobody asks for. result() and done() as a Future's."""
+
+    def __init__(self, future: Future):
+        self._future = future
+        self._lock = threading.Lock()
+        self._value, self._resolved = None, False
+        future.add_done_callback(self._resolve_quietly)
+
+    def _resolve(self):
+        with self._lock:
+            if not self._resolved:
+                self._value, self._resolved = _unshare(self._future.result()), True
+            return self._value
+
+    def _resolve_quietly(self, _future) -> None:
+        try:
+            self._resolve()
+        except BaseException:   # the job's error: raised by result()
+            pass
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None):
+        self._future.result(timeout)
+        return self._resolve()
+
+
+def _submit(fn, counts: np.ndarray, *args, pool=None) -> "Future | _PlanningJob":
+    """fn(counts, *args) in the planning pool (None: _planner()). In a process, the counts go through
+    shared memory (_SharedArray, removed when the job is done) and so do the result's large arrays
+    (_PlanningJob); in a thread, a copy of the counts in planning_layout."""
     pool = _planner() if pool is None else pool
     if isinstance(pool, ThreadPoolExecutor):
         return pool.submit(fn, planning_layout(counts), *args)
-    shared = _SharedCounts(counts)
+    shared = _SharedArray(counts, planning_dtype(counts))
     try:
-        job = pool.submit(_with_shared_counts, fn, shared, *args)
+        job = pool.submit(_with_shared_counts, fn, shared, _SHARED_RESULT_BYTES, *args)
     except BaseException:
         shared.remove()
         raise
     job.add_done_callback(shared.remove)
-    return job
+    return _PlanningJob(job)
 
 
-def _with_shared_counts(fn, shared: _SharedCounts, *args):
-    return fn(shared.read(), *args)
+def _with_shared_counts(fn, shared: _SharedArray, min_bytes: int, *args):
+    """In the planning process: fn on the shared counts (read-only, C-contiguous: planning_layout), its
+    result's arrays of at least min_bytes shared back."""
+    return _share(fn(shared.read(), *args), min_bytes)
 
 
 def _plan_rest(counts: np.ndarray, topo: Topology, placement: np.ndarray, replication: ReplicationConfig):
@@ -190,14 +264,24 @@ def _warm_up() -> None:
         _plan_rest(counts, topo, placement, replication)
 
 
+def _busy(seconds: float) -> int:
+    """Compute for `seconds` without touching memory: the contention bench's control job."""
+    end, spins = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        spins += 1
+    return spins
+
+
 def background_planning_contention(counts: np.ndarray, topo: Topology, replication: ReplicationConfig,
-                                   reorder: ReorderConfig, rounds: int = 25, loop_iters: int = 2000) -> dict:
+                                   reorder: ReorderConfig, rounds: int = 60, loop_iters: int = 2000) -> dict:
     """How much the trainer's background planning slows the training thread: a launch-bound loop of small
     torch ops (what a GPU training thread does between kernel launches) timed alone, while _planner() plans
     a mini-batch as on_micro_batches submits it (the later micro-batches' replicas, then the next
     placement), and while a thread of this process plans it (the compiled kernels release the GIL, the
-    numpy glue does not). Each round's slowdown is against the loop alone just before it; medians over
-    `rounds` rounds. counts: [M, L, G, E]."""
+    numpy glue does not). The control: the same process computing for as long as the planning took, on a
+    few registers (_busy): what any busy core costs this one on this machine (shared caches, memory,
+    hypervisor), which no planner design can go below. Each round's slowdown is against the loop alone
+    just before it; medians over `rounds` rounds, the arms alternated. counts: [M, L, G, E]."""
     x = torch.zeros(64)
 
     def loop_us() -> float:
@@ -207,9 +291,7 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
             y = (y + 1.0) * 0.5
         return (time.perf_counter() - t0) * 1e6 / loop_iters
 
-    def beside(pool) -> list[float]:
-        jobs = [_submit(_plan_rest, counts, topo, placement, replication, pool=pool),
-                _submit(_plan_next_placement, counts, topo, placement, replication, reorder, pool=pool)]
+    def beside(jobs) -> list[float]:
         out = [loop_us()]
         while not jobs[-1].done():
             out.append(loop_us())
@@ -217,25 +299,40 @@ def background_planning_contention(counts: np.ndarray, topo: Topology, replicati
             job.result()
         return out
 
+    def planning(pool) -> list:
+        return [_submit(_plan_rest, counts, topo, placement, replication, pool=pool),
+                _submit(_plan_next_placement, counts, topo, placement, replication, reorder, pool=pool)]
+
     placement = np.tile(np.arange(topo.E, dtype=np.int64), (counts.shape[1], 1))
     process = _planner()
     _submit(_plan_rest, counts[:2], topo, placement, replication, pool=process).result()   # started, kernels loaded
-    alone, in_process, in_thread = [], [], []
+    t0 = time.perf_counter()
+    for job in planning(process):
+        job.result()
+    planning_s = time.perf_counter() - t0
+    alone, in_process, in_thread, busy = [], [], [], []
     with ThreadPoolExecutor(max_workers=1) as thread:
         thread.submit(_plan_rest, counts[:2], topo, placement, replication).result()
         loop_us()
         # paired rounds: each ratio against the loop alone just before it (the machine's load drifts)
         for _ in range(rounds):
-            for pool, ratios in ((process, in_process), (thread, in_thread)):
+            for jobs, ratios in ((lambda: planning(process), in_process), (lambda: planning(thread), in_thread),
+                                 (lambda: [process.submit(_busy, planning_s)], busy)):
                 base = loop_us()
                 alone.append(base)
-                ratios.append(float(np.median(beside(pool))) / base)
-    a, p, t = float(np.median(alone)), float(np.median(in_process)), float(np.median(in_thread))
+                ratios.append(float(np.median(beside(jobs()))) / base)
+    a, p, t, c = (float(np.median(v)) for v in (alone, in_process, in_thread, busy))
+
+    def quartiles(v):
+        return [float(q) for q in np.percentile(v, [25, 75])]
+
     return {"training_loop_alone_us": a, "training_loop_beside_us": a * p, "training_thread_slowdown": p,
-            "slowdown_quartiles": [float(q) for q in np.percentile(in_process, [25, 75])],
-            "thread_slowdown_quartiles": [float(q) for q in np.percentile(in_thread, [25, 75])],
-            "planner": "a separate process, as the trainer plans", "slowdown_rounds": in_process,
-            "training_loop_beside_thread_us": a * t, "thread_slowdown": t, "thread_slowdown_rounds": in_thread}
+            "slowdown_quartiles": quartiles(in_process),
+            "busy_process_slowdown": c, "busy_process_slowdown_quartiles": quartiles(busy),
+            "thread_slowdown": t, "thread_slowdown_quartiles": quartiles(in_thread),
+            "planner": "a separate process, as the trainer plans", "planning_ms": planning_s * 1e3,
+            "slowdown_rounds": in_process, "busy_process_slowdown_rounds": busy,
+            "training_loop_beside_thread_us": a * t, "thread_slowdown_rounds": in_thread}
 
 
 def _timed(fn, *args, **kwargs):

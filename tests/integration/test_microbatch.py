@@ -66,8 +66,13 @@ def _engine(mode="R3", replay=True):
                                  optimizer=None)
 
 
-def test_patched_prepare_micro_batches_plans_every_micro_batch():
+@pytest.mark.parametrize("shared_from_bytes", [1 << 16, 1])
+def test_patched_prepare_micro_batches_plans_every_micro_batch(monkeypatch, shared_from_bytes):
+    """shared_from_bytes 1: every array of the background plans comes back through shared memory."""
     import relibra_verl.integration.plugin  # noqa: F401  (registers the patches)
+    from relibra_verl.integration import trainer as tr
+
+    monkeypatch.setattr(tr, "_SHARED_RESULT_BYTES", shared_from_bytes)
     from verl.workers.engine.megatron import transformer_impl as ti
     from verl.utils import tensordict_utils as tu
 

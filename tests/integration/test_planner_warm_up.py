@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -37,9 +38,9 @@ hint = np.tile(np.arange(topo.E, dtype=np.int64) // (topo.E // 2), (4, 1))
 replication, reorder_cfg = planner_configs(ExpertShape(4096, 1536), load_profile("h100-ib400"), 2, 4,
                                            reorder_inter_node_share=0.85)
 # the training process plans the first micro-batch on planning_layout, the planning process the rest on
-# what _SharedCounts hands over
+# what _SharedArray hands over
 tr._plan_rest(tr.planning_layout(counts[:2]), topo, placement, replication)
-shared = tr._SharedCounts(counts)
+shared = tr._SharedArray(counts, tr.planning_dtype(counts))
 try:
     tr._plan_next_placement(shared.read(), topo, placement, replication, reorder_cfg, hint)
     tr._plan_next_placement(shared.read(), topo, placement, replication, reorder_cfg)
@@ -75,19 +76,77 @@ def test_counts_reach_the_planning_process_through_shared_memory_and_are_removed
     gathered = rng.integers(0, 2**40 if big else 500, size=(4, 3, 2, 9))
     counts = gathered[..., :8].transpose(1, 2, 0, 3)                   # [M, L, G, E], not contiguous
     made = []
-    real = tr._SharedCounts.__init__
+    real = tr._SharedArray.__init__
 
-    def spy(self, c):
-        real(self, c)
+    def spy(self, c, dtype=None):
+        real(self, c, dtype)
         made.append(self.path)
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        tr._SharedCounts.__init__ = spy
+        tr._SharedArray.__init__ = spy
         try:
             job = tr._submit(_echo, counts, pool=pool)
             got, dtype, contiguous = job.result()
         finally:
-            tr._SharedCounts.__init__ = real
+            tr._SharedArray.__init__ = real
     np.testing.assert_array_equal(got, counts)
     assert dtype == ("int64" if big else "int32") and contiguous
     assert len(made) == 1 and not os.path.exists(made[0])              # removed once the job is done
+
+
+def _big_plan(seed, shape):
+    """(a plan-like result with a large and a small array, a number), as _plan_rest returns."""
+    from relibra_verl.planner import BatchPlan, Topology
+
+    rng = np.random.default_rng(seed)
+    topo = Topology(num_experts=8, ep_size=4, gpus_per_node=2, replica_slots=2)
+    quota = rng.integers(0, 1000, size=shape, dtype=np.int32)
+    plan = BatchPlan(topo, np.tile(np.arange(8), (shape[1], 1)), rng.integers(-1, 8, size=shape[:4]), quota,
+                     np.zeros(shape[1], dtype=np.int64))
+    return plan, 1.5
+
+
+def _fail(counts):
+    raise ValueError("planning failed on purpose")
+
+
+def test_plans_come_back_through_shared_memory_mapped_and_removed():
+    """A plan's large arrays return through /dev/shm files: equal to what the job computed, writeable
+    without reaching the file, and no file left behind, also for a job whose result nobody asks for; a
+    job's error still reaches result()."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from relibra_verl.integration import trainer as tr
+
+    shape = (3, 4, 4, 2, 4 * 512)                                      # quotas of 196 KB: shared
+    counts = np.ones((1, 1, 4, 8), dtype=np.int64)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = tr._submit(_ignore_counts_plan, counts, 7, shape, pool=pool)
+        forgotten = tr._submit(_ignore_counts_plan, counts, 8, shape, pool=pool)
+        failing = tr._submit(_fail, counts, pool=pool)
+        plan, ms = job.result()
+        with pytest.raises(ValueError, match="on purpose"):
+            failing.result()
+        raw = forgotten._future.result()                               # as it arrived, before mapping
+        deadline = time.monotonic() + 60
+        while not forgotten._resolved and time.monotonic() < deadline:  # its done callback maps it
+            time.sleep(0.01)
+        assert forgotten._resolved
+    want, want_ms = _big_plan(7, shape)
+    sent = job._future.result()[0]
+    assert ms == want_ms and isinstance(sent.replica_quota, tr._SharedArray)
+    assert not isinstance(sent.expert_at_home, tr._SharedArray)        # small arrays are pickled
+    np.testing.assert_array_equal(plan.replica_quota, want.replica_quota)
+    np.testing.assert_array_equal(plan.replica_expert, want.replica_expert)
+    np.testing.assert_array_equal(plan.expert_at_home, want.expert_at_home)
+    assert isinstance(plan.replica_quota, np.ndarray) and plan.replica_quota.flags.writeable
+    plan.replica_quota[0, 0, 0, 0, 0] += 1                             # copy-on-write: private to this array
+    assert plan.replica_quota[0, 0, 0, 0, 0] == want.replica_quota[0, 0, 0, 0, 0] + 1
+    for handle in (sent.replica_quota, raw[0].replica_quota):
+        assert not os.path.exists(handle.path)                         # removed once mapped
+    np.testing.assert_array_equal(forgotten.result()[0].replica_quota, _big_plan(8, shape)[0].replica_quota)
+
+
+def _ignore_counts_plan(counts, seed, shape):
+    return _big_plan(seed, shape)

@@ -112,3 +112,8 @@ def test_bench_planner_contention_times_the_training_loop_beside_the_trainers_pl
     q1, q3 = r["slowdown_quartiles"]
     assert min(r["slowdown_rounds"]) <= q1 <= r["training_thread_slowdown"] <= q3 <= max(r["slowdown_rounds"])
     assert "separate process" in r["planner"] and "training_thread_slowdown" in p.stdout
+    # the control arm: a process computing as long as the planning took, as many rounds
+    assert len(r["busy_process_slowdown_rounds"]) == len(r["slowdown_rounds"]) and r["planning_ms"] > 0
+    q1, q3 = r["busy_process_slowdown_quartiles"]
+    assert min(r["busy_process_slowdown_rounds"]) <= q1 <= r["busy_process_slowdown"] <= q3
+    assert "busy_process_slowdown" in p.stdout
