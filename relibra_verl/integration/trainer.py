@@ -105,22 +105,45 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     return _planner_pool
 
 
+def _shared_dirs() -> list[str]:
+    """Where _SharedArray puts its files, in order: shared memory, then the temporary directory (a file in
+    the page cache: where /dev/shm is small, as Docker's 64 MB default)."""
+    return [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d)]
+
+
 class _SharedArray:
     """An array handed between the training process and the planning process through a file in shared
     memory (/dev/shm): written with numpy (which releases the GIL) on one side, mapped on the other. Pickled,
     the training process would hold the GIL for it: about 16 ms to pickle a Qwen3-30B-A3B mini-batch's 25 MB
     of counts on a CPU core, and for a plan coming back, the executor's result thread reads the pipe and
     unpickles it in many short turns of the GIL beside the training thread (bench-planner --contention).
-    dtype: what to store (counts go as int32 where they fit: they are pair counts, and it halves the copy)."""
+    dtype: what to store (counts go as int32 where they fit: they are pair counts, and it halves the copy).
+
+    The file's room is reserved first (posix_fallocate): writing a mapped tmpfs file beyond the room left
+    would kill the process (SIGBUS), and the ranks of a node share /dev/shm. Where /dev/shm has no room the
+    temporary directory is used; where neither has, OSError (the caller pickles instead)."""
 
     def __init__(self, array: np.ndarray, dtype=None):
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype if dtype is None else dtype).name
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="relibra-", dir=shm)
-        os.close(fd)
-        if array.size:
-            out = np.memmap(self.path, dtype=self.dtype, mode="w+", shape=self.shape)
+        nbytes = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        errors = []
+        for directory in _shared_dirs():
+            fd, self.path = tempfile.mkstemp(prefix="relibra-", dir=directory)
+            try:
+                if nbytes:
+                    os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                errors.append(f"{directory}: {exc}")
+                os.close(fd)
+                self.remove()
+                continue
+            os.close(fd)
+            break
+        else:
+            raise OSError(f"no room for {nbytes} bytes of planning data ({'; '.join(errors) or 'no directory'})")
+        if nbytes:
+            out = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=self.shape)
             np.copyto(out, array, casting="unsafe")
             del out
 
@@ -148,7 +171,10 @@ def _share(value, min_bytes: int):
     """A planning job's result with its arrays of at least min_bytes (in tuples and dataclasses such as
     BatchPlan) put in shared memory (_SharedArray); undone by _unshare in the training process."""
     if isinstance(value, np.ndarray) and value.nbytes >= min_bytes:
-        return _SharedArray(value)
+        try:
+            return _SharedArray(value)
+        except OSError:   # no room in shared memory nor in the temporary directory: pickled
+            return value
     if isinstance(value, tuple):
         return tuple(_share(v, min_bytes) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -210,7 +236,12 @@ def _submit(fn, counts: np.ndarray, *args, pool=None) -> "Future | _PlanningJob"
     pool = _planner() if pool is None else pool
     if isinstance(pool, ThreadPoolExecutor):
         return pool.submit(fn, planning_layout(counts), *args)
-    shared = _SharedArray(counts, planning_dtype(counts))
+    try:
+        shared = _SharedArray(counts, planning_dtype(counts))
+    except OSError as exc:
+        rb._warn_once("shared-counts", f"the loads go to the planning process pickled: {exc}")
+        return _PlanningJob(pool.submit(_with_shared_counts, fn, planning_layout(counts), _SHARED_RESULT_BYTES,
+                                        *args))
     try:
         job = pool.submit(_with_shared_counts, fn, shared, _SHARED_RESULT_BYTES, *args)
     except BaseException:
@@ -220,10 +251,11 @@ def _submit(fn, counts: np.ndarray, *args, pool=None) -> "Future | _PlanningJob"
     return _PlanningJob(job)
 
 
-def _with_shared_counts(fn, shared: _SharedArray, min_bytes: int, *args):
-    """In the planning process: fn on the shared counts (read-only, C-contiguous: planning_layout), its
-    result's arrays of at least min_bytes shared back."""
-    return _share(fn(shared.read(), *args), min_bytes)
+def _with_shared_counts(fn, shared: "_SharedArray | np.ndarray", min_bytes: int, *args):
+    """In the planning process: fn on the shared counts (read-only, C-contiguous: planning_layout; or the
+    counts themselves, pickled), its result's arrays of at least min_bytes shared back."""
+    counts = shared.read() if isinstance(shared, _SharedArray) else shared
+    return _share(fn(counts, *args), min_bytes)
 
 
 def _plan_rest(counts: np.ndarray, topo: Topology, placement: np.ndarray, replication: ReplicationConfig):

@@ -150,3 +150,50 @@ def test_plans_come_back_through_shared_memory_mapped_and_removed():
 
 def _ignore_counts_plan(counts, seed, shape):
     return _big_plan(seed, shape)
+
+
+def _full(dirs_full):
+    """A posix_fallocate that finds no room in the directories dirs_full (as a full tmpfs answers)."""
+    import errno
+
+    real = os.posix_fallocate
+
+    def fallocate(fd, offset, length):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if any(path.startswith(d.rstrip("/") + "/") for d in dirs_full):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    return fallocate
+
+
+def test_shared_arrays_fall_back_to_the_temp_dir_then_to_pickling_when_shared_memory_is_full(monkeypatch, tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from relibra_verl.integration import trainer as tr
+
+    shm, spare = tmp_path / "shm", tmp_path / "spare"
+    shm.mkdir()
+    spare.mkdir()
+    monkeypatch.setattr(tr, "_shared_dirs", lambda: [str(shm), str(spare)])
+    counts = np.arange(2 * 3 * 4 * 8, dtype=np.int64).reshape(2, 3, 4, 8)
+    # shared memory full: the file goes to the next directory, room reserved, contents equal
+    monkeypatch.setattr(tr.os, "posix_fallocate", _full([str(shm)]))
+    shared = tr._SharedArray(counts, np.int32)
+    try:
+        assert os.path.dirname(shared.path) == str(spare) and not os.listdir(shm)
+        np.testing.assert_array_equal(shared.read(), counts)
+    finally:
+        shared.remove()
+    # no room anywhere: an error naming it; a result's array stays in the result (pickled); the counts go
+    # to the planning process pickled and the job still computes on them
+    monkeypatch.setattr(tr.os, "posix_fallocate", _full([str(shm), str(spare)]))
+    with pytest.raises(OSError, match="no room for 768 bytes of planning data"):
+        tr._SharedArray(counts, np.int32)
+    assert tr._share((counts, 1.5), 1)[0] is counts
+    assert not os.listdir(shm) and not os.listdir(spare)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got, dtype, contiguous = tr._submit(_echo, counts, pool=pool).result()
+    np.testing.assert_array_equal(got, counts)
+    assert dtype == "int32" and contiguous
