@@ -270,7 +270,7 @@ def _plan_next_placement(counts: np.ndarray, topo: Topology, placement: np.ndarr
     preferred_node [L, E] where given. Returns expert_at_home [L, E]."""
     mode = "both" if topo.R > 0 else "reorder"
     return plan_relibra(counts, topo, placement, mode=mode, replication=replication, reorder=reorder,
-                        preferred_node=preferred_node).expert_at_home
+                        preferred_node=preferred_node, with_replicas=False).expert_at_home
 
 
 def _warm_up() -> None:

@@ -26,7 +26,8 @@ __all__ = ["ReorderConfig", "ReplicationConfig", "plan_relibra", "plan_placement
 
 def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.ndarray | None = None,
                  mode: str = "both", replication: ReplicationConfig = ReplicationConfig(),
-                 reorder: ReorderConfig = ReorderConfig(), preferred_node: np.ndarray | None = None) -> BatchPlan:
+                 reorder: ReorderConfig = ReorderConfig(), preferred_node: np.ndarray | None = None,
+                 with_replicas: bool = True) -> BatchPlan:
     """relibra's plan for one batch.
 
     counts: [M, L, G, E] pairs per (micro-batch, layer, source rank, expert).
@@ -34,6 +35,8 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
     mode: "both" | "reorder" (no replicas; the placement is weighed without them) | "replicate" (the
     placement in force).
     preferred_node: [L, E] experts' nodes chosen with the data (reorder.plan_placement), or None.
+    with_replicas False: the placement only, chosen as with them (the replicas are planned and weighed, their
+    quotas not written), the plan's replicas empty as in mode "reorder": what the next placement needs.
     """
     counts = np.asarray(counts)
     if not reorder.migration_horizon > 0:
@@ -57,13 +60,14 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
         placement = plan_placement(counts, topo, prev, reorder, preferred_node=preferred_node)
         changed = np.flatnonzero((placement != prev).any(1))
         if len(changed):
-            rep_e, rep_q, j_new = plan_replicas(counts, weigh_topo, placement, replication)
+            rep_e, rep_q, j_new = plan_replicas(counts, weigh_topo, placement, replication, quotas=with_replicas)
             # per batch: the gain over the horizon against the migration, paid once
             migration = migration_cost(prev[changed], placement[changed], topo, reorder) / reorder.migration_horizon
             moving = float(j_new[:, changed].sum()) + migration
             # keeping cannot end below its lower bound: where that already costs more, the plan moves unweighed
             if replica_lower_bound(counts, weigh_topo, prev[changed], replication, layers=changed).sum() < moving:
-                kept_e, kept_q, j_keep = plan_replicas(counts, weigh_topo, prev[changed], replication, layers=changed)
+                kept_e, kept_q, j_keep = plan_replicas(counts, weigh_topo, prev[changed], replication, layers=changed,
+                                                       quotas=with_replicas)
                 if float(j_keep.sum()) < moving:
                     placement = prev
                     if len(changed) == L:
@@ -71,11 +75,11 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
                     else:
                         rep_e[:, changed], rep_q[:, changed] = kept_e, kept_q
                 del kept_e, kept_q                                       # the quotas are M x L x G x R x G
-        else:
+        elif mode == "both" and with_replicas:
             rep_e, rep_q, _ = plan_replicas(counts, weigh_topo, placement, replication)
-    else:
+    elif with_replicas:
         rep_e, rep_q, _ = plan_replicas(counts, topo, placement, replication)
-    if mode == "reorder":
+    if mode == "reorder" or not with_replicas:
         rep_e = np.full((M, L, G, topo.R), -1, dtype=np.int64)
         rep_q = np.zeros((M, L, G, topo.R, G), dtype=np.int32)
     moved = (invert_placement(prev) // topo.S != invert_placement(placement) // topo.S).sum(1)

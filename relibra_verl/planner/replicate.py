@@ -84,15 +84,18 @@ class ReplicationConfig:
 
 def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray,
                   config: ReplicationConfig = ReplicationConfig(),
-                  layers: np.ndarray | None = None, _thorough: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  layers: np.ndarray | None = None, quotas: bool = True,
+                  _thorough: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replicas and quotas for every (micro-batch, layer), inside each node.
 
     counts: [M, L', G, E] integer pairs; layers: [L] the layers of counts to plan (None: all, L = L');
     expert_at_home: [L, E] their placement. Returns replica_expert [M, L, G, R] (-1 empty), replica_quota
     [M, L, G, R, G_src] and critical_path [M, L]: the planner's J of the layer's slowest node after
     replication, with its busiest copier's copies at copy_cost_pairs each in GEMM work (what plan_relibra
-    weighs against a placement's migration). _thorough: every node gets both runs in full, no run stops
-    early (the reference the tests hold the planner to).
+    weighs against a placement's migration). quotas False: critical_path only (the same), the replicas are
+    not written (replica_expert all -1, replica_quota zeros): a placement weighed by its J needs no more.
+    _thorough: every node gets both runs in full, no run stops early (the reference the tests hold the
+    planner to).
     """
     M, _, G, E = counts.shape
     layers = np.arange(counts.shape[1]) if layers is None else np.asarray(layers, dtype=np.int64)
@@ -111,7 +114,7 @@ def plan_replicas(counts: np.ndarray, topo: Topology, expert_at_home: np.ndarray
                  np.asarray(topo.node_of_rank, dtype=np.int64), S, R if replicate else 0, cap,
                  max(1, int(config.min_replica_tokens)), float(config.replica_overhead_pairs), share,
                  float(config.tolerance), float(config.copy_cost_pairs), share > 0 or N > 1,
-                 replica_expert, replica_quota, critical_path, _thorough)
+                 replica_expert, replica_quota, critical_path, bool(quotas), _thorough)
     return replica_expert, replica_quota, critical_path
 
 
@@ -161,9 +164,9 @@ def _lower_bounds(counts, layers, expert_at_home, node_ranks, node_of_rank, S, o
 
 @_jit
 def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R, cap, min_tokens, overhead, share, tol,
-                 copy_cost, multi, replica_expert, replica_quota, critical_path, thorough):
+                 copy_cost, multi, replica_expert, replica_quota, critical_path, write, thorough):
     """Every (micro-batch, layer): its nodes' problems, their greedy runs, the layer's shortest prefixes,
-    then the kept replicas and their quotas written into replica_expert / replica_quota (see plan_replicas).
+    then (write) the kept replicas and their quotas written into replica_expert / replica_quota (see plan_replicas).
     counts [M, :, G, E] is read at layers [L]; critical_path [M, L] receives each layer's J (max over its
     nodes) after replication."""
     M, _, G, E = counts.shape
@@ -267,9 +270,10 @@ def _plan_layers(counts, layers, expert_at_home, node_ranks, node_of_rank, S, R,
                 copies = _busiest_copier(picks[run, n], step_of[run, n], n_picks[run, n], keep[n], sends, receives)
                 layer_j = max(layer_j, (1 - share) * (peak_T[run, n, keep[n]] + copy_cost * copies)
                               + share * max(peak_R[run, n, keep[n]], floor))
-                _write_replicas(counts[m, layers[l]], node_sum, expert_at_home[l], node_ranks, n, S,
-                                picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
-                                replica_expert[m, l], replica_quota[m, l], sources[n], order, rem)
+                if write:
+                    _write_replicas(counts[m, layers[l]], node_sum, expert_at_home[l], node_ranks, n, S,
+                                    picks[run, n], step_of[run, n], n_picks[run, n], keep[n],
+                                    replica_expert[m, l], replica_quota[m, l], sources[n], order, rem)
             critical_path[m, l] = layer_j
 
 

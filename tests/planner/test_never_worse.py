@@ -121,3 +121,24 @@ def test_replica_lower_bound_never_exceeds_the_planned_critical_path(seed):
     # a subset of layers reads the same rows
     assert np.array_equal(replica_lower_bound(counts, TOPO, placement[[2, 0]], REPLICATION, layers=np.array([2, 0])),
                           bound[:, [2, 0]])
+
+
+@pytest.mark.parametrize("migration", [(0.0, 0.0), (400.0, 100.0), (1e6, 1e6)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_placement_alone_is_the_one_the_full_plan_chooses(seed, migration):
+    """with_replicas=False (the trainer's next placement) chooses the placement the full plan chooses (moving,
+    keeping, or moving some layers), and plan_replicas without quotas gives the same J."""
+    counts = _skewed(seed)
+    prev = identity_placement(TOPO, counts.shape[1])
+    if seed == 2:                                        # a placement in force that differs from Megatron's
+        prev = plan_placement(_skewed(7), TOPO, prev, ReorderConfig())
+    reorder = ReorderConfig(migration_pairs=migration)
+    full = plan_relibra(counts, TOPO, prev, replication=REPLICATION, reorder=reorder)
+    alone = plan_relibra(counts, TOPO, prev, replication=REPLICATION, reorder=reorder, with_replicas=False)
+    np.testing.assert_array_equal(alone.expert_at_home, full.expert_at_home)
+    np.testing.assert_array_equal(alone.moved_experts, full.moved_experts)
+    assert (alone.replica_expert == -1).all() and not alone.replica_quota.any()
+    assert alone.replica_quota.shape == full.replica_quota.shape and (full.replica_expert >= 0).any()
+    e, q, j = plan_replicas(counts, TOPO, full.expert_at_home, REPLICATION, quotas=False)
+    np.testing.assert_array_equal(j, plan_replicas(counts, TOPO, full.expert_at_home, REPLICATION)[2])
+    assert (e == -1).all() and not q.any()
