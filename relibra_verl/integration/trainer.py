@@ -167,35 +167,42 @@ class _SharedArray:
 _SHARED_RESULT_BYTES = 1 << 16
 
 
-def _share(value, min_bytes: int):
-    """A planning job's result with its arrays of at least min_bytes (in tuples and dataclasses such as
-    BatchPlan) put in shared memory (_SharedArray); undone by _unshare in the training process."""
-    if isinstance(value, np.ndarray) and value.nbytes >= min_bytes:
-        try:
-            return _SharedArray(value)
-        except OSError:   # no room in shared memory nor in the temporary directory: pickled
-            return value
+def _map_arrays(value, leaf):
+    """value with leaf(x) in place of every x that is not a tuple or a dataclass (such as BatchPlan), inside
+    tuples and dataclasses: how a planning job's result is shared and unshared."""
     if isinstance(value, tuple):
-        return tuple(_share(v, min_bytes) for v in value)
+        return tuple(_map_arrays(v, leaf) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _share(getattr(value, f.name), min_bytes)
+        return dataclasses.replace(value, **{f.name: _map_arrays(getattr(value, f.name), leaf)
                                              for f in dataclasses.fields(value) if f.init})
-    return value
+    return leaf(value)
+
+
+def _share(value, min_bytes: int):
+    """A planning job's result with its arrays of at least min_bytes put in shared memory (_SharedArray);
+    undone by _unshare in the training process."""
+    def leaf(x):
+        if isinstance(x, np.ndarray) and x.nbytes >= min_bytes:
+            try:
+                return _SharedArray(x)
+            except OSError:   # no room in shared memory nor in the temporary directory: pickled
+                pass
+        return x
+
+    return _map_arrays(value, leaf)
 
 
 def _unshare(value):
     """_share undone: each shared array mapped (writeable, copy-on-write) and its file removed."""
-    if isinstance(value, _SharedArray):
+    def leaf(x):
+        if not isinstance(x, _SharedArray):
+            return x
         try:
-            return value.read(writeable=True)
+            return x.read(writeable=True)
         finally:
-            value.remove()
-    if isinstance(value, tuple):
-        return tuple(_unshare(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _unshare(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
+            x.remove()
+
+    return _map_arrays(value, leaf)
 
 
 class _PlanningJob:

@@ -70,9 +70,9 @@ def plan_relibra(counts: np.ndarray, topo: Topology, expert_at_home_prev: np.nda
                                                        quotas=with_replicas)
                 if float(j_keep.sum()) < moving:
                     placement = prev
-                    if len(changed) == L:
+                    if with_replicas and len(changed) == L:
                         rep_e, rep_q = kept_e, kept_q
-                    else:
+                    elif with_replicas:   # without, both are untouched zeros: a copy would fault their pages in
                         rep_e[:, changed], rep_q[:, changed] = kept_e, kept_q
                 del kept_e, kept_q                                       # the quotas are M x L x G x R x G
         elif mode == "both" and with_replicas:
