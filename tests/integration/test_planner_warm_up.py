@@ -197,3 +197,45 @@ def test_shared_arrays_fall_back_to_the_temp_dir_then_to_pickling_when_shared_me
         got, dtype, contiguous = tr._submit(_echo, counts, pool=pool).result()
     np.testing.assert_array_equal(got, counts)
     assert dtype == "int32" and contiguous
+
+
+SIMULATE_CHECK = r"""
+import json
+import numba, numpy as np
+from relibra_verl.commands import simulate as sim
+from relibra_verl.planner import ExpertShape, ReorderConfig, ReplicationConfig, Topology, load_profile, planner_configs
+from relibra_verl.planner import reorder, reorder_kernels, replicate
+
+def signatures():
+    return {f"{mod.__name__}.{name}": len(obj.signatures) for mod in (reorder, reorder_kernels, replicate)
+            for name, obj in vars(mod).items() if isinstance(obj, numba.core.registry.CPUDispatcher)}
+
+topo = Topology(num_experts=16, ep_size=8, gpus_per_node=4, replica_slots=2)
+rng = np.random.default_rng(2)
+counts = rng.integers(0, 300, size=(2, 3, 4, topo.G, topo.E)) * (rng.random((2, 3, 4, 1, topo.E)) < 0.6)
+hint = np.tile(np.arange(topo.E) // (topo.E // topo.num_nodes), (4, 1))
+names = sim._COMPILED_STRATEGIES
+configs = [(ReplicationConfig(), ReorderConfig()),
+           planner_configs(ExpertShape(4096, 1536), load_profile("h100-ib400"), 2, 4, reorder_inter_node_share=0.85)]
+for replication, reorder_cfg in configs:
+    for name in names:
+        sim._compile_planner(name, counts[0], topo, replication, reorder_cfg)
+before = signatures()
+sim._compile_planner = lambda *args: None          # what simulate times from here on
+for replication, reorder_cfg in configs:
+    sim.run_strategies(names, counts, [], topo, 1, replication, reorder=reorder_cfg,
+                       place_data=lambda i, prev: (counts[i], hint, None))
+after = signatures()
+print(json.dumps({"compiled": sum(before.values()),
+                  "new": {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}}))
+"""
+
+
+def test_simulate_compiles_the_planner_before_it_times_the_strategies():
+    """simulate's plan ms is the planner's time, not numba's compile: every loop the timed plans call is
+    compiled by _compile_planner first (both the default and the time-aware configurations)."""
+    out = subprocess.run([sys.executable, "-c", SIMULATE_CHECK], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["compiled"] > 0
+    assert result["new"] == {}, f"compiled while timed: {result['new']}"
