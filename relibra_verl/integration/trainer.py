@@ -91,7 +91,8 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
     the planner's loops are compiled and release the GIL, but its numpy glue holds it, and a thread beside
     the training thread slowed a launch-bound loop more than a process did, in the same run
     (bench-planner --contention). Spawned (no fork of a process holding CUDA or NCCL state); the loads go
-    to it pickled, the plans come back the same way."""
+    to it, and the plans' large arrays come back, through shared memory (_submit); files that ended
+    training processes left there are removed first."""
     global _planner_pool
     if _planner_pool is None:
         if multiprocessing.current_process().daemon:
@@ -101,8 +102,66 @@ def _planner() -> ProcessPoolExecutor | ThreadPoolExecutor:
                            "planning in a background thread instead")
             _planner_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relibra-planner")
         else:
+            files, size = _remove_stale_shared_files()
+            if files:
+                logger.warning(f"relibra-verl: removed {files} planning file(s) ({size / 2**20:.1f} MiB) left in "
+                               f"{' and '.join(_shared_dirs())} by training processes that have ended")
             _planner_pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     return _planner_pool
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (its inode), or "" where /proc does not tell: the files of
+    _SharedArray are named by their owner's PID, which means something only inside one namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def _shared_prefix(owner: int) -> str:
+    """The name's start of every file _SharedArray makes for the training process `owner` (the one that
+    removes it): relibra-<PID namespace>-<owner PID>-."""
+    return f"relibra-{_pid_namespace() or 'x'}-{owner}-"
+
+
+def _remove_stale_shared_files() -> tuple[int, int]:
+    """Remove the files _SharedArray made for training processes of this PID namespace that have ended
+    (killed between making a file and removing it: by Ray, the OOM killer, a crash). Left there, they hold
+    /dev/shm, which NCCL and the data loaders need too, until the machine restarts. Returns (files, bytes)
+    removed. A file of another namespace, or of an owner that is alive, is left alone."""
+    namespace = _pid_namespace()
+    if not namespace:
+        return 0, 0
+    start = f"relibra-{namespace}-"
+    files = size = 0
+    for directory in _shared_dirs():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            owner = name[len(start):].split("-", 1)[0] if name.startswith(start) else ""
+            if not owner.isdigit() or _alive(int(owner)):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                nbytes = os.stat(path).st_size
+                os.unlink(path)
+            except OSError:
+                continue
+            files, size = files + 1, size + nbytes
+    return files, size
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # exists, owned by another user
+        return True
+    return True
 
 
 def _shared_dirs() -> list[str]:
@@ -118,18 +177,21 @@ class _SharedArray:
     of counts on a CPU core, and for a plan coming back, the executor's result thread reads the pipe and
     unpickles it in many short turns of the GIL beside the training thread (bench-planner --contention).
     dtype: what to store (counts go as int32 where they fit: they are pair counts, and it halves the copy).
+    owner: the PID of the training process that removes the file (None: this process).
 
     The file's room is reserved first (posix_fallocate): writing a mapped tmpfs file beyond the room left
     would kill the process (SIGBUS), and the ranks of a node share /dev/shm. Where /dev/shm has no room the
-    temporary directory is used; where neither has, OSError (the caller pickles instead)."""
+    temporary directory is used; where neither has, OSError (the caller pickles instead). The file is named
+    for the training process that removes it (_shared_prefix), so that a new planning pool can remove what
+    a killed one left (_remove_stale_shared_files)."""
 
-    def __init__(self, array: np.ndarray, dtype=None):
+    def __init__(self, array: np.ndarray, dtype=None, owner: int | None = None):
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype if dtype is None else dtype).name
         nbytes = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
         errors = []
         for directory in _shared_dirs():
-            fd, self.path = tempfile.mkstemp(prefix="relibra-", dir=directory)
+            fd, self.path = tempfile.mkstemp(prefix=_shared_prefix(owner or os.getpid()), dir=directory)
             try:
                 if nbytes:
                     os.posix_fallocate(fd, 0, nbytes)
@@ -178,13 +240,13 @@ def _map_arrays(value, leaf):
     return leaf(value)
 
 
-def _share(value, min_bytes: int):
+def _share(value, min_bytes: int, owner: int | None = None):
     """A planning job's result with its arrays of at least min_bytes put in shared memory (_SharedArray);
     undone by _unshare in the training process."""
     def leaf(x):
         if isinstance(x, np.ndarray) and x.nbytes >= min_bytes:
             try:
-                return _SharedArray(x)
+                return _SharedArray(x, owner=owner)
             except OSError:   # no room in shared memory nor in the temporary directory: pickled
                 pass
         return x
@@ -248,9 +310,9 @@ def _submit(fn, counts: np.ndarray, *args, pool=None) -> "Future | _PlanningJob"
     except OSError as exc:
         rb._warn_once("shared-counts", f"the loads go to the planning process pickled: {exc}")
         return _PlanningJob(pool.submit(_with_shared_counts, fn, planning_layout(counts), _SHARED_RESULT_BYTES,
-                                        *args))
+                                        os.getpid(), *args))
     try:
-        job = pool.submit(_with_shared_counts, fn, shared, _SHARED_RESULT_BYTES, *args)
+        job = pool.submit(_with_shared_counts, fn, shared, _SHARED_RESULT_BYTES, os.getpid(), *args)
     except BaseException:
         shared.remove()
         raise
@@ -258,11 +320,12 @@ def _submit(fn, counts: np.ndarray, *args, pool=None) -> "Future | _PlanningJob"
     return _PlanningJob(job)
 
 
-def _with_shared_counts(fn, shared: "_SharedArray | np.ndarray", min_bytes: int, *args):
+def _with_shared_counts(fn, shared: "_SharedArray | np.ndarray", min_bytes: int, owner: int, *args):
     """In the planning process: fn on the shared counts (read-only, C-contiguous: planning_layout; or the
-    counts themselves, pickled), its result's arrays of at least min_bytes shared back."""
+    counts themselves, pickled), its result's arrays of at least min_bytes shared back, their files named
+    for the training process `owner`, which removes them."""
     counts = shared.read() if isinstance(shared, _SharedArray) else shared
-    return _share(fn(counts, *args), min_bytes)
+    return _share(fn(counts, *args), min_bytes, owner)
 
 
 def _plan_rest(counts: np.ndarray, topo: Topology, placement: np.ndarray, replication: ReplicationConfig):

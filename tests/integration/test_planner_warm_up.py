@@ -239,3 +239,60 @@ def test_simulate_compiles_the_planner_before_it_times_the_strategies():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["compiled"] > 0
     assert result["new"] == {}, f"compiled while timed: {result['new']}"
+
+
+def _ones(counts, shape):
+    return np.ones(shape, np.int32)
+
+
+def _in_dir(directory, fn, *args):
+    """fn(*args) in the planning process, its shared files made in `directory`."""
+    from relibra_verl.integration import trainer as tr
+
+    tr._shared_dirs = lambda: [directory]
+    return fn(*args)
+
+
+def test_files_of_ended_training_processes_are_removed_when_planning_starts(monkeypatch, tmp_path):
+    """A training process killed between making a shared file and removing it leaves the file in /dev/shm.
+    The files are named by the training process that owns them (the planning process's parent) and its PID
+    namespace; a new planning pool removes those of owners that have ended, in its own namespace only."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from relibra_verl.integration import trainer as tr
+
+    monkeypatch.setattr(tr, "_shared_dirs", lambda: [str(tmp_path)])
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        made_there = pool.submit(_in_dir, str(tmp_path), tr._with_shared_counts, _ones, np.zeros(1), 0, os.getpid(),
+                                 (4, 4)).result().path
+    made_here = tr._SharedArray(np.ones(8)).path
+    for path in (made_there, made_here):            # both owned by this (the training) process
+        assert os.path.dirname(path) == str(tmp_path)
+        assert os.path.basename(path).startswith(tr._shared_prefix(os.getpid()))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = int(ended.stdout)
+    stale = [tmp_path / f"{tr._shared_prefix(dead)}abc{i}" for i in range(2)]
+    for i, path in enumerate(stale):
+        path.write_bytes(b"\0" * (100 + i))
+    other_namespace = tmp_path / f"relibra-1-{dead}-abc"           # another container's: not ours to judge
+    unrelated = tmp_path / f"relibra-{tr._pid_namespace()}-notapid-x"
+    for path in (other_namespace, unrelated):
+        path.write_bytes(b"\0")
+    assert tr._remove_stale_shared_files() == (2, 201)
+    left = set(os.listdir(tmp_path))
+    assert left == {os.path.basename(made_there), os.path.basename(made_here), other_namespace.name, unrelated.name}
+    # the trainer's pool does it when it starts, and says so
+    monkeypatch.setattr(tr, "_planner_pool", None)
+    stale[0].write_bytes(b"\0" * 10)
+    messages = []
+    monkeypatch.setattr(tr.logger, "warning", lambda msg, *a: messages.append(msg))
+    try:
+        tr._planner()
+    finally:
+        tr._planner_pool.shutdown()
+        monkeypatch.setattr(tr, "_planner_pool", None)
+    assert not stale[0].exists() and len(messages) == 1 and "removed 1 planning file(s)" in messages[0]
+    for path in (made_there, made_here):
+        os.unlink(path)
