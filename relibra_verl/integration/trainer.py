@@ -155,6 +155,7 @@ def _remove_stale_shared_files() -> tuple[int, int]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists in this PID namespace (signal 0 checks without sending)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
