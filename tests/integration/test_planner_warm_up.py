@@ -12,20 +12,20 @@ import time
 import numpy as np
 import pytest
 
-CHECK = r"""
+# what a check script counts: the signatures numba has compiled (or loaded from its cache) for each kernel
+SIGNATURES = r"""
 import json
 import numba, numpy as np
-from relibra_verl.integration import trainer as tr
-from relibra_verl.planner import ExpertShape, Topology, load_profile, planner_configs
 from relibra_verl.planner import reorder, reorder_kernels, replicate
 
 def signatures():
-    out = {}
-    for mod in (reorder, reorder_kernels, replicate):
-        for name, obj in vars(mod).items():
-            if isinstance(obj, numba.core.registry.CPUDispatcher):
-                out[f"{mod.__name__}.{name}"] = len(obj.signatures)
-    return out
+    return {f"{mod.__name__}.{name}": len(obj.signatures) for mod in (reorder, reorder_kernels, replicate)
+            for name, obj in vars(mod).items() if isinstance(obj, numba.core.registry.CPUDispatcher)}
+"""
+
+CHECK = SIGNATURES + r"""
+from relibra_verl.integration import trainer as tr
+from relibra_verl.planner import ExpertShape, Topology, load_profile, planner_configs
 
 tr._warm_up()
 before = signatures()
@@ -199,16 +199,9 @@ def test_shared_arrays_fall_back_to_the_temp_dir_then_to_pickling_when_shared_me
     assert dtype == "int32" and contiguous
 
 
-SIMULATE_CHECK = r"""
-import json
-import numba, numpy as np
+SIMULATE_CHECK = SIGNATURES + r"""
 from relibra_verl.commands import simulate as sim
 from relibra_verl.planner import ExpertShape, ReorderConfig, ReplicationConfig, Topology, load_profile, planner_configs
-from relibra_verl.planner import reorder, reorder_kernels, replicate
-
-def signatures():
-    return {f"{mod.__name__}.{name}": len(obj.signatures) for mod in (reorder, reorder_kernels, replicate)
-            for name, obj in vars(mod).items() if isinstance(obj, numba.core.registry.CPUDispatcher)}
 
 topo = Topology(num_experts=16, ep_size=8, gpus_per_node=4, replica_slots=2)
 rng = np.random.default_rng(2)
